@@ -1,0 +1,402 @@
+"""Typed, strict configuration mirroring ``params.yaml``.
+
+Defaults live in the dataclasses; ``params.yaml`` overrides them section by section. The loader is
+strict: an unknown key, a value of the wrong type or a value outside its declared range is an error
+that names the key and the file. Ranges are declared in field metadata (``_r(lo, hi)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from wsss.errors import ConfigError
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+REFINERS = ("crf", "grabcut", "grabcut+crf", "none")
+
+
+def _r(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:
+    """Field metadata declaring an inclusive numeric range."""
+    return {"range": (lo, hi), **kw}
+
+
+def _f(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata=_r(lo, hi))
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Shared settings: which dataset, where it lives, seed, device."""
+
+    seed: int = _f(0, 0)
+    dataset: Literal["synthetic", "oxford-pet"] = "synthetic"
+    # Oxford-IIIT Pet layout root (holds images/ and annotations/). For `synthetic` the generator writes it.
+    data_root: str = "data/raw/synthetic/oxford-iiit-pet"
+    # Extra Oxford-layout roots whose images carry image-level labels only (weakly-supervised stages).
+    extra_roots: tuple[str, ...] = ()
+    # Background-only images (Stanford Background `images/` layout). For `synthetic`: generated.
+    background_root: str | None = "data/raw/synthetic/background"
+    device: str = "auto"
+    num_workers: int = _f(0, 0, 64)
+    # MLflow experiment name; empty means "wsss-<dataset>".
+    experiment: str = ""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The built-in synthetic pets generator (the embedded default dataset)."""
+
+    n_trainval: int = _f(160, 4)
+    n_test: int = _f(80, 2)
+    n_background: int = _f(40, 0)
+    image_size: int = _f(128, 32, 1024)
+    breeds_per_species: int = _f(3, 1, 18)
+    occlusion_prob: float = _f(0.3, 0.0, 1.0)
+    seed: int = _f(0, 0)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Resizing and the validation split carved from trainval."""
+
+    max_side: int = _f(320, 0, 4096)  # longest side after resizing; 0 keeps the original size
+    min_side: int = _f(16, 1)  # smaller images are excluded
+    max_pixels: int = _f(40_000_000, 1)  # decompression-bomb guard
+    val_fraction: float = _f(0.15, 0.0, 0.9)
+    background_val_fraction: float = _f(0.2, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Thresholds of the data validation suite."""
+
+    min_images_per_class: int = _f(2, 0)
+    min_side: int = _f(16, 1)
+    max_side: int = _f(4096, 1)
+    check_files: bool = True
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Image-level classifier used by CAM / ECS (and as a CCAM initialisation)."""
+
+    arch: str = "resnet50"
+    weights: str = "none"  # imagenet | none | pretrain:<name>
+    input_size: int = _f(224, 32, 1024)
+    crop_scale_min: float = _f(0.35, 0.01, 1.0)
+    epochs: int = _f(8, 1)
+    batch_size: int = _f(16, 1)
+    lr_backbone: float = _f(0.01, 0.0)
+    lr_head: float = _f(0.1, 0.0)
+    momentum: float = _f(0.9, 0.0, 1.0)
+    weight_decay: float = _f(1e-4, 0.0)
+    warmup_epochs: int = _f(0, 0)
+    label_smoothing: float = _f(0.0, 0.0, 0.5)
+    ecs_training_weight: float = _f(0.0, 0.0)  # >0 adds the ECS-Net style erased-CAM term
+
+
+@dataclass(frozen=True)
+class CcamConfig:
+    """Class-agnostic CCAM training (defaults: the official implementation's values)."""
+
+    arch: str = "resnet50"
+    resize: int = _f(512, 32, 2048)
+    input_size: int = _f(448, 32, 2048)
+    epochs: int = _f(10, 1)
+    batch_size: int = _f(64, 2)
+    alpha: float = _f(0.25, 0.0)
+    lr_backbone: float = _f(1e-3, 0.0)
+    lr_head: float = _f(1e-2, 0.0)
+    weight_decay: float = _f(1e-4, 0.0)
+    poly_power: float = _f(0.9, 0.0)
+    ecs_weight: float = _f(1.0, 0.0)  # weight of the ECS target term for ccam-ecs
+    ecs_classifier: str = "species"  # classifier variant giving the ECS target
+    breed_weight: float = _f(1.0, 0.0)  # weight of the per-breed contrastive term
+    breeds_per_batch: int = _f(4, 2)
+    per_breed_epochs: int = _f(3, 1)
+    polarity_images: int = _f(256, 1)
+
+
+@dataclass(frozen=True)
+class CamsConfig:
+    """Map extraction (CAM, ECS, CCAM, ensemble)."""
+
+    scales: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    flip: bool = True
+    batch_size: int = _f(8, 1)
+    shard_size: int = _f(64, 1)
+    threshold: float = _f(0.3, 0.0, 1.0)  # threshold used in the map report
+    ecs_delta: float = _f(0.5, 0.0, 1.0)
+    ecs_erase: Literal["blur", "mean"] = "blur"
+    ecs_blur_sigma: float = _f(0.08, 0.0, 1.0)  # fraction of the image's short side
+    ecs_rounds: int = _f(1, 1, 5)
+    ensemble_members: tuple[str, ...] = ()
+    ensemble_weights: tuple[float, ...] = ()
+    ensemble_fusion: Literal["mean", "max", "geomean"] = "mean"
+
+
+@dataclass(frozen=True)
+class CrfConfig:
+    """Dense CRF (pydensecrf) parameters."""
+
+    enabled: bool = True
+    unary: Literal["soft", "label"] = "soft"
+    scale: float = _f(1.0, 0.01, 100.0)  # soft unary temperature: p = M**(1/scale) style sharpening
+    gt_prob: float = _f(0.7, 0.5, 0.999)
+    gaussian_sxy: float = _f(3.0, 0.1)
+    gaussian_compat: float = _f(3.0, 0.0)
+    bilateral_sxy: float = _f(50.0, 0.1)
+    bilateral_srgb: float = _f(5.0, 0.1)
+    bilateral_compat: float = _f(10.0, 0.0)
+    iterations: int = _f(10, 1, 100)
+
+
+@dataclass(frozen=True)
+class GrabCutConfig:
+    """OpenCV GrabCut seeded from the map's thresholds."""
+
+    iterations: int = _f(5, 1, 50)
+    fg_threshold: float = _f(0.7, 0.0, 1.0)  # >= : confident foreground
+    pfg_threshold: float = _f(0.3, 0.0, 1.0)  # >= : probable foreground
+    bg_threshold: float = _f(0.05, 0.0, 1.0)  # < : confident background (between: probable bg)
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    """Map -> pseudo-mask: threshold, refiner and the confident-region (ignore) variant."""
+
+    refiner: Literal["crf", "grabcut", "grabcut+crf", "none"] = "crf"
+    threshold: float = _f(0.3, 0.0, 1.0)
+    confident: bool = False  # IRN dual threshold: disagreement -> 255
+    fg_threshold: float = _f(0.3, 0.0, 1.0)
+    bg_threshold: float = _f(0.05, 0.0, 1.0)
+    workers: int = _f(0, 0, 256)  # 0 = all CPU cores
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    grabcut: GrabCutConfig = field(default_factory=GrabCutConfig)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Optuna study over refiner, CRF/GrabCut parameters and thresholds."""
+
+    trials: int = _f(30, 1)
+    timeout_s: float = _f(0.0, 0.0)  # 0 = no timeout
+    seed: int = _f(0, 0)
+    n_startup_trials: int = _f(8, 0)
+    prune_chunks: int = _f(4, 1)
+    refiners: tuple[str, ...] = REFINERS
+    max_images: int = _f(0, 0)  # 0 = the whole validation split
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """Segmenter trained on pseudo-masks (or GT for the supervised baseline)."""
+
+    architecture: Literal["smp", "plain"] = "smp"
+    encoder: str = "resnet34"
+    encoder_weights: str = "none"  # imagenet | none | pretrain:<name>
+    input_size: int = _f(256, 32, 2048)
+    epochs: int = _f(20, 1)
+    batch_size: int = _f(16, 1)
+    lr: float = _f(1e-3, 0.0)
+    weight_decay: float = _f(1e-4, 0.0)
+    dice_weight: float = _f(0.0, 0.0)
+    plain_filters: tuple[int, ...] = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-split evaluation."""
+
+    batch_size: int = _f(8, 1)
+    ellipse_scale: float = _f(0.8, 0.05, 1.0)  # centred-ellipse baseline: axes as a fraction of the image
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml."""
+
+    base: BaseConfig = field(default_factory=BaseConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train_ccam: CcamConfig = field(default_factory=CcamConfig)
+    make_cams: CamsConfig = field(default_factory=CamsConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    train_unet: UnetConfig = field(default_factory=UnetConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expect: str) -> ConfigError:
+        return ConfigError(f"{source}: '{key}' must be {expect}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return _build(tp, value, source, prefix=key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for alt in args:
+            if alt is type(None):
+                continue
+            try:
+                return _coerce(value, alt, key, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise bad(" or ".join(_type_name(a) for a in args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    return value
+
+
+def _check_range(value: Any, meta: dict[str, Any], key: str, source: str) -> None:
+    lo, hi = meta.get("range", (None, None))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else lo
+        hi_s = "inf" if hi is None else hi
+        raise ConfigError(f"{source}: '{key}' = {value} is outside its range [{lo_s}, {hi_s}]")
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' "
+            f"(valid keys in '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        coerced = _coerce(value, hints[name], key, source)
+        _check_range(coerced, dict(fields[name].metadata), key, source)
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _validate_cross_fields(p: Params, source: str) -> None:
+    for arch_key, arch in (("train_classifier.arch", p.train_classifier.arch), ("train_ccam.arch", p.train_ccam.arch)):
+        if arch not in ARCHS:
+            raise ConfigError(f"{source}: '{arch_key}' = {arch!r}; valid: {', '.join(ARCHS)}")
+    if p.train_ccam.input_size > p.train_ccam.resize:
+        raise ConfigError(f"{source}: 'train_ccam.input_size' must not exceed 'train_ccam.resize'")
+    g = p.pseudo.grabcut
+    if not g.bg_threshold <= g.pfg_threshold <= g.fg_threshold:
+        raise ConfigError(
+            f"{source}: 'pseudo.grabcut' thresholds must satisfy bg_threshold <= pfg_threshold <= fg_threshold"
+        )
+    if p.pseudo.bg_threshold > p.pseudo.fg_threshold:
+        raise ConfigError(f"{source}: 'pseudo.bg_threshold' must not exceed 'pseudo.fg_threshold'")
+    m = p.make_cams
+    if m.ensemble_weights and len(m.ensemble_weights) != len(m.ensemble_members):
+        raise ConfigError(
+            f"{source}: 'make_cams.ensemble_weights' needs one weight per entry of 'make_cams.ensemble_members'"
+        )
+    if any(s <= 0 for s in m.scales) or not m.scales:
+        raise ConfigError(f"{source}: 'make_cams.scales' must be a non-empty list of positive numbers")
+    for r in p.tune.refiners:
+        if r not in REFINERS:
+            raise ConfigError(f"{source}: 'tune.refiners' entry {r!r}; valid: {', '.join(REFINERS)}")
+    for key, w in (("train_classifier.weights", p.train_classifier.weights),
+                   ("train_unet.encoder_weights", p.train_unet.encoder_weights)):
+        if w not in ("imagenet", "none") and not w.startswith("pretrain:"):
+            raise ConfigError(f"{source}: '{key}' = {w!r}; valid: imagenet, none, pretrain:<name>")
+
+
+def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Params:
+    """Build :class:`Params` from a mapping, strictly."""
+    params = _build(Params, data or {}, source)
+    _validate_cross_fields(params, source)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; a missing file yields the defaults."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return params_from_dict(data, str(path))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a (nested) dataclass into dotted keys, e.g. ``pseudo.crf.iterations`` (for MLflow)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        elif isinstance(value, tuple):
+            out[key] = ",".join(str(v) for v in value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(obj))

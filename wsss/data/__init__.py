@@ -1,0 +1,1 @@
+"""Datasets, the prepared-data manifest and its validation."""
