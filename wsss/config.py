@@ -99,7 +99,6 @@ class ClassifierConfig:
     weight_decay: float = _f(1e-4, 0.0)
     warmup_epochs: int = _f(0, 0)
     label_smoothing: float = _f(0.0, 0.0, 0.5)
-    ecs_training_weight: float = _f(0.0, 0.0)  # >0 adds the ECS-Net style erased-CAM term
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ class Paths:
         """``models/<name>/`` holding ``model.pt`` (state_dict) and ``meta.json``."""
         return self.root / "models" / name
 
+    def training_report(self, name: str) -> Path:
+        """``reports/training/<model name>.json``: final metrics of a training stage (DVC metrics)."""
+        return self.reports / "training" / f"{name}.json"
+
     def state_dir(self, stage: str, variant: str) -> Path:
         """Resume state of a running stage (outside DVC outs, which DVC deletes before a rerun)."""
         return self.root / ".wsss" / "state" / stage / variant

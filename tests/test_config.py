@@ -1,0 +1,85 @@
+"""The strict params loader: unknown keys, wrong types and out-of-range values are errors naming key and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsss.config import Params, flatten, load_params, params_from_dict, to_dict
+from wsss.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repository_params_yaml_loads() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.base.dataset == "synthetic"
+
+
+def test_defaults_when_sections_missing(tmp_path: Path) -> None:
+    assert load_params(_write(tmp_path, {})) == Params()
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"prepare": {"max_sidee": 10}}, "unknown key 'prepare.max_sidee'"),
+        ({"nonsense": {}}, "unknown key 'nonsense'"),
+        ({"prepare": {"max_side": "big"}}, "'prepare.max_side' must be an integer"),
+        ({"prepare": {"max_side": 1.5}}, "'prepare.max_side' must be an integer"),
+        ({"validate": {"check_files": "yes"}}, "'validate.check_files' must be true or false"),
+        ({"make_cams": {"threshold": 1.5}}, "'make_cams.threshold' = 1.5 is outside its range [0.0, 1.0]"),
+        ({"pseudo": {"crf": {"iterations": 0}}}, "'pseudo.crf.iterations' = 0 is outside its range"),
+        ({"pseudo": {"crf": {"bogus": 1}}}, "unknown key 'pseudo.crf.bogus'"),
+        ({"pseudo": {"refiner": "magic"}}, "'pseudo.refiner' must be one of"),
+        ({"base": {"dataset": "voc"}}, "'base.dataset' must be one of"),
+        ({"make_cams": {"scales": 1.0}}, "'make_cams.scales' must be a list"),
+        ({"train_classifier": {"arch": "vgg16"}}, "'train_classifier.arch'"),
+        ({"train_classifier": {"weights": "imagenet21k"}}, "'train_classifier.weights'"),
+        ({"make_cams": {"ensemble_members": ["cam"], "ensemble_weights": [1, 2]}}, "one weight per entry"),
+        ({"pseudo": {"grabcut": {"bg_threshold": 0.9}}}, "bg_threshold <= pfg_threshold"),
+        ({"prepare": None}, "'prepare' must be a mapping"),
+    ],
+)
+def test_invalid_params_name_key_and_file(tmp_path: Path, data: dict, fragment: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(top)
+
+
+def test_values_are_converted() -> None:
+    p = params_from_dict({"make_cams": {"scales": [1, 2]}, "pseudo": {"crf": {"scale": 2}}})
+    assert p.make_cams.scales == (1.0, 2.0)
+    assert isinstance(p.pseudo.crf.scale, float)
+
+
+def test_flatten_dotted_keys_and_round_trip() -> None:
+    p = params_from_dict({"pseudo": {"crf": {"iterations": 7}}})
+    flat = flatten(p)
+    assert flat["pseudo.crf.iterations"] == 7
+    assert flat["make_cams.scales"] == "0.5,1.0,1.5,2.0"
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in flat.values())
+    assert params_from_dict(to_dict(p)) == p

@@ -1,0 +1,234 @@
+"""Stage ``make-cams``: foreground maps for every trainval pet, batched, multi-scale + flip, sharded.
+
+Writes ``cams/<variant>/`` (see :mod:`wsss.cams`) and ``reports/cams/<variant>.json``: fg IoU on the
+validation split at ``make_cams.threshold`` and the IoU-vs-threshold curve (GT used for reporting
+only), beside the label-free baselines (whole image, centred ellipse) on the same images.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch.nn.functional as F
+
+from wsss import tracking
+from wsss.cams import iter_maps, load_maps, plan_shards, shard_path, write_shard
+from wsss.config import Params, to_dict
+from wsss.data.datasets import InferenceDataset, image_label, load_mask
+from wsss.data.manifest import load_manifest
+from wsss.errors import ConfigError, DataError
+from wsss.io import read_json, write_json, write_text
+from wsss.paths import Paths
+from wsss.stages.common import load_trained_model, loader
+from wsss.ui import console, task
+
+STAGE = "make-cams"
+CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
+
+
+def variant_name(method: str, model: str | None) -> str:
+    """``<method>_<model>`` (e.g. ``cam_classifier-species``); ``ensemble`` has no model."""
+    return method if model is None else f"{method}_{model}"
+
+
+def map_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Images that get maps: every trainval pet (main and label-only roots), never test."""
+    return df[df["split"].isin(["train", "val"]) & ~df["is_background"]].sort_values("id")
+
+
+def run(params: Params, paths: Paths, method: str, model: str | None, device: str | None = None) -> dict[str, Any]:
+    """Extract maps of one method (with one model) and report their quality on the validation split."""
+    from wsss.methods import METHODS
+
+    m = METHODS.get(method)
+    if m.needs_model and not model:
+        raise ConfigError(f"method '{method}' needs --model (a folder under models/, e.g. classifier-species)")
+    if not m.needs_model:
+        model = None
+    variant = variant_name(method, model)
+    out_dir = paths.cams_dir(variant)
+    df = map_rows(load_manifest(paths.manifest))
+    if df.empty:
+        raise DataError(f"{paths.manifest}: no trainval pet images to compute maps for")
+    fp = _fingerprint(params, method, model, paths)
+    _reset_if_stale(out_dir, fp)
+
+    start = time.perf_counter()
+    shards = plan_shards(df["id"].tolist(), params.make_cams.shard_size)
+    todo = [i for i in range(len(shards)) if not shard_path(out_dir, i).exists()]
+    with tracking.stage_run(STAGE, variant, params, paths, sections=("make_cams",),
+                            extra_tags={"method": method, "model": model or ""}):
+        if todo:
+            if m.needs_model:
+                n_images = _extract_with_model(params, paths, m, model, df, shards, todo, out_dir, device)
+            else:
+                n_images = _fuse_ensemble(params, paths, shards, todo, out_dir)
+        else:
+            n_images = 0
+            console.print(f"{out_dir}: all {len(shards)} shards already done")
+        seconds = time.perf_counter() - start
+        write_json(out_dir / "_done.json", {"fingerprint": fp, "n_shards": len(shards), "n_images": len(df)})
+        report = map_report(paths, out_dir, df, params.make_cams.threshold)
+        report.update({"method": method, "model": model, "seconds": round(seconds, 2),
+                       "images_per_s": n_images / seconds if n_images else None})
+        write_json(paths.cams_report(variant), report)
+        _write_curve_csv(paths.cams_curve(variant), report)
+        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and v is not None})
+        for t, iou in zip(report["curve"]["threshold"], report["curve"]["iou_mean"], strict=True):
+            tracking.log_metrics({"curve_iou_mean": iou}, step=int(round(t * 100)))
+        tracking.log_artifact(paths.cams_report(variant))
+    console.print(
+        f"{variant}: val fg IoU {report['iou_mean']:.3f} at t={params.make_cams.threshold} "
+        f"(best {report['best_iou_mean']:.3f} at t={report['best_threshold']}); "
+        f"ellipse {report['baseline_ellipse_iou']:.3f}, whole image {report['baseline_whole_iou']:.3f}"
+    )
+    return report
+
+
+def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -> str:
+    from wsss.training.checkpoint import fingerprint
+
+    model_meta: Any = None
+    if model and model != "imagenet":
+        meta_path = paths.model_dir(model) / "meta.json"
+        model_meta = read_json(meta_path) if meta_path.exists() else None
+    members = None
+    if method == "ensemble":
+        members = [read_json(paths.cams_dir(v) / "_done.json") if (paths.cams_dir(v) / "_done.json").exists()
+                   else None for v in params.make_cams.ensemble_members]
+    return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
+
+
+def _reset_if_stale(out_dir: Path, fp: str) -> None:
+    """Shards of another configuration are removed; shards of this one are kept (resume)."""
+    stamp = out_dir / "_fingerprint.json"
+    if out_dir.exists():
+        old = read_json(stamp).get("fingerprint") if stamp.exists() else None
+        if old != fp:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fp})
+    done = out_dir / "_done.json"
+    if done.exists():
+        done.unlink()
+
+
+def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
+                        shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None) -> int:
+    from wsss.device import autocast, precision_for, prepare_model, resolve_device, to_device
+
+    cfg = params.make_cams
+    model, meta = load_trained_model(paths, model_name)
+    if method.model_kind and meta.get("kind") != method.model_kind:
+        raise ConfigError(
+            f"method '{method.name}' needs a {method.model_kind} model; models/{model_name} is a {meta.get('kind')}"
+        )
+    prec = precision_for(resolve_device(device or params.base.device))
+    model = prepare_model(model, prec)
+    size = int(meta.get("input_size", 224))
+    by_id = df.set_index("id")
+    n_done = 0
+    with task(f"{STAGE} {method.name} {model_name}", sum(len(shards[i]) for i in todo)) as advance:
+        for index in todo:
+            rows = by_id.loc[shards[index]].reset_index()
+            targets = None
+            if meta.get("kind") == "classifier":
+                targets = [image_label(r, meta["labels"], bool(meta["bg"])) for _, r in rows.iterrows()]
+            ds = InferenceDataset(rows, paths.prepared, size, targets)
+            ids, maps, tgts, raw_max = [], [], [], []
+            for batch in loader(ds, cfg.batch_size, params, shuffle=False):
+                x = to_device(batch["image"], prec)
+                t = batch["target"].to(prec.device) if targets is not None else None
+                with autocast(prec):
+                    raw = method.compute(model, x, t, cfg).float()
+                peak = raw.flatten(1).amax(1)
+                norm = raw / (peak.view(-1, 1, 1) + 1e-5)
+                for j in range(len(x)):
+                    h, w = (int(v) for v in batch["size"][j])
+                    resized = F.interpolate(norm[j][None, None], size=(h, w), mode="bilinear", align_corners=False)
+                    maps.append(resized[0, 0].clamp(0, 1).cpu().numpy())
+                    ids.append(batch["id"][j])
+                    tgts.append(int(batch["target"][j]))
+                    raw_max.append(float(peak[j]))
+                n_done += len(x)
+                advance(len(x))
+            write_shard(shard_path(out_dir, index), ids, maps, tgts, raw_max)
+    return n_done
+
+
+def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path) -> int:
+    from wsss.methods.ensemble import fuse
+
+    cfg = params.make_cams
+    if len(cfg.ensemble_members) < 2:
+        raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
+    weights = list(cfg.ensemble_weights) or [1.0] * len(cfg.ensemble_members)
+    wanted = {i for index in todo for i in shards[index]}
+    members = []
+    for variant in cfg.ensemble_members:
+        if not (paths.cams_dir(variant) / "_done.json").exists():
+            raise DataError(f"{paths.cams_dir(variant)}: ensemble member '{variant}' has no finished maps")
+        members.append({i: (m, t) for i, m, t in iter_maps(paths.cams_dir(variant), wanted)})
+    n = 0
+    with task(f"{STAGE} ensemble", len(wanted)) as advance:
+        for index in todo:
+            ids, maps = [], []
+            for image_id in shards[index]:
+                parts = []
+                for variant, member in zip(cfg.ensemble_members, members, strict=True):
+                    if image_id not in member:
+                        raise DataError(f"{paths.cams_dir(variant)}: no map for image {image_id}")
+                    parts.append(member[image_id][0])
+                maps.append(np.asarray(fuse(parts, weights, cfg.ensemble_fusion), dtype=np.float32))
+                ids.append(image_id)
+                advance(1)
+            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
+            n += len(ids)
+    return n
+
+
+def map_report(paths: Paths, cams_dir: Path, df: pd.DataFrame, threshold: float) -> dict[str, Any]:
+    """fg IoU of the maps on validation images with GT, at ``threshold`` and over a threshold sweep."""
+    from wsss.baselines import centred_ellipse, whole_image
+    from wsss.evaluation import SegMeter, threshold_curve
+
+    val = df[(df["split"] == "val") & df["has_mask"]]
+    if val.empty:
+        raise DataError(f"{paths.manifest}: the validation split has no images with masks to score maps on")
+    maps = load_maps(cams_dir, set(val["id"]))
+    gts = {r.id: load_mask(paths.prepared / r.mask_path) for r in val.itertuples()}
+    ids = sorted(maps)
+    at_t, ellipse, whole = SegMeter(), SegMeter(), SegMeter()
+    for i in ids:
+        gt = gts[i]
+        at_t.add((maps[i] >= threshold).astype(np.uint8), gt)
+        ellipse.add(centred_ellipse(*gt.shape), gt)
+        whole.add(whole_image(*gt.shape), gt)
+    curve = threshold_curve((maps[i] for i in ids), (gts[i] for i in ids), CURVE_THRESHOLDS)
+    best = int(np.argmax(curve["iou_mean"]))
+    scores = at_t.result()
+    return {
+        "n_val_images": len(ids),
+        "threshold": threshold,
+        "iou_mean": scores.iou_mean,
+        "dice_mean": scores.dice_mean,
+        "iou_dataset": scores.iou_dataset,
+        "best_threshold": CURVE_THRESHOLDS[best],
+        "best_iou_mean": curve["iou_mean"][best],
+        "baseline_ellipse_iou": ellipse.result().iou_mean,
+        "baseline_whole_iou": whole.result().iou_mean,
+        "curve": {"threshold": CURVE_THRESHOLDS, **curve},
+    }
+
+
+def _write_curve_csv(dest: Path, report: dict[str, Any]) -> None:
+    curve = report["curve"]
+    lines = ["threshold,iou_mean,iou_dataset"]
+    for t, a, b in zip(curve["threshold"], curve["iou_mean"], curve["iou_dataset"], strict=True):
+        lines.append(f"{t:.2f},{a:.5f},{b:.5f}")
+    write_text(dest, "\n".join(lines) + "\n")

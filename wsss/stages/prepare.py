@@ -1,0 +1,76 @@
+"""Stage ``prepare``: dataset root(s) -> ``data/prepared/`` (resized images, masks, manifest)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from wsss import tracking
+from wsss.config import Params
+from wsss.errors import DataError
+from wsss.io import write_json
+from wsss.paths import Paths
+from wsss.ui import console, task
+
+
+def _resolve(paths: Paths, p: str) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else paths.root / path
+
+
+def run(params: Params, paths: Paths) -> dict[str, Any]:
+    """Prepare the configured dataset; writes ``reports/prepare.json`` and logs an MLflow run."""
+    from wsss.data.prepare import prepare_dataset
+
+    base = params.base
+    main_root = _resolve(paths, base.data_root)
+    if base.dataset == "synthetic" and not main_root.exists():
+        raise DataError(f"{main_root}: synthetic dataset not found; run `wsss generate-synthetic` first")
+    extra = [_resolve(paths, r) for r in base.extra_roots]
+    background = _resolve(paths, base.background_root) if base.background_root else None
+    start = time.perf_counter()
+    with task("preparing images", None) as advance:
+        result = prepare_dataset(
+            main_root, paths.prepared, params.prepare, seed=base.seed, extra_roots=extra,
+            background_root=background,
+            progress=lambda done, total: advance(completed=done, info=f"of {total}"),
+        )
+    seconds = time.perf_counter() - start
+    issues = result.issues
+    report = {
+        "dataset": base.dataset,
+        "data_root": str(main_root),
+        "counts": result.counts,
+        "n_issues": len(issues),
+        "issues_by_action": dict(Counter(i["action"] for i in issues)),
+        "issues": issues,
+        "seconds": round(seconds, 2),
+    }
+    write_json(paths.prepare_report, report)
+    _print_issues(issues)
+    df = result.manifest
+    split_counts = df.groupby("split").size().to_dict()
+    console.print(f"prepared {len(df)} images {split_counts} in {seconds:.1f}s -> {paths.prepared}")
+    metrics = {
+        "n_images": len(df),
+        **{f"n_{k}": v for k, v in split_counts.items()},
+        "n_excluded": sum(1 for i in issues if i["action"] == "excluded"),
+        "n_converted": sum(1 for i in issues if i["action"] == "converted"),
+        "seconds": seconds,
+    }
+    with tracking.stage_run("prepare", base.dataset, params, paths, sections=("prepare", "synthetic")):
+        tracking.log_metrics(metrics)
+        tracking.log_artifact(paths.prepare_report)
+    return metrics
+
+
+def _print_issues(issues: list[dict[str, str]], limit: int = 20) -> None:
+    if not issues:
+        return
+    console.print(f"[yellow]{len(issues)} input problem(s)[/] (all listed in reports/prepare.json):")
+    for issue in issues[:limit]:
+        console.print(f"  [yellow]{issue['action']}[/] {issue['file']}: {issue['reason']}")
+    if len(issues) > limit:
+        console.print(f"  ... and {len(issues) - limit} more")
