@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from wsss.errors import WsssError
+from wsss.methods import MethodName
 
 app = typer.Typer(
     help="Weakly-supervised semantic segmentation: CAM / ECS / CCAM maps -> CRF pseudo-masks -> U-Net.",
@@ -25,6 +26,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Download datasets (needs internet).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+tune_app = typer.Typer(help="Hyper-parameter studies (Optuna).", no_args_is_help=True)
+app.add_typer(tune_app, name="tune")
 
 ParamsOpt = Annotated[
     Path, typer.Option("--params", "-p", help="params.yaml to read.", dir_okay=False)
@@ -116,10 +119,30 @@ def train_classifier(
     stage.run(params, paths, labels.value, bg, device=device)
 
 
+@app.command("train-ccam")
+@_user_errors
+def train_ccam(
+    init: Annotated[
+        str, typer.Option(help="Backbone start: none, imagenet, classifier:<variant>, pretrain:<name>.")
+    ] = "none",
+    ecs: Annotated[bool, typer.Option("--ecs/--no-ecs", help="Add the ECS target term (CCAM+ECS).")] = False,
+    per_breed: Annotated[
+        bool, typer.Option("--per-breed/--no-per-breed", help="Fine-tune ccam-<init> with per-breed contrast.")
+    ] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Train class-agnostic CCAM (optionally with the ECS term, or per-breed fine-tuning). Resumes after a kill."""
+    from wsss.stages import train_ccam as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, init, ecs=ecs, per_breed=per_breed, device=device)
+
+
 @app.command("make-cams")
 @_user_errors
 def make_cams(
-    method: Annotated[str, typer.Option(help="Map method: cam, ecs, ccam, ccam-ecs, ensemble.")],
+    method: Annotated[MethodName, typer.Option(help="Map method (ensemble fuses make_cams.ensemble_members).")],
     model: Annotated[
         str | None, typer.Option(help="Model folder under models/ (e.g. classifier-species), or imagenet.")
     ] = None,
@@ -130,7 +153,97 @@ def make_cams(
     from wsss.stages import make_cams as stage
 
     params, paths = _load(params_path)
-    stage.run(params, paths, method, model, device=device)
+    stage.run(params, paths, method.value, model, device=device)
+
+
+@app.command("train-unet")
+@_user_errors
+def train_unet(
+    masks: Annotated[
+        str, typer.Option(help="gt (supervised baseline), a pseudo-mask variant, or best (by non-test IoU).")
+    ] = "best",
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Train a U-Net on pseudo-masks or GT masks (fixed schedule, last epoch kept). Resumes after a kill."""
+    from wsss.stages import train_unet as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, masks, device=device)
+
+
+@app.command()
+@_user_errors
+def evaluate(
+    model: Annotated[
+        str | None, typer.Option(help="U-Net folder under models/ (e.g. unet-gt, unet-best).")
+    ] = None,
+    baselines: Annotated[
+        bool, typer.Option("--baselines", help="Score the label-free baselines instead of a model.")
+    ] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Score a U-Net (or the label-free baselines) on the official test split -> reports/eval/."""
+    from wsss.stages import evaluate as stage
+
+    params, paths = _load(params_path)
+    if baselines:
+        stage.run_baselines(params, paths)
+    elif model:
+        stage.run(params, paths, model, device=device)
+    else:
+        raise WsssError("give --model unet-<source> or --baselines")
+
+
+@tune_app.command("crf")
+@_user_errors
+def tune_crf(
+    method: Annotated[str, typer.Option(help="Map variant under cams/, e.g. cam_classifier-species.")],
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials to add in this run (default: tune.trials).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Start no new trial after this many seconds (0: no limit).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL (default: SQLite in studies/<variant>/optuna.db)."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study name (default: crf-<variant>-<fingerprint of the objective>).")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Tune the refiner, its CRF / GrabCut parameters and thresholds on the validation split (never test).
+
+    Maximises the mean pet IoU of the refined masks with a seeded TPE study (pruned by chunks of images), logs one MLflow run per trial nested under one run per invocation, and writes the best trial's pseudo section to reports/crf/<variant>.yaml, which make-pseudo uses. Running it again continues the same study.
+
+    Many workers: run this command in several processes or machines with the same --storage pointing at a database server, e.g. --storage postgresql://user:password@host/optuna (needs psycopg2); they share one study (same default name for the same data) and each adds --trials trials. For several processes on one machine a SQLite URL works too, e.g. --storage sqlite:////abs/path/optuna.db.
+    """
+    from wsss.stages import tune_crf as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, method, trials=trials, timeout_s=timeout, storage=storage, study=study)
+
+
+@app.command("make-pseudo")
+@_user_errors
+def make_pseudo(
+    method: Annotated[str, typer.Option(help="Map variant under cams/, e.g. cam_classifier-species.")],
+    tuned: Annotated[
+        bool, typer.Option("--tuned/--no-tuned", help="Use reports/crf/<variant>.yaml when it exists.")
+    ] = True,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Refine every map into a pseudo-mask in masks/<variant>/ (0 bg, 1 pet, 255 ignore); resumable.
+
+    Also writes reports/pseudo/<variant>.json: pet IoU / Dice against GT on the trainval images, before and after refinement, beside label-free baselines (GT for reporting only). Parameters come from reports/crf/<variant>.yaml when it exists, else from params.yaml's pseudo section. Uses every CPU core (pseudo.workers: 0).
+    """
+    from wsss.stages import make_pseudo as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, method, use_tuned=tuned)
 
 
 @data_app.command("fetch")

@@ -114,6 +114,7 @@ class CcamConfig:
     lr_backbone: float = _f(1e-3, 0.0)
     lr_head: float = _f(1e-2, 0.0)
     weight_decay: float = _f(1e-4, 0.0)
+    momentum: float = _f(0.0, 0.0, 1.0)  # the official code effectively trains without momentum
     poly_power: float = _f(0.9, 0.0)
     ecs_weight: float = _f(1.0, 0.0)  # weight of the ECS target term for ccam-ecs
     ecs_classifier: str = "species"  # classifier variant giving the ECS target
@@ -147,7 +148,7 @@ class CrfConfig:
 
     enabled: bool = True
     unary: Literal["soft", "label"] = "soft"
-    scale: float = _f(1.0, 0.01, 100.0)  # soft unary temperature: p = M**(1/scale) style sharpening
+    scale: float = _f(1.0, 0.01, 100.0)  # soft unary temperature: sigmoid((logit M - logit t) / scale)
     gt_prob: float = _f(0.7, 0.5, 0.999)
     gaussian_sxy: float = _f(3.0, 0.1)
     gaussian_compat: float = _f(3.0, 0.0)

@@ -61,8 +61,12 @@ def experiment_name(params: Params) -> str:
 
 def _setup(paths: Paths, params: Params) -> str:
     """Point MLflow at the tracking store and select (or create) the experiment. Returns its id."""
+    import logging
+
     import mlflow
 
+    for noisy in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     paths.mlruns.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri(paths))
     name = experiment_name(params)

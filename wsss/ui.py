@@ -40,8 +40,11 @@ def task(description: str, total: int | None) -> Iterator[Callable[..., None]]:
     with progress() as prog:
         tid = prog.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str | None = None, completed: int | None = None) -> None:
-            kwargs = {"info": info} if info is not None else {}
+        def advance(n: int = 1, info: str | None = None, completed: int | None = None,
+                    total: int | None = None) -> None:
+            kwargs: dict = {"info": info} if info is not None else {}
+            if total is not None:
+                kwargs["total"] = total
             if completed is not None:
                 prog.update(tid, completed=completed, **kwargs)
             else:

@@ -35,7 +35,7 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
         result = prepare_dataset(
             main_root, paths.prepared, params.prepare, seed=base.seed, extra_roots=extra,
             background_root=background,
-            progress=lambda done, total: advance(completed=done, info=f"of {total}"),
+            progress=lambda done, total: advance(completed=done, total=total),
         )
     seconds = time.perf_counter() - start
     issues = result.issues

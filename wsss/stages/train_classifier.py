@@ -59,7 +59,7 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
     prec = precision_for(resolve_device(device or params.base.device))
     k = num_classes(labels, bg)
     model = prepare_model(Classifier(cfg.arch, k, weights=resolve_weights(cfg.weights, paths)), prec)
-    head = list(model.head.parameters())
+    head = list(model.fc.parameters())
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.SGD(
@@ -94,7 +94,7 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
             advance(1)

@@ -1,0 +1,96 @@
+"""Device resolution, precision choice, autocast and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wsss import device as dev
+from wsss.errors import ConfigError
+
+
+def test_resolve_device_cpu_and_auto() -> None:
+    assert dev.resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert dev.resolve_device("auto").type == expected
+
+
+def test_resolve_device_cuda_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        dev.resolve_device("cuda")
+    with pytest.raises(ConfigError, match="cuda:1"):
+        dev.resolve_device("cuda:1")
+    assert dev.resolve_device("auto") == torch.device("cpu")
+
+
+def test_resolve_device_bad_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="only 1 CUDA device"):
+        dev.resolve_device("cuda:3")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "tpu:0", "cpu:x"])
+def test_resolve_device_malformed(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        dev.resolve_device(spec)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_precision_on_cpu_follows_bf16_support(monkeypatch: pytest.MonkeyPatch, supported: bool) -> None:
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: supported)
+    p = dev.precision_for(torch.device("cpu"))
+    assert p.autocast_dtype == (torch.bfloat16 if supported else None)
+    assert p.channels_last is supported
+    assert not p.use_grad_scaler
+    assert dev.grad_scaler(p) is None
+
+
+def test_precision_cuda_and_disabled() -> None:
+    p = dev.precision_for(torch.device("cuda"))
+    assert (p.autocast_dtype, p.channels_last, p.use_grad_scaler) == (torch.float16, True, True)
+    off = dev.precision_for(torch.device("cuda"), enabled=False)
+    assert (off.autocast_dtype, off.channels_last, off.use_grad_scaler) == (None, False, False)
+
+
+def test_cpu_supports_bf16_is_cached_bool() -> None:
+    assert isinstance(dev.cpu_supports_bf16(), bool)
+    assert dev.cpu_supports_bf16() is dev.cpu_supports_bf16()
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_autocast_runs_a_conv(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: bf16)
+    p = dev.precision_for(torch.device("cpu"))
+    model = dev.prepare_model(nn.Conv2d(3, 4, 3, padding=1), p)
+    x = dev.to_device(torch.rand(2, 3, 8, 8), p)
+    if p.channels_last:
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert model.weight.is_contiguous(memory_format=torch.channels_last)
+    with dev.autocast(p):
+        y = model(x)
+    assert y.shape == (2, 4, 8, 8)
+    assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.isfinite(y.float()).all()
+
+
+def test_to_device_leaves_non_4d_alone() -> None:
+    p = dev.Precision(torch.device("cpu"), torch.bfloat16, channels_last=True, use_grad_scaler=False)
+    assert dev.to_device(torch.arange(5), p).tolist() == list(range(5))
+
+
+def test_seed_everything_reproducible() -> None:
+    def draw() -> tuple:
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    dev.seed_everything(123)
+    a = draw()
+    dev.seed_everything(123)
+    assert draw() == a
+    dev.seed_everything(124)
+    assert draw() != a

@@ -1,0 +1,50 @@
+"""Label-free baselines shown next to every method: how far does "the pet is in the middle" get you?
+
+Pets in Oxford-IIIT Pet are mostly large and centred, so these priors score far above zero; a method
+is only interesting by its margin over them. (GrabCut from a centred rectangle lives in
+:mod:`wsss.refine`.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(h: int, w: int, scale: float | None = None) -> None:
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {h}x{w}")
+    if scale is not None and scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+
+
+def _radius_sq(h: int, w: int, scale: float) -> np.ndarray:
+    """Squared elliptical radius of every pixel centre: 1 on the ellipse with semi-axes scale·w/2, scale·h/2."""
+    y = (np.arange(h, dtype=np.float64) + 0.5 - h / 2) / (scale * h / 2)
+    x = (np.arange(w, dtype=np.float64) + 0.5 - w / 2) / (scale * w / 2)
+    return y[:, None] ** 2 + x[None, :] ** 2
+
+
+def whole_image(h: int, w: int) -> np.ndarray:
+    """Every pixel is pet: uint8 (h, w) of ones."""
+    _check(h, w)
+    return np.ones((h, w), dtype=np.uint8)
+
+
+def centred_ellipse(h: int, w: int, scale: float = 0.8) -> np.ndarray:
+    """A centred ellipse with semi-axes ``scale·w/2`` and ``scale·h/2``: uint8 (h, w) in {0, 1}.
+
+    Its area is about ``π/4 · scale²`` of the image.
+    """
+    _check(h, w, scale)
+    return (_radius_sq(h, w, scale) <= 1.0).astype(np.uint8)
+
+
+def ellipse_prior_map(h: int, w: int, scale: float = 0.8) -> np.ndarray:
+    """A soft centred-ellipse "map" for refiners: float32 (h, w) in (0, 1], 1 at the centre.
+
+    The value is ``2^(-r²)`` with ``r`` the elliptical radius of :func:`centred_ellipse`, max-normalised like
+    every method's map, so it is about 0.5 on that ellipse and never exactly 0 (safe for a CRF's log-unary).
+    """
+    _check(h, w, scale)
+    prior = np.exp2(-_radius_sq(h, w, scale))
+    return (prior / prior.max()).astype(np.float32)

@@ -1,0 +1,549 @@
+"""Map -> pseudo-mask refiners: thresholding, dense CRF, GrabCut, GrabCut+CRF and the confident variant.
+
+Every refiner takes ``image`` (uint8 H x W x 3 RGB, de-normalised, at the map's resolution) and ``prob``
+(float H x W in [0, 1], a max-normalised foreground map) and returns a uint8 H x W mask with
+0 = background, 1 = pet and, only in the confident-region variant, 255 = ignore.
+
+One *run* of a refiner turns the map into a {0, 1} mask around a decision threshold ``t``:
+
+- ``none``: ``prob >= t``.
+- ``crf``: dense CRF (pydensecrf) whose unary has its decision point at ``t`` (see :func:`soft_unary_prob`).
+- ``grabcut``: GrabCut seeded from the map; ``t`` is the probable-fg / probable-bg boundary.
+- ``grabcut+crf``: GrabCut, then a dense CRF whose unary blends the GrabCut labels with the map.
+
+The confident-region variant (IRN) does two runs, at ``fg_threshold`` and at ``bg_threshold``; pixels
+where both runs agree keep that label and the rest become 255.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
+from wsss.errors import MissingDependencyError
+
+IGNORE = 255
+_CLIP = 1e-5
+# Smallest gap from 0.5 given to the soft unary so that its argmax reproduces ``prob >= t`` even at ties.
+_TIE = 1e-6
+# cv2.grabCut fits 5-component GMMs by k-means: each side needs at least that many samples.
+_GMM_COMPONENTS = 5
+# Below this many items a process pool costs more than it saves.
+_MIN_POOL_ITEMS = 8
+_CRF_HINT = (
+    "pydensecrf is not installed: pip install pydensecrf2 (it compiles with gcc; needs python3-dev) "
+    "or set pseudo.crf.enabled: false"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# dependency and input checks
+
+
+def crf_available() -> bool:
+    """Whether pydensecrf (the ``pydensecrf2`` distribution) can be imported."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        import pydensecrf.utils  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_crf() -> None:
+    """Raise :class:`MissingDependencyError` with an install hint unless pydensecrf is importable.
+
+    Raises:
+        MissingDependencyError: pydensecrf cannot be imported.
+    """
+    if not crf_available():
+        raise MissingDependencyError(_CRF_HINT)
+
+
+def _check_prob(prob: np.ndarray) -> np.ndarray:
+    """Validate a foreground map and return it as C-contiguous float32."""
+    prob = np.asarray(prob)
+    if prob.ndim != 2 or prob.shape[0] < 1 or prob.shape[1] < 1:
+        raise ValueError(f"prob must be a non-empty 2-D (H, W) map, got shape {prob.shape}")
+    if not np.issubdtype(prob.dtype, np.floating):
+        raise ValueError(f"prob must be a floating-point map in [0, 1], got dtype {prob.dtype}")
+    prob = np.ascontiguousarray(prob, dtype=np.float32)
+    if not np.isfinite(prob).all():
+        raise ValueError("prob contains NaN or infinite values")
+    lo, hi = float(prob.min()), float(prob.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"prob values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+    return prob
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    """Validate an RGB image and return it C-contiguous."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image must have shape (H, W, 3), got {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 RGB (de-normalised), got dtype {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+def _check_pair(image: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate an (image, map) pair; return C-contiguous uint8 image and float32 map."""
+    prob = _check_prob(prob)
+    image = _check_image(image)
+    if image.shape[:2] != prob.shape:
+        raise ValueError(f"image shape {image.shape} does not match prob shape {prob.shape} (H, W must agree)")
+    return image, prob
+
+
+def _fg(prob: np.ndarray, threshold: float) -> np.ndarray:
+    # Compare in float32 everywhere so every refiner agrees on which pixels sit exactly at the threshold.
+    return prob >= np.float32(threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# thresholding
+
+
+def threshold_mask(prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    """The ``none`` refiner: plain thresholding of the map.
+
+    Args:
+        prob: float (H, W) foreground map in [0, 1].
+        cfg: pseudo-mask settings; uses ``threshold``, or ``confident`` with ``fg_threshold``/``bg_threshold``.
+
+    Returns:
+        uint8 (H, W): ``prob >= threshold``; with ``cfg.confident``: 1 where ``prob >= fg_threshold``,
+        0 where ``prob < bg_threshold`` and 255 in between.
+    """
+    prob = _check_prob(prob)
+    if not cfg.confident:
+        return _fg(prob, cfg.threshold).astype(np.uint8)
+    out = np.full(prob.shape, IGNORE, dtype=np.uint8)
+    out[~_fg(prob, cfg.bg_threshold)] = 0
+    out[_fg(prob, cfg.fg_threshold)] = 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# dense CRF
+
+
+def soft_unary_prob(prob: np.ndarray, threshold: float, scale: float = 1.0) -> np.ndarray:
+    """Foreground probability ``M'`` for the soft CRF unary, with its decision point moved to ``threshold``.
+
+    ``M' = sigmoid((logit(M) - logit(t)) / scale)`` with ``M`` and ``t`` clipped to [1e-5, 1 - 1e-5].
+    With ``scale = 1`` this is Bayes' rule with the prior odds changed by ``(1 - t) / t``, i.e.
+    ``M' = M (1 - t) / (M (1 - t) + (1 - M) t)``: ``M' = 0.5`` exactly at ``M = t`` and the order of pixels is
+    kept. ``scale > 1`` softens the unary (the pairwise terms weigh more), ``scale < 1`` sharpens it. Ties at
+    0.5 are nudged so that ``argmax([1 - M', M'])`` equals ``prob >= threshold`` for every pixel. The result is
+    clipped to [1e-5, 1 - 1e-5].
+
+    Args:
+        prob: float (H, W) map in [0, 1].
+        threshold: decision threshold ``t``.
+        scale: temperature (> 0).
+
+    Returns:
+        float32 (H, W) foreground probability.
+    """
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    m = np.clip(prob.astype(np.float64), _CLIP, 1.0 - _CLIP)
+    t = float(np.clip(threshold, _CLIP, 1.0 - _CLIP))
+    z = (np.log(m) - np.log1p(-m) - (np.log(t) - np.log1p(-t))) / scale
+    p = 0.5 * (1.0 + np.tanh(0.5 * z))  # a sigmoid that cannot overflow
+    fg = _fg(prob, threshold)
+    p = np.where(fg, np.maximum(p, 0.5 + _TIE), np.minimum(p, 0.5 - _TIE))
+    return np.clip(p, _CLIP, 1.0 - _CLIP).astype(np.float32)
+
+
+def _crf_infer(image: np.ndarray, unary: np.ndarray, crf: CrfConfig) -> np.ndarray:
+    """Run the 2-label dense CRF on a (2, H*W) unary energy; return {0, 1} uint8 labels."""
+    require_crf()
+    import pydensecrf.densecrf as dcrf
+
+    h, w = image.shape[:2]
+    d = dcrf.DenseCRF2D(w, h, 2)
+    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    d.addPairwiseGaussian(sxy=crf.gaussian_sxy, compat=crf.gaussian_compat)
+    d.addPairwiseBilateral(sxy=crf.bilateral_sxy, srgb=crf.bilateral_srgb, rgbim=image, compat=crf.bilateral_compat)
+    q = np.asarray(d.inference(crf.iterations), dtype=np.float32).reshape(2, h, w)
+    return q.argmax(0).astype(np.uint8)
+
+
+def _soft_unary(p_fg: np.ndarray) -> np.ndarray:
+    from pydensecrf.utils import unary_from_softmax
+
+    return unary_from_softmax(np.stack([1.0 - p_fg, p_fg]).astype(np.float32), clip=_CLIP)
+
+
+def _label_unary(labels: np.ndarray, gt_prob: float) -> np.ndarray:
+    from pydensecrf.utils import unary_from_labels
+
+    return unary_from_labels(labels.astype(np.int64), 2, gt_prob=gt_prob, zero_unsure=False)
+
+
+def dense_crf(image: np.ndarray, prob: np.ndarray, crf: CrfConfig, threshold: float) -> np.ndarray:
+    """Refine a map with a fully connected CRF (Gaussian + bilateral kernels).
+
+    The unary is ``soft`` (``[1 - M', M']`` from :func:`soft_unary_prob`, temperature ``crf.scale``) or
+    ``label`` (hard labels ``M >= threshold`` trusted with ``crf.gt_prob``). ``crf.enabled`` is not consulted
+    here: :func:`refine` falls back to thresholding when it is false.
+
+    Args:
+        image: uint8 (H, W, 3) RGB at the map's resolution.
+        prob: float (H, W) map in [0, 1].
+        crf: CRF parameters.
+        threshold: decision threshold of the unary.
+
+    Returns:
+        uint8 (H, W) labels in {0, 1}.
+
+    Raises:
+        ValueError: bad shapes or dtypes.
+        MissingDependencyError: pydensecrf is not installed.
+    """
+    image, prob = _check_pair(image, prob)
+    require_crf()
+    if crf.unary == "label":
+        unary = _label_unary(_fg(prob, threshold), crf.gt_prob)
+    else:
+        unary = _soft_unary(soft_unary_prob(prob, threshold, crf.scale))
+    return _crf_infer(image, unary, crf)
+
+
+# --------------------------------------------------------------------------------------------------
+# GrabCut
+
+
+def grabcut_seeds(prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
+    """The GrabCut initial mask: ``>= fg`` -> GC_FGD, ``>= pfg`` -> GC_PR_FGD, ``< bg`` -> GC_BGD, else GC_PR_BGD."""
+    seeds = np.full(prob.shape, cv2.GC_PR_BGD, dtype=np.uint8)
+    seeds[~_fg(prob, g.bg_threshold)] = cv2.GC_BGD
+    seeds[_fg(prob, g.pfg_threshold)] = cv2.GC_PR_FGD
+    seeds[_fg(prob, g.fg_threshold)] = cv2.GC_FGD
+    return seeds
+
+
+def _run_grabcut(image: np.ndarray, seeds: np.ndarray, iterations: int) -> np.ndarray | None:
+    """GrabCut from an initial mask; None when the seeds cannot fit both colour models."""
+    is_fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+    n_fg = int(is_fg.sum())
+    if min(n_fg, is_fg.size - n_fg) < _GMM_COMPONENTS:
+        return None
+    mask = seeds.copy()
+    bgd = np.zeros((1, 65), np.float64)
+    fgd = np.zeros((1, 65), np.float64)
+    # GrabCut's k-means initialisation draws from cv2's thread-local RNG.
+    cv2.setRNGSeed(0)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    try:
+        cv2.grabCut(bgr, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
+    except cv2.error:
+        return None
+    return ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.uint8)
+
+
+def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
+    """Refine a map with OpenCV GrabCut seeded from its thresholds (see :func:`grabcut_seeds`).
+
+    Seeds without enough foreground or background pixels (an all-zero or all-one map) make cv2 fail;
+    the result is then ``prob >= g.pfg_threshold``.
+
+    Args:
+        image: uint8 (H, W, 3) RGB at the map's resolution.
+        prob: float (H, W) map in [0, 1].
+        g: GrabCut thresholds and iteration count.
+
+    Returns:
+        uint8 (H, W) labels in {0, 1}.
+    """
+    image, prob = _check_pair(image, prob)
+    out = _run_grabcut(image, grabcut_seeds(prob, g), g.iterations)
+    return _fg(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
+
+
+def grabcut_rect_baseline(image: np.ndarray, frac: float = 0.85, iterations: int = 5) -> np.ndarray:
+    """Label-free baseline: GrabCut initialised with a centred rectangle covering ``frac`` of each side.
+
+    Falls back to the rectangle itself when GrabCut cannot run (tiny image, rectangle = whole image).
+
+    Args:
+        image: uint8 (H, W, 3) RGB.
+        frac: rectangle side as a fraction of the image side, in (0, 1].
+        iterations: GrabCut iterations.
+
+    Returns:
+        uint8 (H, W) labels in {0, 1}.
+    """
+    image = _check_image(image)
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must lie in (0, 1], got {frac}")
+    h, w = image.shape[:2]
+    rw, rh = max(1, round(w * frac)), max(1, round(h * frac))
+    x0, y0 = (w - rw) // 2, (h - rh) // 2
+    seeds = np.full((h, w), cv2.GC_BGD, dtype=np.uint8)
+    seeds[y0 : y0 + rh, x0 : x0 + rw] = cv2.GC_PR_FGD
+    # Same as GC_INIT_WITH_RECT (outside = certain bg, inside = probable fg) but shares the checks.
+    out = _run_grabcut(image, seeds, iterations)
+    return (seeds == cv2.GC_PR_FGD).astype(np.uint8) if out is None else out
+
+
+# --------------------------------------------------------------------------------------------------
+# GrabCut + CRF
+
+
+def grabcut_crf(
+    image: np.ndarray, prob: np.ndarray, g: GrabCutConfig, crf: CrfConfig, threshold: float
+) -> np.ndarray:
+    """GrabCut, then a dense CRF that cleans up its boundary.
+
+    The CRF unary trusts the GrabCut labels ``G`` with ``crf.gt_prob`` (``g``) and lets the map set the
+    confidence: ``soft``: ``p_fg = g * G + (1 - g) * M'`` with ``M'`` from :func:`soft_unary_prob` at
+    ``threshold``, so the unary's argmax is ``G`` and the CRF can overturn GrabCut where the map disagrees
+    with it; ``label``: hard labels ``G`` with ``gt_prob``.
+
+    Args:
+        image: uint8 (H, W, 3) RGB at the map's resolution.
+        prob: float (H, W) map in [0, 1].
+        g: GrabCut settings.
+        crf: CRF parameters.
+        threshold: decision threshold of ``M'``.
+
+    Returns:
+        uint8 (H, W) labels in {0, 1}.
+    """
+    image, prob = _check_pair(image, prob)
+    require_crf()
+    labels = grabcut(image, prob, g)
+    if crf.unary == "label":
+        unary = _label_unary(labels, crf.gt_prob)
+    else:
+        w = crf.gt_prob
+        p = w * labels + (1.0 - w) * soft_unary_prob(prob, threshold, crf.scale)
+        unary = _soft_unary(np.clip(p, _CLIP, 1.0 - _CLIP))
+    return _crf_infer(image, unary, crf)
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _grabcut_at(g: GrabCutConfig, threshold: float) -> GrabCutConfig:
+    """GrabCut settings whose probable-fg/bg boundary is ``threshold`` (certain seeds widened if needed)."""
+    return dataclasses.replace(
+        g,
+        pfg_threshold=threshold,
+        fg_threshold=max(g.fg_threshold, threshold),
+        bg_threshold=min(g.bg_threshold, threshold),
+    )
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A configured refiner: ``Refiner(cfg)(image, prob)`` is :func:`refine`.
+
+    Attributes:
+        cfg: pseudo-mask settings.
+    """
+
+    cfg: PseudoConfig
+
+    @property
+    def kind(self) -> str:
+        """The refiner actually run: ``crf`` with ``crf.enabled: false`` is ``none``, ``grabcut+crf`` is ``grabcut``."""
+        r = self.cfg.refiner
+        if not self.cfg.crf.enabled:
+            return {"crf": "none", "grabcut+crf": "grabcut"}.get(r, r)
+        return r
+
+    def run(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """One run at a decision threshold; returns {0, 1}.
+
+        Args:
+            image: uint8 (H, W, 3) RGB at the map's resolution.
+            prob: float (H, W) map in [0, 1].
+            threshold: decision threshold; None uses the configured one (``cfg.threshold``; for GrabCut its
+                ``pfg_threshold``).
+
+        Returns:
+            uint8 (H, W) labels in {0, 1}.
+        """
+        cfg, kind = self.cfg, self.kind
+        image, prob = _check_pair(image, prob)
+        t = cfg.threshold if threshold is None else threshold
+        g = cfg.grabcut if threshold is None else _grabcut_at(cfg.grabcut, threshold)
+        if kind == "none":
+            return _fg(prob, t).astype(np.uint8)
+        if kind == "crf":
+            return dense_crf(image, prob, cfg.crf, t)
+        if kind == "grabcut":
+            return grabcut(image, prob, g)
+        if kind == "grabcut+crf":
+            return grabcut_crf(image, prob, g, cfg.crf, t)
+        raise ValueError(f"unknown refiner {cfg.refiner!r}")
+
+    def __call__(self, image: np.ndarray, prob: np.ndarray) -> np.ndarray:
+        """Refine one map; with ``cfg.confident`` combine the fg- and bg-threshold runs (disagreement -> 255)."""
+        if not self.cfg.confident:
+            return self.run(image, prob)
+        hi = self.run(image, prob, self.cfg.fg_threshold)
+        lo = self.run(image, prob, self.cfg.bg_threshold)
+        return np.where(hi == lo, hi, IGNORE).astype(np.uint8)
+
+
+def refine(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    """Turn a foreground map into a pseudo-mask with the refiner named by ``cfg.refiner``.
+
+    Args:
+        image: uint8 (H, W, 3) de-normalised RGB at the map's resolution.
+        prob: float (H, W) max-normalised foreground map in [0, 1].
+        cfg: pseudo-mask settings.
+
+    Returns:
+        uint8 (H, W): 0 background, 1 pet, 255 ignore (only with ``cfg.confident``).
+
+    Raises:
+        ValueError: bad shapes, dtypes or values.
+        MissingDependencyError: a CRF refiner is enabled and pydensecrf is missing.
+    """
+    return Refiner(cfg)(image, prob)
+
+
+# --------------------------------------------------------------------------------------------------
+# batch processing
+
+
+_WORKER_REFINER: Refiner | None = None
+
+
+def _init_worker(cfg: PseudoConfig) -> None:
+    global _WORKER_REFINER
+    # One OpenCV thread per process: the pool already uses every core.
+    cv2.setNumThreads(1)
+    _WORKER_REFINER = Refiner(cfg)
+
+
+def _work(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    assert _WORKER_REFINER is not None
+    return [_WORKER_REFINER(image, prob) for image, prob in chunk]
+
+
+def cpu_count() -> int:
+    """CPU cores usable by this process (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _mp_context() -> Any:
+    # Never fork: the parent may hold torch/OpenMP threads, and a forked child can deadlock on their locks.
+    # A forkserver is started once per parent and forks workers from a clean process that has already
+    # imported this module, so later pools (one per Optuna trial, say) start fast.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["wsss.refine"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def refine_many(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    cfg: PseudoConfig,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Refine many (image, map) pairs, in a process pool when it pays; results come in input order.
+
+    The output equals serial :func:`refine` pixel for pixel. Items are read lazily and at most a few chunks
+    per worker are in flight, so memory stays bounded on long inputs. The ``none`` refiner, ``workers == 1``
+    and inputs of fewer than 8 items run serially.
+
+    Args:
+        pairs: (image, prob) pairs as for :func:`refine`.
+        cfg: pseudo-mask settings.
+        workers: processes; 0 = every usable CPU core.
+        progress: called in the caller's process with the number of items just finished (an increment).
+
+    Yields:
+        uint8 (H, W) masks, one per pair, in input order.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    refiner = Refiner(cfg)
+    if refiner.kind in ("crf", "grabcut+crf"):
+        require_crf()  # fail in the caller, before any worker starts
+    n_workers = workers or cpu_count()
+    it = iter(pairs)
+    head: list[tuple[np.ndarray, np.ndarray]] = []
+    for pair in it:
+        head.append(pair)
+        if len(head) >= _MIN_POOL_ITEMS:
+            break
+    if n_workers <= 1 or refiner.kind == "none" or len(head) < _MIN_POOL_ITEMS:
+        for image, prob in _chain(head, it):
+            out = refiner(image, prob)
+            if progress is not None:
+                progress(1)
+            yield out
+        return
+    yield from _pooled(_chain(head, it), cfg, n_workers, progress)
+
+
+def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from head
+    yield from rest
+
+
+def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _pooled(
+    pairs: Iterator[tuple[np.ndarray, np.ndarray]],
+    cfg: PseudoConfig,
+    n_workers: int,
+    progress: Callable[[int], None] | None,
+) -> Iterator[np.ndarray]:
+    # Small chunks keep the cores evenly loaded (a CRF costs ~80 ms at 320x240) and pickling is cheap.
+    chunks = _chunks(pairs, 2)
+    max_in_flight = 4 * n_workers
+    pool = cf.ProcessPoolExecutor(
+        max_workers=n_workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(cfg,)
+    )
+    try:
+        pending: deque[cf.Future[list[np.ndarray]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_work, chunk))
+            if len(pending) >= max_in_flight:
+                yield from _collect(pending.popleft(), progress)
+        while pending:
+            yield from _collect(pending.popleft(), progress)
+    finally:
+        # A consumer that stops early (or an error) should not wait for the queued chunks.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _collect(future: cf.Future[list[np.ndarray]], progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
+    results = future.result()
+    if progress is not None:
+        progress(len(results))
+    yield from results

@@ -1,0 +1,93 @@
+"""Stage ``evaluate``: score a U-Net, or the label-free baselines, on the official test split only.
+
+Per-image mean fg IoU and Dice, dataset-level fg IoU, and mIoU over {background, pet}, border pixels
+ignored, at the prepared mask resolution (the original resolution unless ``prepare.max_side``
+shrank the image). Writes ``reports/eval/<source>.json`` (DVC metrics).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from wsss import tracking
+from wsss.config import Params
+from wsss.data.datasets import load_mask, load_rgb
+from wsss.data.manifest import load_manifest
+from wsss.io import write_json
+from wsss.paths import Paths
+from wsss.stages.common import require_rows
+from wsss.ui import console, task
+
+STAGE = "evaluate"
+BASELINES = ("whole_image", "ellipse", "grabcut_rect")
+
+
+def _test_rows(paths: Paths):  # noqa: ANN202 - pandas
+    df = load_manifest(paths.manifest)
+    test = df[(df["split"] == "test") & df["has_mask"] & ~df["is_background"]].sort_values("id")
+    require_rows(len(test), "test images with masks", "the test split is scored only with GT", paths.manifest)
+    return test
+
+
+def run(params: Params, paths: Paths, model: str, device: str | None = None) -> dict[str, Any]:
+    """Evaluate ``models/<model>/`` on the test split."""
+    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.evaluation import SegMeter
+    from wsss.inference import load_unet, predict_probs
+
+    test = _test_rows(paths)
+    net, meta = load_unet(paths.model_dir(model))
+    prec = precision_for(resolve_device(device or params.base.device))
+    net = prepare_model(net, prec)
+    meter = SegMeter()
+    bs = params.evaluate.batch_size
+    start = time.perf_counter()
+    rows = list(test.itertuples())
+    with task(f"{STAGE} {model}", len(rows)) as advance:
+        for i in range(0, len(rows), bs):
+            chunk = rows[i : i + bs]
+            images = [np.asarray(load_rgb(paths.prepared, r.image_path)) for r in chunk]
+            for r, prob in zip(chunk, predict_probs(net, images, int(meta["input_size"]), prec), strict=True):
+                meter.add((prob >= 0.5).astype(np.uint8), load_mask(paths.prepared / r.mask_path))
+            advance(len(chunk))
+    seconds = time.perf_counter() - start
+    scores = meter.result().to_dict()
+    report = {"model": model, "masks": meta.get("masks"), "split": "test", **scores,
+              "seconds": round(seconds, 2), "images_per_s": len(rows) / max(seconds, 1e-9)}
+    source = model.removeprefix("unet-")
+    write_json(paths.eval_report(source), report)
+    with tracking.stage_run(STAGE, source, params, paths, sections=("evaluate",)):
+        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+    console.print(f"{model} on test: fg IoU {scores['iou_mean']:.3f} (dataset {scores['iou_dataset']:.3f}), "
+                  f"Dice {scores['dice_mean']:.3f}, mIoU {scores['miou']:.3f} over {len(rows)} images")
+    return report
+
+
+def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
+    """Score the label-free baselines (whole image, centred ellipse, GrabCut from a centred rectangle)."""
+    from wsss.baselines import centred_ellipse, whole_image
+    from wsss.evaluation import SegMeter
+    from wsss.refine import grabcut_rect_baseline
+
+    test = _test_rows(paths)
+    meters = {name: SegMeter() for name in BASELINES}
+    with task(f"{STAGE} baselines", len(test)) as advance:
+        for r in test.itertuples():
+            gt = load_mask(paths.prepared / r.mask_path)
+            image = np.asarray(load_rgb(paths.prepared, r.image_path))
+            h, w = gt.shape
+            meters["whole_image"].add(whole_image(h, w), gt)
+            meters["ellipse"].add(centred_ellipse(h, w, params.evaluate.ellipse_scale), gt)
+            meters["grabcut_rect"].add(grabcut_rect_baseline(image, frac=0.85, iterations=5), gt)
+            advance(1)
+    report = {name: m.result().to_dict() for name, m in meters.items()}
+    report["split"] = "test"
+    write_json(paths.eval_report("baselines"), report)
+    with tracking.stage_run(STAGE, "baselines", params, paths, sections=("evaluate",)):
+        tracking.log_metrics({f"{n}_{k}": v for n in BASELINES for k, v in report[n].items()
+                              if isinstance(v, (int, float))})
+    console.print("baselines on test: " + ", ".join(f"{n} {report[n]['iou_mean']:.3f}" for n in BASELINES))
+    return report

@@ -1,0 +1,325 @@
+"""Stage ``make-pseudo``: refine every stored map into a pseudo-mask, and score the masks against GT.
+
+Writes ``masks/<variant>/<id>.png`` (uint8: 0 background, 1 pet, 255 ignore) for every image with a map
+(trainval pets) and ``reports/pseudo/<variant>.json``: pet IoU / Dice (per-image mean and dataset-level,
+GT border ignored) on the trainval images with GT, before refinement (the plain threshold) and after,
+beside the label-free baselines (whole image, centred ellipse, GrabCut from a centred rectangle) on the
+same images. GT is used for this report only; no mask depends on it.
+
+Parameters: ``reports/crf/<variant>.yaml`` (written by ``wsss tune crf``) when it exists, else the
+``pseudo`` section of params.yaml; ``pseudo.workers`` always comes from params.yaml.
+
+Resume: masks are written atomically, and ``_fingerprint.json`` records the configuration and maps
+they came from. A rerun with the same fingerprint skips finished masks; another one empties the folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from wsss import tracking
+from wsss.cams import SHARD_GLOB, iter_maps
+from wsss.config import Params, PseudoConfig, to_dict
+from wsss.data.datasets import load_mask, load_rgb
+from wsss.data.manifest import load_manifest
+from wsss.errors import DataError
+from wsss.evaluation import SegMeter
+from wsss.io import read_json, save_png, write_json
+from wsss.paths import Paths
+from wsss.ui import console, task
+
+STAGE = "make-pseudo"
+FINGERPRINT_FILE = "_fingerprint.json"
+DONE_FILE = "_done.json"
+RECT_FRAC = 0.85  # GrabCut baseline rectangle: this fraction of each side, centred
+RECT_ITERATIONS = 5
+ELLIPSE_SCALE = 0.8
+
+
+def effective_config(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> tuple[PseudoConfig, str]:
+    """The pseudo-mask configuration to use and where it came from (``tuned`` or ``params``).
+
+    The tuned file replaces the whole ``pseudo`` section except ``workers`` (a machine setting).
+
+    Raises:
+        ConfigError: the tuned file exists but is invalid.
+    """
+    from wsss.tuning import load_best_params
+
+    tuned = paths.crf_params(variant)
+    if use_tuned and tuned.exists():
+        cfg = load_best_params(tuned)
+        return dataclasses.replace(cfg, workers=params.pseudo.workers), "tuned"
+    return params.pseudo, "params"
+
+
+def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> dict[str, Any]:
+    """Write the pseudo-masks of one map variant (resumable) and their report.
+
+    Args:
+        params: all params (reads ``pseudo``).
+        paths: project paths.
+        variant: map variant under ``cams/`` (e.g. ``cam_classifier-species``).
+        use_tuned: prefer ``reports/crf/<variant>.yaml`` over params.yaml when it exists.
+
+    Returns:
+        The report written to ``reports/pseudo/<variant>.json``.
+    """
+    from wsss.refine import refine_many
+
+    cams_dir = paths.cams_dir(variant)
+    if not (cams_dir / "_done.json").exists():
+        raise DataError(f"{cams_dir}: no finished maps for '{variant}'; run `wsss make-cams` first")
+    cfg, source = effective_config(params, paths, variant, use_tuned)
+    df = load_manifest(paths.manifest)
+    rows = df.set_index("id")
+    map_ids = _map_ids(cams_dir)
+    unknown = [i for i in map_ids if i not in rows.index]
+    if unknown:
+        raise DataError(f"{cams_dir}: maps of {len(unknown)} image(s) not in the manifest (e.g. {unknown[0]}); "
+                        "the maps are stale, rerun `wsss make-cams`")
+    # Pseudo-masks are training labels: never make one for a test image, whatever the shards hold.
+    ids = [i for i in map_ids if rows.at[i, "split"] in ("train", "val")]
+    if not ids:
+        raise DataError(f"{cams_dir}: no map of a trainval image")
+    out_dir = paths.masks_dir(variant)
+    fp = _fingerprint(cfg, cams_dir, paths)
+    _reset_if_stale(out_dir, fp)
+    todo = [i for i in ids if not _mask_done(out_dir, i)]
+
+    start = time.perf_counter()
+    run_params = dataclasses.replace(params, pseudo=cfg)  # log what is actually used
+    with tracking.stage_run(STAGE, variant, run_params, paths, sections=("pseudo",),
+                            extra_tags={"pseudo.source": source}):
+        if todo:
+            queue: deque[str] = deque()
+
+            def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                for image_id, prob, _ in iter_maps(cams_dir, set(todo)):
+                    image = _image(paths, rows.loc[image_id], prob.shape, cams_dir, image_id)
+                    queue.append(image_id)
+                    yield image, prob
+
+            with task(f"{STAGE} {variant} ({cfg.refiner})", len(todo)) as advance:
+                for mask in refine_many(pairs(), cfg, cfg.workers, progress=advance):
+                    save_png(out_dir / f"{queue.popleft()}.png", mask)
+        else:
+            console.print(f"{out_dir}: all {len(ids)} masks already done")
+        seconds = time.perf_counter() - start
+        write_json(out_dir / DONE_FILE, {"fingerprint": fp, "n_images": len(ids), "source": source})
+
+        report = score_masks(paths, df, cams_dir, out_dir, cfg, set(ids))
+        report.update({
+            "variant": variant,
+            "params_source": source,
+            "config": to_dict(cfg),
+            "n_masks": len(ids),
+            "n_refined": len(todo),
+            "seconds": round(seconds, 2),
+            "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        })
+        write_json(paths.pseudo_report(variant), report)
+        tracking.log_metrics(_flat_metrics(report))
+        tracking.log_artifact(paths.pseudo_report(variant))
+    console.print(
+        f"{variant}: {len(ids)} masks ({len(todo)} new, {source} params, refiner {cfg.refiner}); "
+        f"fg IoU {report['before']['iou_mean']:.3f} -> {report['after']['iou_mean']:.3f} "
+        f"on {report['n_gt_images']} trainval images with GT; baselines: ellipse "
+        f"{report['baselines']['ellipse']['iou_mean']:.3f}, GrabCut rect "
+        f"{report['baselines']['grabcut_rect']['iou_mean']:.3f}, whole image "
+        f"{report['baselines']['whole_image']['iou_mean']:.3f}"
+    )
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs, fingerprint, resume
+
+
+def _map_ids(cams_dir: Path) -> list[str]:
+    """Ids of every stored map, read from the shards' ``ids`` arrays only (no map is decompressed)."""
+    ids: list[str] = []
+    for path in sorted(Path(cams_dir).glob(SHARD_GLOB)):
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ids.extend(str(i) for i in data["ids"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"{path}: unreadable map shard ({exc}); rerun `wsss make-cams`") from None
+    if not ids:
+        raise DataError(f"{cams_dir}: no map shards; run `wsss make-cams` for this variant first")
+    return ids
+
+
+def _image(paths: Paths, row: pd.Series, shape: tuple[int, ...], cams_dir: Path, image_id: str) -> np.ndarray:
+    """The prepared RGB image of a map: the CRF's colour input at the map's resolution."""
+    image = np.asarray(load_rgb(paths.prepared, row["image_path"]), dtype=np.uint8)
+    if image.shape[:2] != tuple(shape):
+        raise DataError(f"{cams_dir}: map of {image_id} is {tuple(shape)}, its prepared image "
+                        f"{image.shape[:2]}; the maps are stale, rerun `wsss make-cams`")
+    return image
+
+
+def _fingerprint(cfg: PseudoConfig, cams_dir: Path, paths: Paths) -> str:
+    """SHA-1 over the configuration (without ``workers``), the map shards' bytes and the data hash."""
+    h = hashlib.sha1()
+    h.update(json.dumps(to_dict(dataclasses.replace(cfg, workers=0)), sort_keys=True).encode())
+    for path in sorted(Path(cams_dir).glob(SHARD_GLOB)):
+        h.update(path.name.encode())
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    h.update(tracking.data_hash(paths).encode())
+    return h.hexdigest()
+
+
+def _reset_if_stale(out_dir: Path, fp: str) -> None:
+    """Masks of another configuration or other maps are removed; masks of this one are kept (resume)."""
+    stamp = out_dir / FINGERPRINT_FILE
+    if out_dir.exists():
+        old = read_json(stamp).get("fingerprint") if stamp.exists() else None
+        if old != fp:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fp})
+    done = out_dir / DONE_FILE
+    if done.exists():
+        done.unlink()
+
+
+def _mask_done(out_dir: Path, image_id: str) -> bool:
+    # Masks are written atomically, so an existing non-empty file is a complete one.
+    path = out_dir / f"{image_id}.png"
+    return path.exists() and path.stat().st_size > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path, cfg: PseudoConfig,
+                ids: set[str]) -> dict[str, Any]:
+    """Pet IoU / Dice of the maps (plain threshold), the masks and the baselines on trainval images with GT.
+
+    Args:
+        paths: project paths.
+        df: the manifest.
+        cams_dir: the variant's maps.
+        masks_dir: its pseudo-masks.
+        cfg: the configuration the masks were made with (its thresholds give "before").
+        ids: images that have maps (and masks).
+
+    Returns:
+        ``before``, ``after`` and ``baselines`` (``whole_image``, ``ellipse``, ``grabcut_rect``) score
+        dicts, ``n_gt_images`` and the fraction of ignore / pet pixels in the masks.
+    """
+    from wsss.baselines import centred_ellipse, whole_image
+    from wsss.refine import threshold_mask
+
+    gt_rows = df[df["split"].isin(["train", "val"]) & df["has_mask"].astype(bool) & df["id"].isin(ids)]
+    gt_rows = gt_rows.sort_values("id")
+    if gt_rows.empty:
+        raise DataError(f"{paths.manifest}: no trainval image with maps has a GT mask to score against")
+    gt_path = {str(r.id): paths.prepared / r.mask_path for r in gt_rows.itertuples()}
+    before, after, whole, ellipse = SegMeter(), SegMeter(), SegMeter(), SegMeter()
+    with task(f"{STAGE}: score vs GT", len(gt_rows)) as advance:
+        for image_id, prob, _ in iter_maps(cams_dir, set(gt_path)):
+            gt = load_mask(gt_path[image_id])
+            before.add(threshold_mask(prob, cfg), gt)
+            after.add(load_mask(masks_dir / f"{image_id}.png"), gt)
+            whole.add(whole_image(*gt.shape), gt)
+            ellipse.add(centred_ellipse(*gt.shape, ELLIPSE_SCALE), gt)
+            advance(1)
+    ignore, fg, total = 0, 0, 0
+    for image_id in sorted(ids):
+        mask = load_mask(masks_dir / f"{image_id}.png")
+        ignore += int(np.count_nonzero(mask == 255))
+        fg += int(np.count_nonzero(mask == 1))
+        total += mask.size
+    return {
+        "n_gt_images": len(gt_rows),
+        "before": before.result().to_dict(),
+        "after": after.result().to_dict(),
+        "baselines": {
+            "whole_image": whole.result().to_dict(),
+            "ellipse": ellipse.result().to_dict(),
+            "grabcut_rect": grabcut_rect_scores(paths, gt_rows, cfg.workers),
+        },
+        "mask_ignore_fraction": ignore / total if total else 0.0,
+        "mask_fg_fraction": fg / total if total else 0.0,
+    }
+
+
+def grabcut_rect_scores(paths: Paths, rows: pd.DataFrame, workers: int = 0) -> dict[str, float]:
+    """Scores of GrabCut from a centred rectangle on ``rows``, cached per data and image set (label-free).
+
+    It is the same for every map variant, and the slowest part of the report, hence the cache under
+    ``.wsss/state`` (outside DVC outs).
+    """
+    from wsss.refine import cpu_count
+
+    prepared = paths.prepared.resolve()  # workers may not share the caller's cwd
+    items = [(str(prepared / r.image_path), str(prepared / r.mask_path)) for r in rows.itertuples()]
+    key = hashlib.sha1(json.dumps([tracking.data_hash(paths), RECT_FRAC, RECT_ITERATIONS,
+                                   sorted(rows["id"].astype(str))]).encode()).hexdigest()[:16]
+    cache = paths.state_dir(STAGE, "baselines") / f"grabcut-rect-{key}.json"
+    if cache.exists():
+        return read_json(cache)
+    meter = SegMeter()
+    chunks = [items[i : i + 8] for i in range(0, len(items), 8)]
+    n_workers = min(workers or cpu_count(), len(chunks))
+    with task(f"{STAGE}: GrabCut rectangle baseline", len(items)) as advance:
+        if n_workers <= 1:
+            for chunk in chunks:
+                meter.merge(_rect_chunk(chunk))
+                advance(len(chunk))
+        else:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+            with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+                # Merged in submission order, so the result does not depend on scheduling.
+                for chunk, part in zip(chunks, pool.map(_rect_chunk, chunks), strict=True):
+                    meter.merge(part)
+                    advance(len(chunk))
+    scores = meter.result().to_dict()
+    write_json(cache, scores)
+    return scores
+
+
+def _rect_chunk(items: list[tuple[str, str]]) -> SegMeter:
+    """Worker: GrabCut-rectangle masks of a few images, scored against their GT."""
+    import cv2
+
+    from wsss.refine import grabcut_rect_baseline
+
+    cv2.setNumThreads(1)  # the pool already uses every core
+    meter = SegMeter()
+    for image_path, mask_path in items:
+        image = np.asarray(load_rgb(Path(image_path).parent, Path(image_path).name), dtype=np.uint8)
+        meter.add(grabcut_rect_baseline(image, RECT_FRAC, RECT_ITERATIONS), load_mask(Path(mask_path)))
+    return meter
+
+
+def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``before_iou_mean``, ``after_iou_mean``, ``baseline_ellipse_iou_mean``, ... for MLflow."""
+    out: dict[str, float] = {}
+    for key in ("before", "after"):
+        out.update({f"{key}_{k}": v for k, v in report[key].items()})
+    for name, scores in report["baselines"].items():
+        out.update({f"baseline_{name}_{k}": v for k, v in scores.items()})
+    for key in ("mask_ignore_fraction", "mask_fg_fraction", "n_masks", "n_refined", "seconds", "images_per_s"):
+        if report.get(key) is not None:
+            out[key] = report[key]
+    return out

@@ -1,0 +1,212 @@
+"""Stage ``tune-crf``: an Optuna study of the refiner and its parameters on the validation split.
+
+Writes ``reports/crf/<variant>.yaml`` (the best trial's full ``pseudo:`` mapping, which ``make-pseudo``
+prefers over ``params.yaml``) and keeps the study in ``studies/<variant>/optuna.db`` (or any RDB URL).
+Running it again continues the same study; the best-params file always reflects every trial stored.
+
+MLflow: one parent run per invocation (stage ``tune-crf``) and one nested run per trial, logged here by
+hand (Optuna's MLflowCallback is deprecated and does not create the parent). A child run ends FINISHED
+(tag ``optuna.state=COMPLETE``), KILLED (``PRUNED``) or FAILED (``FAIL``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wsss import tracking
+from wsss.config import Params
+from wsss.data.manifest import load_manifest
+from wsss.errors import DataError
+from wsss.paths import Paths
+from wsss.tuning import (
+    CRF_REFINERS,
+    Objective,
+    best_config,
+    build_objective_data,
+    create_study,
+    default_storage,
+    make_storage,
+    search_refiners,
+    study_name,
+    tuning_rows,
+    write_best_params,
+)
+from wsss.ui import console, task
+
+STAGE = "tune-crf"
+
+
+def run(
+    params: Params,
+    paths: Paths,
+    variant: str,
+    trials: int | None = None,
+    timeout_s: float | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) the study for one map variant and write its best parameters.
+
+    Args:
+        params: all params (reads ``tune`` and ``pseudo``).
+        paths: project paths.
+        variant: map variant under ``cams/`` (e.g. ``cam_classifier-species``).
+        trials: trials to add in this invocation (default ``tune.trials``).
+        timeout_s: stop starting new trials after this many seconds (default ``tune.timeout_s``; 0 = none).
+        storage: Optuna storage URL (default SQLite in ``studies/<variant>/``); an RDB server lets many
+            workers share one study.
+        study: study name (default ``crf-<variant>-<fingerprint of the objective>``).
+
+    Returns:
+        Summary: study name, storage, trial counts, best value and trial number.
+    """
+    import optuna
+
+    cfg = params.tune
+    cams_dir = paths.cams_dir(variant)
+    if not (cams_dir / "_done.json").exists():
+        raise DataError(f"{cams_dir}: no finished maps for '{variant}'; run `wsss make-cams` first")
+    refiners = search_refiners(params.pseudo, cfg.refiners)
+    if any(r in CRF_REFINERS for r in refiners):
+        from wsss.refine import require_crf
+
+        require_crf()
+    n_trials = cfg.trials if trials is None else trials
+    timeout = cfg.timeout_s if timeout_s is None else timeout_s
+    df = load_manifest(paths.manifest)
+    with task(f"{STAGE} {variant}: load validation data",
+              len(tuning_rows(df, cfg.max_images, cfg.seed))) as advance:
+        data = build_objective_data(df, paths.prepared, cams_dir, cfg.max_images, cfg.seed, progress=advance)
+    name = study or study_name(variant, data, params.pseudo, refiners)
+    if storage is None:
+        paths.study_dir(variant).mkdir(parents=True, exist_ok=True)
+    url = storage or default_storage(paths.study_dir(variant))
+    store = make_storage(url)
+    # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
+    # first trials. Workers sharing an explicit storage also get their process id mixed in (their
+    # interleaving makes such studies non-reproducible anyway).
+    n_before = _n_trials(store, name)
+    seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if storage else 0)
+    study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    start = time.perf_counter()
+    with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
+                            extra_tags={"optuna.study": name, "optuna.storage": _redact(url)}) as parent:
+        objective = Objective(data, params.pseudo, refiners, cfg.prune_chunks, params.pseudo.workers,
+                              on_report=_log_running)
+        logged = _logged_objective(objective, parent.info.experiment_id, variant, name)
+        with task(f"{STAGE} {variant}: trials", n_trials) as advance:
+            study_obj.optimize(
+                logged, n_trials=n_trials, timeout=timeout or None, callbacks=[_progress(advance)],
+                gc_after_trial=False,
+            )
+        best_cfg, best = best_config(study_obj, params.pseudo, refiners)
+        counts = _state_counts(study_obj)
+        dest = paths.crf_params(variant)
+        write_best_params(dest, best_cfg, header=[
+            f"Best of Optuna study '{name}' ({sum(counts.values())} trials): trial {best.number}, "
+            f"mean val fg IoU {best.value:.4f} on {len(data)} images.",
+            "Written by `wsss tune crf`; `wsss make-pseudo` uses it instead of params.yaml's pseudo section.",
+        ])
+        summary = {
+            "study": name,
+            "storage": _redact(url),
+            "n_images": len(data),
+            "trials_this_run": sum(1 for t in study_obj.get_trials(deepcopy=False) if t.number >= n_before),
+            **{f"trials_{k.lower()}": v for k, v in counts.items()},
+            "best_value": float(best.value),
+            "best_trial": best.number,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        tracking.log_artifact(dest)
+    console.print(
+        f"{variant}: best val fg IoU {best.value:.4f} (trial {best.number}, refiner {best_cfg.refiner}) "
+        f"over {sum(counts.values())} trials of study '{name}' -> {dest}"
+    )
+    return summary
+
+
+def _n_trials(storage: Any, name: str) -> int:
+    """Trials already stored in study ``name`` (0 when it does not exist yet)."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
+
+
+def _state_counts(study: Any) -> dict[str, int]:
+    import optuna
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished() or s == s.RUNNING}
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password (it ends up in MLflow tags and on the console)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _log_running(trial: Any, step: int, value: float) -> None:
+    tracking.log_metrics({"val_iou_running": value}, step=step)
+
+
+def _logged_objective(objective: Objective, experiment_id: str, variant: str, study: str) -> Callable[[Any], float]:
+    """Wrap the objective so every trial is a nested MLflow run with its params, value and final state."""
+    import mlflow
+    import optuna
+
+    def run_trial(trial: Any) -> float:
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True,
+            tags={"wsss.stage": STAGE, "wsss.variant": variant, "optuna.study": study,
+                  "optuna.trial": str(trial.number), "optuna.state": "RUNNING"},
+        )
+        status, state = "FAILED", "FAIL"
+        try:
+            value = objective(trial)
+            tracking.log_metrics({"val_iou_mean": value})
+            status, state = "FINISHED", "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            status, state = "KILLED", "PRUNED"
+            raise
+        finally:
+            # Params are logged last so a pruned or failed trial still records what it tried.
+            logged = {f"trial.{k}": v for k, v in trial.params.items()}
+            logged.update(trial.user_attrs.get("pseudo", {}))
+            if logged:
+                mlflow.log_params(logged)
+            mlflow.set_tag("optuna.state", state)
+            mlflow.end_run(status=status)
+
+    return run_trial
+
+
+def _progress(advance: Callable[..., None]) -> Callable[[Any, Any], None]:
+    """An Optuna callback: one progress step per finished trial, showing the best value so far.
+
+    It runs in the parent run's context, where it also logs each completed trial's value (step = trial
+    number) so the parent's chart shows the study's progress.
+    """
+
+    def callback(study: Any, trial: Any) -> None:
+        try:
+            best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
+        except ValueError:  # no completed trial yet
+            best = "no completed trial yet"
+        if trial.value is not None:
+            tracking.log_metrics({"trial_value": trial.value}, step=trial.number)
+        advance(1, info=f"{trial.state.name.lower()}; {best}")
+
+    return callback
+
