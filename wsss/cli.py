@@ -246,6 +246,66 @@ def make_pseudo(
     stage.run(params, paths, method, use_tuned=tuned)
 
 
+@app.command()
+@_user_errors
+def report(
+    register: Annotated[
+        bool, typer.Option("--register/--no-register", help="Register the U-Nets in the MLflow model registry.")
+    ] = True,
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Write reports/report.md (the paper's Tables 1-3, ours beside theirs) and reports/figures/.
+
+    Reads whatever reports exist (missing numbers show as "—"). Registers the U-Net of unet-best as wsss-unet with alias champion (and unet-gt with alias supervised); the champion was chosen on non-test pseudo-mask IoU, never on test.
+    """
+    from wsss.stages import report as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, register=register, device=device)
+
+
+@app.command()
+@_user_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).")],
+    model: Annotated[
+        str, typer.Option(help="A models/unet-* folder, or an MLflow model URI such as models:/wsss-unet@champion.")
+    ] = "models/unet-best",
+    out: Annotated[Path, typer.Option(help="Output folder.", file_okay=False)] = Path("predictions"),
+    threshold: Annotated[float, typer.Option(help="Pet probability threshold.")] = 0.5,
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Predict pet masks for new images: <out>/<stem>_mask.png (0 bg, 1 pet) and <stem>_overlay.png.
+
+    Images of any size (jpg, jpeg, png, bmp, gif, webp). A file that cannot be read is reported with the reason and skipped; the command then exits with code 3 after processing the others.
+    """
+    from wsss.paths import Paths
+    from wsss.stages import predict as stage
+
+    result = stage.run(images, model, out, device=device, paths=Paths(params_path.resolve().parent),
+                       threshold=threshold)
+    if not result.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
+@_user_errors
+def runs(
+    stage: Annotated[str | None, typer.Option(help="Only this stage, e.g. train-unet.")] = None,
+    all_runs: Annotated[
+        bool, typer.Option("--all", help="Every run, newest first, nested tuning trials included.")
+    ] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """List the latest MLflow run of every stage and variant: status, time, key metrics, git commit."""
+    from wsss.stages import runs as runs_stage
+
+    params, paths = _load(params_path)
+    runs_stage.run(params, paths, stage, include_all=all_runs)
+
+
 @data_app.command("fetch")
 @_user_errors
 def data_fetch(

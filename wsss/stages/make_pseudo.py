@@ -33,12 +33,12 @@ import pandas as pd
 from wsss import tracking
 from wsss.cams import SHARD_GLOB, iter_maps
 from wsss.config import Params, PseudoConfig, to_dict
-from wsss.data.datasets import load_mask, load_rgb
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError
 from wsss.evaluation import SegMeter
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
+from wsss.tuning import load_best_params, read_mask, read_rgb
 from wsss.ui import console, task
 
 STAGE = "make-pseudo"
@@ -57,8 +57,6 @@ def effective_config(params: Params, paths: Paths, variant: str, use_tuned: bool
     Raises:
         ConfigError: the tuned file exists but is invalid.
     """
-    from wsss.tuning import load_best_params
-
     tuned = paths.crf_params(variant)
     if use_tuned and tuned.exists():
         cfg = load_best_params(tuned)
@@ -135,7 +133,8 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         tracking.log_metrics(_flat_metrics(report))
         tracking.log_artifact(paths.pseudo_report(variant))
     console.print(
-        f"{variant}: {len(ids)} masks ({len(todo)} new, {source} params, refiner {cfg.refiner}); "
+        f"{variant}: {len(ids)} masks ({len(todo)} new, refiner {cfg.refiner}, parameters from "
+        f"{paths.crf_params(variant) if source == 'tuned' else 'params.yaml'}); "
         f"fg IoU {report['before']['iou_mean']:.3f} -> {report['after']['iou_mean']:.3f} "
         f"on {report['n_gt_images']} trainval images with GT; baselines: ellipse "
         f"{report['baselines']['ellipse']['iou_mean']:.3f}, GrabCut rect "
@@ -165,7 +164,7 @@ def _map_ids(cams_dir: Path) -> list[str]:
 
 def _image(paths: Paths, row: pd.Series, shape: tuple[int, ...], cams_dir: Path, image_id: str) -> np.ndarray:
     """The prepared RGB image of a map: the CRF's colour input at the map's resolution."""
-    image = np.asarray(load_rgb(paths.prepared, row["image_path"]), dtype=np.uint8)
+    image = read_rgb(paths.prepared / row["image_path"])
     if image.shape[:2] != tuple(shape):
         raise DataError(f"{cams_dir}: map of {image_id} is {tuple(shape)}, its prepared image "
                         f"{image.shape[:2]}; the maps are stale, rerun `wsss make-cams`")
@@ -218,7 +217,7 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
         df: the manifest.
         cams_dir: the variant's maps.
         masks_dir: its pseudo-masks.
-        cfg: the configuration the masks were made with (its thresholds give "before").
+        cfg: the configuration the masks were made with (see :func:`plain_threshold_config` for "before").
         ids: images that have maps (and masks).
 
     Returns:
@@ -228,6 +227,8 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
     from wsss.baselines import centred_ellipse, whole_image
     from wsss.refine import threshold_mask
 
+    plain = plain_threshold_config(cfg)
+
     gt_rows = df[df["split"].isin(["train", "val"]) & df["has_mask"].astype(bool) & df["id"].isin(ids)]
     gt_rows = gt_rows.sort_values("id")
     if gt_rows.empty:
@@ -236,20 +237,21 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
     before, after, whole, ellipse = SegMeter(), SegMeter(), SegMeter(), SegMeter()
     with task(f"{STAGE}: score vs GT", len(gt_rows)) as advance:
         for image_id, prob, _ in iter_maps(cams_dir, set(gt_path)):
-            gt = load_mask(gt_path[image_id])
-            before.add(threshold_mask(prob, cfg), gt)
-            after.add(load_mask(masks_dir / f"{image_id}.png"), gt)
+            gt = read_mask(gt_path[image_id])
+            before.add(threshold_mask(prob, plain), gt)
+            after.add(read_mask(masks_dir / f"{image_id}.png"), gt)
             whole.add(whole_image(*gt.shape), gt)
             ellipse.add(centred_ellipse(*gt.shape, ELLIPSE_SCALE), gt)
             advance(1)
     ignore, fg, total = 0, 0, 0
     for image_id in sorted(ids):
-        mask = load_mask(masks_dir / f"{image_id}.png")
+        mask = read_mask(masks_dir / f"{image_id}.png")
         ignore += int(np.count_nonzero(mask == 255))
         fg += int(np.count_nonzero(mask == 1))
         total += mask.size
     return {
         "n_gt_images": len(gt_rows),
+        "before_threshold": plain.threshold,
         "before": before.result().to_dict(),
         "after": after.result().to_dict(),
         "baselines": {
@@ -260,6 +262,19 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
         "mask_ignore_fraction": ignore / total if total else 0.0,
         "mask_fg_fraction": fg / total if total else 0.0,
     }
+
+
+def plain_threshold_config(cfg: PseudoConfig) -> PseudoConfig:
+    """The "before refinement" counterpart of ``cfg``: the same decision threshold(s), no refiner.
+
+    Plain GrabCut decides at its probable-foreground threshold, so that is the one it is compared with.
+    """
+    from wsss.refine import Refiner
+
+    threshold = cfg.threshold
+    if Refiner(cfg).kind == "grabcut" and not cfg.confident:
+        threshold = cfg.grabcut.pfg_threshold
+    return dataclasses.replace(cfg, refiner="none", threshold=threshold)
 
 
 def grabcut_rect_scores(paths: Paths, rows: pd.DataFrame, workers: int = 0) -> dict[str, float]:
@@ -307,8 +322,8 @@ def _rect_chunk(items: list[tuple[str, str]]) -> SegMeter:
     cv2.setNumThreads(1)  # the pool already uses every core
     meter = SegMeter()
     for image_path, mask_path in items:
-        image = np.asarray(load_rgb(Path(image_path).parent, Path(image_path).name), dtype=np.uint8)
-        meter.add(grabcut_rect_baseline(image, RECT_FRAC, RECT_ITERATIONS), load_mask(Path(mask_path)))
+        image = read_rgb(Path(image_path))
+        meter.add(grabcut_rect_baseline(image, RECT_FRAC, RECT_ITERATIONS), read_mask(Path(mask_path)))
     return meter
 
 

@@ -160,11 +160,11 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
                 target = ecs_target(x, breeds, tuple(p.shape[-2:]))
                 ecs_loss = F.mse_loss(p, target)
                 loss = loss + cfg.ecs_weight * ecs_loss
-                terms["loss_ecs"] = float(ecs_loss)
+                terms["loss_ecs"] = float(ecs_loss.detach())
             if per_breed:
                 breed_loss = breed_contrastive_loss(fg, breeds, cfg.alpha)
                 loss = loss + cfg.breed_weight * breed_loss
-                terms["loss_breed"] = float(breed_loss)
+                terms["loss_breed"] = float(breed_loss.detach())
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -90,8 +90,8 @@ def run(
     # interleaving makes such studies non-reproducible anyway).
     n_before = _n_trials(store, name)
     seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if storage else 0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
     study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     start = time.perf_counter()
     with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
@@ -99,9 +99,10 @@ def run(
         objective = Objective(data, params.pseudo, refiners, cfg.prune_chunks, params.pseudo.workers,
                               on_report=_log_running)
         logged = _logged_objective(objective, parent.info.experiment_id, variant, name)
+        finished: list[int] = []
         with task(f"{STAGE} {variant}: trials", n_trials) as advance:
             study_obj.optimize(
-                logged, n_trials=n_trials, timeout=timeout or None, callbacks=[_progress(advance)],
+                logged, n_trials=n_trials, timeout=timeout or None, callbacks=[_progress(advance, finished)],
                 gc_after_trial=False,
             )
         best_cfg, best = best_config(study_obj, params.pseudo, refiners)
@@ -116,7 +117,7 @@ def run(
             "study": name,
             "storage": _redact(url),
             "n_images": len(data),
-            "trials_this_run": sum(1 for t in study_obj.get_trials(deepcopy=False) if t.number >= n_before),
+            "trials_this_run": len(finished),
             **{f"trials_{k.lower()}": v for k, v in counts.items()},
             "best_value": float(best.value),
             "best_trial": best.number,
@@ -144,7 +145,7 @@ def _state_counts(study: Any) -> dict[str, int]:
     import optuna
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished() or s == s.RUNNING}
+    return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished()}
 
 
 def _redact(url: str) -> str:
@@ -160,7 +161,7 @@ def _log_running(trial: Any, step: int, value: float) -> None:
     tracking.log_metrics({"val_iou_running": value}, step=step)
 
 
-def _logged_objective(objective: Objective, experiment_id: str, variant: str, study: str) -> Callable[[Any], float]:
+def _logged_objective(objective: Callable[[Any], float], experiment_id: str, variant: str, study: str) -> Callable[[Any], float]:
     """Wrap the objective so every trial is a nested MLflow run with its params, value and final state."""
     import mlflow
     import optuna
@@ -192,14 +193,15 @@ def _logged_objective(objective: Objective, experiment_id: str, variant: str, st
     return run_trial
 
 
-def _progress(advance: Callable[..., None]) -> Callable[[Any, Any], None]:
+def _progress(advance: Callable[..., None], finished: list[int]) -> Callable[[Any, Any], None]:
     """An Optuna callback: one progress step per finished trial, showing the best value so far.
 
     It runs in the parent run's context, where it also logs each completed trial's value (step = trial
-    number) so the parent's chart shows the study's progress.
+    number) so the parent's chart shows the study's progress. Trial numbers run here go to ``finished``.
     """
 
     def callback(study: Any, trial: Any) -> None:
+        finished.append(trial.number)
         try:
             best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
         except ValueError:  # no completed trial yet

@@ -1,0 +1,191 @@
+"""tune-crf: validation-only objective, valid search space, nested MLflow runs, resume, shared storage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from tests.test_make_pseudo import SPLITS, VARIANT, build_project
+from wsss.config import REFINERS, PseudoConfig, load_params, params_from_dict, to_dict
+from wsss.data.manifest import load_manifest
+from wsss.tuning import (
+    Objective,
+    build_objective_data,
+    chunk_ends,
+    default_storage,
+    load_best_params,
+    suggest_pseudo,
+)
+
+# Serial refinement, few trials and a cheap refiner mix: these run on a shared 2-core machine.
+PARAMS = {
+    "pseudo": {"workers": 1},
+    "tune": {"trials": 3, "n_startup_trials": 2, "prune_chunks": 2, "refiners": ["crf", "grabcut", "none"]},
+}
+VAL_IDS = sorted(f"val_{k:02d}" for k in range(SPLITS["val"]))
+
+
+def _runs(filter_string: str = "") -> object:
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
+
+
+def _parents_and_children() -> tuple[list[str], dict[str, object]]:
+    runs = _runs()
+    parents = runs[runs["tags.mlflow.runName"].str.startswith("tune-crf:")]["run_id"].tolist()
+    children = {p: _runs(f"tags.mlflow.parentRunId = '{p}'") for p in parents}
+    return parents, children
+
+
+def test_objective_reads_and_scores_validation_images_only(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsss.tuning as tuning
+
+    paths = build_project(project, PARAMS)
+    read: list[str] = []
+    read_rgb, read_mask = tuning.read_rgb, tuning.read_mask
+    monkeypatch.setattr(tuning, "read_rgb", lambda p: read.append(Path(p).stem) or read_rgb(p))
+    monkeypatch.setattr(tuning, "read_mask", lambda p: read.append(Path(p).stem) or read_mask(p))
+    df = load_manifest(paths.manifest)
+
+    data = build_objective_data(df, paths.prepared, paths.cams_dir(VARIANT), seed=3)
+    # The shards hold train and test maps too, and the manifest a val background image: none is used.
+    assert sorted(data.ids) == VAL_IDS
+    assert sorted(set(read)) == VAL_IDS
+    assert [g.shape for g in data.gts] == [m.shape for m in data.maps]
+
+    capped = build_objective_data(df, paths.prepared, paths.cams_dir(VARIANT), max_images=3, seed=3)
+    assert len(capped) == 3 and set(capped.ids) <= set(VAL_IDS)
+    assert capped.ids == data.ids[:3]  # the cap takes a prefix of the same seeded order
+
+    # The objective scores exactly these images: a fixed plain-threshold trial equals a direct computation.
+    from wsss.evaluation import SegMeter
+
+    objective = Objective(data, PseudoConfig(), ["none"], prune_chunks=3, workers=1)
+    value = objective(optuna.trial.FixedTrial({"refiner": "none", "threshold": 0.5}))
+    meter = SegMeter()
+    for m, gt in zip(data.maps, data.gts, strict=True):
+        meter.add(m >= np.float32(0.5), gt)
+    assert value == pytest.approx(meter.result().iou_mean)
+
+
+@pytest.mark.parametrize("confident", [False, True])
+def test_search_space_is_always_valid_and_replayable(confident: bool) -> None:
+    base = PseudoConfig(confident=confident)
+    sampled: dict[int, PseudoConfig] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        cfg = suggest_pseudo(trial, base, REFINERS)
+        params_from_dict({"pseudo": to_dict(cfg)})  # the strict loader's range and order checks
+        sampled[trial.number] = cfg
+        return 0.0
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=40)
+    assert {c.refiner for c in sampled.values()} == set(REFINERS)
+    for trial in study.trials:  # a stored trial rebuilds the configuration it scored
+        assert suggest_pseudo(trial, base, REFINERS) == sampled[trial.number]
+
+
+def test_chunk_ends() -> None:
+    assert chunk_ends(8, 3) == [3, 5, 8]
+    assert chunk_ends(2, 4) == [1, 2]
+    assert chunk_ends(5, 1) == [5]
+
+
+def test_study_nested_runs_best_params_and_resume(project: Path) -> None:
+    from wsss.stages import tune_crf
+
+    paths = build_project(project, PARAMS)
+    params = load_params(project / "params.yaml")
+    first = tune_crf.run(params, paths, VARIANT)
+
+    parents, children = _parents_and_children()
+    assert len(parents) == 1
+    kids = children[parents[0]]
+    assert len(kids) == 3
+    assert sorted(kids["tags.optuna.trial"].astype(int)) == [0, 1, 2]
+    expected_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}
+    for _, run in kids.iterrows():
+        assert run["status"] == expected_status[run["tags.optuna.state"]]
+        assert isinstance(run["params.trial.refiner"], str)
+
+    dest = paths.crf_params(VARIANT)
+    best = load_best_params(dest)
+    assert params_from_dict(yaml.safe_load(dest.read_text())).pseudo == best
+    study = optuna.load_study(study_name=first["study"], storage=default_storage(paths.study_dir(VARIANT)))
+    assert best.refiner == study.best_trial.params["refiner"]
+    assert first["best_value"] == study.best_value
+
+    second = tune_crf.run(params, paths, VARIANT)
+    assert second["study"] == first["study"]
+    study = optuna.load_study(study_name=first["study"], storage=default_storage(paths.study_dir(VARIANT)))
+    assert len(study.trials) == 6
+    assert second["best_value"] == max(t.value for t in study.trials if t.value is not None and
+                                       t.state == optuna.trial.TrialState.COMPLETE)
+    # The resumed run continues the random stream instead of replaying the first trials.
+    assert study.trials[0].params != study.trials[3].params
+    parents, children = _parents_and_children()
+    assert len(parents) == 2 and sorted(len(c) for c in children.values()) == [3, 3]
+
+
+def test_child_runs_record_pruned_and_failed_states(project: Path) -> None:
+    import mlflow
+
+    from wsss.stages.tune_crf import _logged_objective
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    exp = mlflow.create_experiment("states")
+    outcomes = iter(["complete", "prune", "fail"])
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        outcome = next(outcomes)
+        if outcome == "prune":
+            raise optuna.TrialPruned()
+        if outcome == "fail":
+            raise RuntimeError("boom")
+        return x
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with mlflow.start_run(experiment_id=exp) as parent:
+        study = optuna.create_study(direction="maximize")
+        study.optimize(_logged_objective(objective, exp, VARIANT, "s"), n_trials=3, catch=(RuntimeError,))
+    kids = _runs(f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    got = {r["tags.optuna.trial"]: (r["status"], r["tags.optuna.state"]) for _, r in kids.iterrows()}
+    assert got == {"0": ("FINISHED", "COMPLETE"), "1": ("KILLED", "PRUNED"), "2": ("FAILED", "FAIL")}
+    assert kids["params.trial.x"].notna().all()  # even pruned and failed trials record what they tried
+
+
+def test_two_workers_share_one_sqlite_study(project: Path) -> None:
+    paths = build_project(project, PARAMS)
+    url = f"sqlite:///{(project / 'shared' / 'optuna.db').resolve().as_posix()}"
+    (project / "shared").mkdir()
+    # A project's MLflow database exists before workers are started (two processes creating a fresh one
+    # race in MLflow's schema migrations); the Optuna database is left for the workers to create.
+    _runs()
+    cmd = [sys.executable, "-c", "from wsss.cli import app; app()", "tune", "crf", "--method", VARIANT,
+           "--trials", "2", "--storage", url, "--study", "shared"]
+    procs = [subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
+    parents, children = _parents_and_children()
+    assert len(parents) == 2
+    logged = sorted(int(n) for c in children.values() for n in c["tags.optuna.trial"])
+    assert logged == [0, 1, 2, 3]  # every trial exactly once, under the worker that ran it
+    assert load_best_params(paths.crf_params(VARIANT)).refiner in PARAMS["tune"]["refiners"]

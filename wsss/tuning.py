@@ -1,0 +1,434 @@
+"""Optuna search over the map -> pseudo-mask step: refiner, dense-CRF / GrabCut parameters, thresholds.
+
+The objective is the mean per-image pet IoU of the refined masks on the **validation split only**
+(``split == 'val'``, pets with a GT mask; never test), loaded once into :class:`ObjectiveData`. Each trial
+refines those images in a process pool (:func:`wsss.refine.refine_many`) chunk by chunk, reports the
+running mean after every chunk and stops early when the pruner says so.
+
+Search space (conditional on the refiner; parameters a refiner does not use are not sampled and keep
+their ``params.yaml`` values):
+
+- ``refiner`` from ``tune.refiners`` (CRF-based ones dropped when ``pseudo.crf.enabled`` is false);
+- ``threshold`` (refiners other than ``grabcut``), or with ``pseudo.confident`` ``fg_threshold`` and
+  ``bg_ratio`` (``bg_threshold = bg_ratio * fg_threshold``, so ``bg <= fg`` by construction);
+- CRF: ``crf.unary``, ``crf.scale`` (soft unary), ``crf.gt_prob`` (label unary, or GrabCut+CRF's blend
+  weight), ``crf.iterations``, the Gaussian and bilateral kernels;
+- GrabCut: ``grabcut.iterations``, ``grabcut.pfg_threshold``, ``grabcut.fg_gap`` and ``grabcut.bg_ratio``
+  (``fg = pfg + fg_gap * (1 - pfg)``, ``bg = bg_ratio * pfg``: ``bg <= pfg <= fg`` always holds, so the
+  sampler never wastes a trial on an invalid configuration).
+
+With ``pseudo.confident`` ignore pixels (255) count as background in the objective, as in every
+evaluation, so the study favours a narrow ignore band.
+
+This module does no MLflow logging and writes no files except through :func:`write_best_params`; the
+``tune-crf`` stage does the tracking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
+from wsss.errors import ConfigError, DataError
+
+# Bump when the search space changes: it is part of the default study name, so an old study (whose
+# trials used another space) is never continued by mistake.
+SPACE_VERSION = 1
+CRF_REFINERS = ("crf", "grabcut+crf")
+GRABCUT_REFINERS = ("grabcut", "grabcut+crf")
+STUDY_DB = "optuna.db"
+
+
+class Suggest(Protocol):
+    """The part of :class:`optuna.trial.Trial` the search space uses (``FrozenTrial`` replays it)."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass(frozen=True)
+class ObjectiveData:
+    """Everything a trial reads, loaded once: validation images, their maps and GT masks.
+
+    Attributes:
+        ids: image ids in evaluation order (a seeded shuffle, so every pruning chunk is a random sample).
+        images: uint8 (H, W, 3) RGB prepared images.
+        maps: float32 (H, W) foreground maps in [0, 1].
+        gts: uint8 (H, W) GT masks (0, 1, 255).
+    """
+
+    ids: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    maps: tuple[np.ndarray, ...]
+    gts: tuple[np.ndarray, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def digest(self) -> str:
+        """SHA-1 over ids and pixel data: identifies the objective's data exactly."""
+        h = hashlib.sha1()
+        for i, image, m, gt in zip(self.ids, self.images, self.maps, self.gts, strict=True):
+            h.update(i.encode())
+            for arr in (image, m, gt):
+                h.update(str(arr.shape).encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """A prepared image as a writable uint8 (H, W, 3) RGB array.
+
+    Unlike :mod:`wsss.data.datasets` this does not import torch, so worker processes start fast.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        # np.array copies: arrays over PIL buffers are read-only, and pydensecrf rejects those.
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask PNG (0 bg, 1 pet, 255 ignore) as uint8 (H, W)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.array(im, dtype=np.uint8)
+
+
+def tuning_rows(df: pd.DataFrame, max_images: int = 0, seed: int = 0) -> pd.DataFrame:
+    """The manifest rows the study evaluates: validation pets with a GT mask, in a seeded random order.
+
+    Args:
+        df: the prepared manifest.
+        max_images: keep at most this many (0 = all), a seeded random subset.
+        seed: shuffling seed.
+
+    Returns:
+        The selected rows; never a ``train`` or ``test`` row.
+    """
+    sel = df[(df["split"] == "val") & df["has_mask"].astype(bool) & ~df["is_background"].astype(bool)]
+    sel = sel.sort_values("id", kind="stable")
+    order = np.random.default_rng(seed).permutation(len(sel))
+    sel = sel.iloc[order]
+    if max_images:
+        sel = sel.iloc[:max_images]
+    return sel
+
+
+def build_objective_data(
+    df: pd.DataFrame,
+    prepared_dir: Path,
+    cams_dir: Path,
+    max_images: int = 0,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> ObjectiveData:
+    """Load the validation images, maps and GT masks the objective scores (see :func:`tuning_rows`).
+
+    Args:
+        df: the prepared manifest.
+        prepared_dir: folder the manifest's paths are relative to.
+        cams_dir: the map variant's shard folder.
+        max_images: cap on the number of images (0 = the whole validation split).
+        seed: seed of the random order and subset.
+        progress: called with 1 after each image is loaded.
+
+    Raises:
+        DataError: no validation image with a mask, a map missing, or a map/image size mismatch.
+    """
+    from wsss.cams import load_maps
+
+    rows = tuning_rows(df, max_images, seed)
+    if rows.empty:
+        raise DataError("the manifest has no validation pets with GT masks to tune on (prepare.val_fraction?)")
+    ids = [str(i) for i in rows["id"]]
+    maps = load_maps(cams_dir, set(ids))
+    missing = [i for i in ids if i not in maps]
+    if missing:
+        raise DataError(
+            f"{cams_dir}: no map for {len(missing)} validation image(s) (e.g. {missing[0]}); rerun `wsss make-cams`"
+        )
+    images, gts, ordered_maps = [], [], []
+    for row in rows.itertuples():
+        image = read_rgb(prepared_dir / row.image_path)
+        gt = read_mask(prepared_dir / row.mask_path)
+        m = maps[str(row.id)]
+        if image.shape[:2] != m.shape or gt.shape != m.shape:
+            raise DataError(
+                f"{cams_dir}: map of {row.id} is {m.shape}, its prepared image {image.shape[:2]}; "
+                "the maps are stale, rerun `wsss make-cams`"
+            )
+        images.append(image)
+        gts.append(gt)
+        ordered_maps.append(m)
+        if progress is not None:
+            progress(1)
+    return ObjectiveData(tuple(ids), tuple(images), tuple(ordered_maps), tuple(gts))
+
+
+# --------------------------------------------------------------------------------------------------
+# search space
+
+
+def search_refiners(base: PseudoConfig, refiners: Sequence[str]) -> tuple[str, ...]:
+    """The refiners the study chooses from: ``tune.refiners`` minus CRF-based ones when CRF is disabled.
+
+    Raises:
+        ConfigError: nothing is left to choose from.
+    """
+    out = tuple(r for r in refiners if base.crf.enabled or r not in CRF_REFINERS)
+    if not out:
+        raise ConfigError(
+            "params.yaml: 'tune.refiners' has no refiner left to tune ('pseudo.crf.enabled' is false and "
+            "only CRF refiners are listed)"
+        )
+    return out
+
+
+def suggest_pseudo(trial: Suggest, base: PseudoConfig, refiners: Sequence[str]) -> PseudoConfig:
+    """Sample one pseudo-mask configuration (or, given a ``FrozenTrial``, rebuild the one it sampled).
+
+    Args:
+        trial: an Optuna trial (or frozen trial).
+        base: ``params.yaml``'s ``pseudo`` section: fields outside the sampled subspace keep its values.
+        refiners: choices for ``refiner`` (see :func:`search_refiners`).
+
+    Returns:
+        A configuration that satisfies the config loader's cross-field checks.
+    """
+    refiner = trial.suggest_categorical("refiner", list(refiners))
+    changes: dict[str, Any] = {"refiner": refiner}
+    if base.confident:
+        fg = trial.suggest_float("fg_threshold", 0.1, 0.95)
+        changes["fg_threshold"] = fg
+        changes["bg_threshold"] = fg * trial.suggest_float("bg_ratio", 0.05, 1.0)
+    elif refiner != "grabcut":  # plain GrabCut decides with its own pfg threshold
+        changes["threshold"] = trial.suggest_float("threshold", 0.05, 0.95)
+    crf = base.crf
+    if refiner in CRF_REFINERS:
+        unary = trial.suggest_categorical("crf.unary", ["soft", "label"])
+        crf_changes: dict[str, Any] = {"unary": unary}
+        if unary == "soft":
+            crf_changes["scale"] = trial.suggest_float("crf.scale", 0.25, 4.0, log=True)
+        if unary == "label" or refiner == "grabcut+crf":
+            crf_changes["gt_prob"] = trial.suggest_float("crf.gt_prob", 0.5, 0.95)
+        crf_changes.update(
+            iterations=trial.suggest_int("crf.iterations", 2, 10),
+            gaussian_sxy=trial.suggest_float("crf.gaussian_sxy", 1.0, 10.0, log=True),
+            gaussian_compat=trial.suggest_float("crf.gaussian_compat", 0.5, 10.0, log=True),
+            bilateral_sxy=trial.suggest_float("crf.bilateral_sxy", 5.0, 120.0, log=True),
+            bilateral_srgb=trial.suggest_float("crf.bilateral_srgb", 2.0, 30.0, log=True),
+            bilateral_compat=trial.suggest_float("crf.bilateral_compat", 1.0, 20.0, log=True),
+        )
+        crf = dataclasses.replace(crf, **crf_changes)
+    grab = base.grabcut
+    if refiner in GRABCUT_REFINERS:
+        pfg = trial.suggest_float("grabcut.pfg_threshold", 0.05, 0.9)
+        grab = dataclasses.replace(
+            grab,
+            iterations=trial.suggest_int("grabcut.iterations", 1, 10),
+            pfg_threshold=pfg,
+            fg_threshold=min(1.0, pfg + trial.suggest_float("grabcut.fg_gap", 0.0, 1.0) * (1.0 - pfg)),
+            bg_threshold=pfg * trial.suggest_float("grabcut.bg_ratio", 0.0, 1.0),
+        )
+    return dataclasses.replace(base, crf=crf, grabcut=grab, **changes)
+
+
+# --------------------------------------------------------------------------------------------------
+# objective
+
+
+def chunk_ends(n: int, chunks: int) -> list[int]:
+    """End indices of ``min(chunks, n)`` nearly equal consecutive chunks of ``n`` items."""
+    k = max(1, min(chunks, n))
+    return [round(n * (j + 1) / k) for j in range(k)]
+
+
+class Objective:
+    """The study's objective: mean per-image pet IoU of the refined validation masks (maximise).
+
+    Args:
+        data: the validation images, maps and GT (:func:`build_objective_data`).
+        base: ``params.yaml``'s ``pseudo`` section.
+        refiners: refiner choices (:func:`search_refiners`).
+        prune_chunks: number of chunks; the running mean is reported after each and may prune the trial.
+        workers: refinement processes (0 = every CPU core).
+        on_report: called with ``(trial, step, running mean)`` after each chunk (e.g. to log it).
+    """
+
+    def __init__(
+        self,
+        data: ObjectiveData,
+        base: PseudoConfig,
+        refiners: Sequence[str],
+        prune_chunks: int = 1,
+        workers: int = 0,
+        on_report: Callable[[Any, int, float], None] | None = None,
+    ) -> None:
+        if not len(data):
+            raise DataError("no images to tune on")
+        self.data = data
+        self.base = base
+        self.refiners = tuple(refiners)
+        self.ends = chunk_ends(len(data), prune_chunks)
+        self.workers = workers
+        self.on_report = on_report
+
+    def __call__(self, trial: Any) -> float:
+        """Score one trial's configuration; raises ``optuna.TrialPruned`` when the pruner stops it."""
+        import optuna
+
+        from wsss.evaluation import SegMeter
+        from wsss.refine import refine_many
+
+        cfg = suggest_pseudo(trial, self.base, self.refiners)
+        trial.set_user_attr("pseudo", flatten(cfg, "pseudo."))
+        meter = SegMeter()
+        masks = refine_many(zip(self.data.images, self.data.maps, strict=True), cfg, self.workers)
+        value = float("nan")
+        start = 0
+        try:
+            for step, end in enumerate(self.ends):
+                for i in range(start, end):
+                    meter.add(next(masks), self.data.gts[i])
+                start = end
+                value = meter.result().iou_mean
+                trial.report(value, step)
+                if self.on_report is not None:
+                    self.on_report(trial, step, value)
+                # The last chunk completes the trial: pruning it would only throw the result away.
+                if end < len(self.data) and trial.should_prune():
+                    raise optuna.TrialPruned(f"running mean IoU {value:.4f} after {end} images")
+        finally:
+            masks.close()  # stops the pool early on pruning
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# study
+
+
+def default_storage(study_dir: Path) -> str:
+    """``sqlite:////abs/studies/<variant>/optuna.db`` (four slashes: an absolute path)."""
+    db = (Path(study_dir) / STUDY_DB).resolve()
+    return f"sqlite:///{db.as_posix()}"
+
+
+def study_name(variant: str, data: ObjectiveData, base: PseudoConfig, refiners: Sequence[str]) -> str:
+    """``crf-<variant>-<fingerprint>``: a new study whenever trials would be scored differently.
+
+    The fingerprint covers what a trial's value depends on besides its sampled parameters: the
+    validation data (ids and pixels, so new maps start afresh), the refiner choices, ``pseudo.confident``
+    and :data:`SPACE_VERSION`. Other ``pseudo`` values only fill fields a trial does not use, and budgets,
+    seeds and pruning settings do not change values either, so a rerun after changing them continues the
+    same study.
+    """
+    h = hashlib.sha1()
+    for part in (data.digest(), ",".join(refiners), str(base.confident), str(SPACE_VERSION)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return f"crf-{variant}-{h.hexdigest()[:10]}"
+
+
+def make_storage(url: str) -> Any:
+    """An Optuna RDB storage; SQLite waits for its lock (several local workers) instead of failing."""
+    import optuna
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            # Workers starting together race to create the schema; the loser finds it made on retry.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def create_study(name: str, storage: Any, seed: int, n_startup_trials: int) -> Any:
+    """Create or load (``load_if_exists``) a maximising study with a seeded TPE sampler and median pruner.
+
+    Args:
+        name: study name.
+        storage: an Optuna storage or URL.
+        seed: sampler seed.
+        n_startup_trials: random trials before TPE models the results; also the pruner's warm-up in trials.
+    """
+    import optuna
+
+    with warnings.catch_warnings():
+        # `group` is flagged experimental; it is what lets multivariate TPE model a conditional space.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True
+        )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, n_startup_trials), n_warmup_steps=0)
+    return optuna.create_study(
+        study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def best_config(study: Any, base: PseudoConfig, refiners: Sequence[str]) -> tuple[PseudoConfig, Any]:
+    """The best completed trial's configuration and the trial itself.
+
+    Raises:
+        DataError: no trial of the study has completed.
+    """
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        raise DataError(f"study '{study.study_name}' has no completed trial yet; run more trials")
+    best = study.best_trial
+    return suggest_pseudo(best, base, refiners), best
+
+
+def write_best_params(dest: Path, cfg: PseudoConfig, header: Sequence[str] = ()) -> None:
+    """Write ``pseudo:`` (a full mapping, strictly loadable) atomically, with comment lines on top.
+
+    Raises:
+        ConfigError: the configuration would not pass the strict loader (a bug in the search space).
+    """
+    from wsss.io import write_text
+
+    data = {"pseudo": to_dict(cfg)}
+    params_from_dict(data, str(dest))  # never write a file make-pseudo would reject
+    lines = [f"# {h}" for h in header]
+    write_text(dest, "\n".join(lines) + ("\n" if lines else "") + yaml.safe_dump(data, sort_keys=False))
+
+
+def load_best_params(path: Path) -> PseudoConfig:
+    """Read a best-params file written by :func:`write_best_params`, strictly.
+
+    Raises:
+        ConfigError: the file is not valid YAML or not a valid ``pseudo`` mapping.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or set(data) != {"pseudo"}:
+        raise ConfigError(f"{path}: must hold exactly one top-level key 'pseudo' (rerun `wsss tune crf`)")
+    return params_from_dict(data, str(path)).pseudo
