@@ -19,7 +19,7 @@ def test_help_lists_every_stage() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for command in ("generate-synthetic", "prepare", "validate", "train-classifier", "train-ccam",
-                    "make-cams", "train-unet", "evaluate"):
+                    "make-cams", "train-unet", "evaluate", "report", "predict", "runs", "tune", "make-pseudo"):
         assert command in result.output
 
 

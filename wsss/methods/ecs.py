@@ -37,7 +37,13 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
     """
     if sigma <= 0:
         return images
-    x = images.float()
+    # Outside autocast, fp32 and contiguous: a long depthwise kernel in bf16 / channels_last hits a very
+    # slow oneDNN path on CPU (measured: minutes instead of 0.05 s for 16x3x112x112).
+    with torch.autocast(images.device.type, enabled=False):
+        return _blur_fp32(images.float().contiguous(), sigma).to(images.dtype)
+
+
+def _blur_fp32(x: Tensor, sigma: float) -> Tensor:
     c = x.shape[1]
     radius = math.ceil(3.0 * sigma)
     for dim in (-1, -2):
@@ -49,7 +55,7 @@ def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
             x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         else:
             x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return x.to(images.dtype)
+    return x
 
 
 def erase_fill(images: Tensor, cfg: CamsConfig) -> Tensor:

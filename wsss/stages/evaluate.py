@@ -49,7 +49,7 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     with task(f"{STAGE} {model}", len(rows)) as advance:
         for i in range(0, len(rows), bs):
             chunk = rows[i : i + bs]
-            images = [np.asarray(load_rgb(paths.prepared, r.image_path)) for r in chunk]
+            images = [np.array(load_rgb(paths.prepared, r.image_path)) for r in chunk]
             for r, prob in zip(chunk, predict_probs(net, images, int(meta["input_size"]), prec), strict=True):
                 meter.add((prob >= 0.5).astype(np.uint8), load_mask(paths.prepared / r.mask_path))
             advance(len(chunk))
@@ -77,7 +77,7 @@ def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
     with task(f"{STAGE} baselines", len(test)) as advance:
         for r in test.itertuples():
             gt = load_mask(paths.prepared / r.mask_path)
-            image = np.asarray(load_rgb(paths.prepared, r.image_path))
+            image = np.array(load_rgb(paths.prepared, r.image_path))
             h, w = gt.shape
             meters["whole_image"].add(whole_image(h, w), gt)
             meters["ellipse"].add(centred_ellipse(h, w, params.evaluate.ellipse_scale), gt)

@@ -1,0 +1,434 @@
+"""The contract between the DVC pipelines and the code: dvc.yaml may only call what exists, and must declare
+what each stage reads.
+
+Checked for ``dvc.yaml`` and every ``pipelines/*/dvc.yaml``, parsed with PyYAML (no DVC import), with
+``foreach`` / ``matrix`` expanded and ``${...}`` templates resolved as DVC does (``item``, ``key``, and the
+values of the ``params.yaml`` next to the file):
+
+* every stage's ``cmd`` is ``wsss <command> [options]``: the (sub)command and each option exist in the Typer app;
+* every params entry (``section`` or dotted ``section.key``) is a field path of :class:`wsss.config.Params`;
+* every code dep (a path with a ``wsss`` component) points at an existing file or folder of the package;
+* the stage module behind each command (``wsss/stages/<x>.py``, found from the ``from wsss.stages import x``
+  inside the command in ``wsss/cli.py``) reads only params sections the stage declares. Found statically with
+  ``ast``: ``params.<section>`` accesses. A section counts as declared when the stage lists it or any of its
+  keys. Two deliberate allowances, listed below: ``base`` keys that only steer execution (device, worker count,
+  MLflow experiment name) need no declaration, since declaring them would rerun every GPU stage on a switch of
+  device; and a few sections a module reads only under a command-line flag.
+
+Reads through helpers (``stages.common.loader`` -> ``base.num_workers``, ``tracking`` -> ``base.dataset`` /
+``base.experiment``) are not followed: only the stage module itself is scanned.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import itertools
+import re
+import shlex
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from wsss.cli import app
+from wsss.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "wsss"
+CLI_FILE = PACKAGE / "cli.py"
+DVC_FILES = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
+
+# ``base`` keys that change how a stage runs, not what it computes: reading them needs no declaration.
+RUNTIME_BASE_KEYS = frozenset({"device", "num_workers", "experiment"})
+# (stage module, section) -> the cmd flag under which the module actually uses that section.
+CONDITIONAL_READS: dict[tuple[str, str], str] = {
+    # train_ccam builds the ECS-target CAM settings from make_cams, used only by --ecs models.
+    ("train_ccam", "make_cams"): "--ecs",
+}
+
+_TEMPLATE = re.compile(r"\$\{\s*([^}]*?)\s*\}")
+
+
+# --------------------------------------------------------------------------------------------------
+# dvc.yaml expansion
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One generated stage: ``name`` as DVC shows it (``group@key``), its resolved definition."""
+
+    dvc_file: Path
+    name: str
+    spec: dict[str, Any]
+
+    @property
+    def folder(self) -> Path:
+        return self.dvc_file.parent / self.spec.get("wdir", ".")
+
+    @property
+    def id(self) -> str:
+        return f"{self.dvc_file.parent.relative_to(ROOT).as_posix() or '.'}:{self.name}"
+
+
+def _select(context: dict[str, Any], expr: str, where: str) -> Any:
+    cur: Any = context
+    for part in expr.split("."):
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            raise AssertionError(f"{where}: template ${{{expr}}} does not resolve")
+    return cur
+
+
+def _interpolate(value: Any, context: dict[str, Any], where: str) -> Any:
+    """Resolve ``${...}`` like DVC: a whole-string template keeps the value's type, else str() is spliced in."""
+    if isinstance(value, str):
+        whole = _TEMPLATE.fullmatch(value)
+        if whole:
+            return _select(context, whole.group(1), where)
+
+        def splice(m: re.Match[str]) -> str:
+            got = _select(context, m.group(1), where)
+            assert not isinstance(got, (dict, list)), f"{where}: ${{{m.group(1)}}} is a {type(got).__name__}"
+            return str(got).lower() if isinstance(got, bool) else str(got)
+
+        return _TEMPLATE.sub(splice, value)
+    if isinstance(value, list):
+        return [_interpolate(v, context, where) for v in value]
+    if isinstance(value, dict):
+        return {_interpolate(k, context, where): _interpolate(v, context, where) for k, v in value.items()}
+    return value
+
+
+def _vars(dvc_file: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Template variables: the ``params.yaml`` beside the file (DVC's default) plus ``vars:`` entries."""
+    context: dict[str, Any] = {}
+    default = dvc_file.parent / "params.yaml"
+    if default.exists():
+        context.update(yaml.safe_load(default.read_text(encoding="utf-8")) or {})
+    for entry in data.get("vars", []) or []:
+        if isinstance(entry, dict):
+            context.update(entry)
+        else:
+            context.update(yaml.safe_load((dvc_file.parent / str(entry)).read_text(encoding="utf-8")) or {})
+    return context
+
+
+def _iterations(name: str, definition: dict[str, Any], context: dict[str, Any]) -> Iterator[tuple[str, dict]]:
+    """(generated name, extra template variables) for each stage of a foreach / matrix group."""
+    if "foreach" in definition:
+        items = _interpolate(definition["foreach"], context, name)
+        if isinstance(items, dict):
+            for key, item in items.items():
+                yield f"{name}@{key}", {"item": item, "key": key}
+        else:
+            composite = any(isinstance(i, (dict, list)) for i in items)
+            for index, item in enumerate(items):
+                yield f"{name}@{index if composite else item}", {"item": item}
+    elif "matrix" in definition:
+        matrix = _interpolate(definition["matrix"], context, name)
+        axes = list(matrix)
+        for combo in itertools.product(*(list(enumerate(matrix[a])) for a in axes)):
+            item = {a: v for a, (_, v) in zip(axes, combo, strict=True)}
+            key = "-".join(f"{a}{i}" if isinstance(v, (dict, list)) else str(v)
+                           for a, (i, v) in zip(axes, combo, strict=True))
+            yield f"{name}@{key}", {"item": item, "key": key}
+    else:
+        yield name, {}
+
+
+def load_stages(dvc_file: Path) -> list[Stage]:
+    """Every stage of a dvc.yaml, expanded and with its templates resolved."""
+    data = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))
+    context = _vars(dvc_file, data)
+    stages = []
+    for name, definition in data["stages"].items():
+        template = definition.get("do", {k: v for k, v in definition.items() if k != "matrix"})
+        for generated, extra in _iterations(name, definition, context):
+            spec = _interpolate(template, {**context, **extra}, f"{dvc_file}:{generated}")
+            stages.append(Stage(dvc_file, generated, spec))
+    return stages
+
+
+ALL_STAGES = [s for f in DVC_FILES for s in load_stages(f)]
+
+
+def _entries(items: list[Any] | None) -> Iterator[str]:
+    """Paths of a deps/outs/metrics list (entries are strings or one-key mappings with options)."""
+    for item in items or []:
+        yield from (item if isinstance(item, dict) else [item])
+
+
+def _params_entries(stage: Stage) -> list[str]:
+    """Dotted params keys of ``params.yaml`` a stage declares (other params files are not wsss params)."""
+    keys: list[str] = []
+    for item in stage.spec.get("params", []) or []:
+        if isinstance(item, str):
+            keys.append(item)
+        elif isinstance(item, dict):
+            for file, listed in item.items():
+                if Path(file).name == "params.yaml":
+                    keys.extend(listed or [])
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _is_group(cmd: Any) -> bool:
+    # Typer vendors its own click, so duck-type instead of isinstance(click.Group).
+    return isinstance(getattr(cmd, "commands", None), dict)
+
+
+@functools.cache
+def _root_command() -> Any:
+    return typer.main.get_command(app)
+
+
+def _find_command(tokens: list[str]) -> tuple[Any, list[str], list[str]]:
+    """Walk ``tokens`` (after ``wsss``) down the Typer app: (command, its path, the remaining tokens)."""
+    cmd: Any = _root_command()
+    path: list[str] = []
+    rest = list(tokens)
+    while _is_group(cmd) and rest and rest[0] in cmd.commands:
+        path.append(rest[0])
+        cmd = cmd.commands[rest.pop(0)]
+    return cmd, path, rest
+
+
+def _cli_stage_modules() -> dict[tuple[str, ...], str]:
+    """Command path (e.g. ``("tune", "crf")``) -> the ``wsss.stages`` module its function imports."""
+    tree = ast.parse(CLI_FILE.read_text(encoding="utf-8"))
+    groups: dict[str, tuple[str, ...]] = {"app": ()}
+    for node in ast.walk(tree):  # app.add_typer(tune_app, name="tune")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_typer"
+                and node.args and isinstance(node.args[0], ast.Name)):
+            name = next(k.value.value for k in node.keywords if k.arg == "name")
+            groups[node.args[0].id] = (name,)
+    out: dict[tuple[str, ...], str] = {}
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for deco in fn.decorator_list:
+            if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
+                    and deco.func.attr == "command" and isinstance(deco.func.value, ast.Name)):
+                continue
+            name = deco.args[0].value if deco.args else fn.name.replace("_", "-")
+            modules = [alias.name for node in ast.walk(fn) if isinstance(node, ast.ImportFrom)
+                       and node.module == "wsss.stages" for alias in node.names]
+            modules += [node.module.rsplit(".", 1)[1] for node in ast.walk(fn) if isinstance(node, ast.ImportFrom)
+                        and node.module and node.module.startswith("wsss.stages.")]
+            if modules:
+                out[(*groups[deco.func.value.id], name)] = modules[0]
+    return out
+
+
+STAGE_MODULES = _cli_stage_modules()
+
+
+@functools.cache
+def _params_reads(module: str) -> dict[str, set[str]]:
+    """Section -> keys read as ``params.<section>.<key>`` in ``wsss/stages/<module>.py`` (``*``: not seen)."""
+    tree = ast.parse((PACKAGE / "stages" / f"{module}.py").read_text(encoding="utf-8"))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    sections = {f.name for f in dataclasses.fields(Params)}
+    reads: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "params"
+                and node.attr in sections):
+            parent = parents.get(node)
+            key = parent.attr if isinstance(parent, ast.Attribute) and parent.value is node else "*"
+            reads.setdefault(node.attr, set()).add(key)
+    return reads
+
+
+def _resolves(dotted: str) -> bool:
+    cls: Any = Params
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return True
+
+
+def _tokens(stage: Stage) -> list[str]:
+    cmd = stage.spec.get("cmd")
+    assert isinstance(cmd, str), f"{stage.id}: cmd must be one command string, got {cmd!r}"
+    return shlex.split(cmd)
+
+
+# --------------------------------------------------------------------------------------------------
+# checks: each returns the problems it finds (empty = fine), so the tests below can also prove that
+# each one fires on a broken dvc.yaml
+
+
+def cmd_problems(stage: Stage) -> list[str]:
+    """The cmd is ``wsss <existing command>`` with existing options; ``--params`` names a file beside it."""
+    tokens = _tokens(stage)
+    if not tokens or tokens[0] != "wsss":
+        return [f"{stage.id}: cmd must call `wsss`, got {stage.spec.get('cmd')!r}"]
+    cmd, path, rest = _find_command(tokens[1:])
+    if not path or _is_group(cmd):
+        return [f"{stage.id}: `{' '.join(tokens)}` is no wsss command"]
+    problems = []
+    options = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+    for token in rest:
+        if token.startswith("-") and token.split("=", 1)[0] not in options:
+            problems.append(f"{stage.id}: `wsss {' '.join(path)}` has no option {token.split('=', 1)[0]}")
+    if "--params" in rest:
+        value = rest[rest.index("--params") + 1] if rest.index("--params") + 1 < len(rest) else ""
+        if not (stage.folder / value).is_file():
+            problems.append(f"{stage.id}: --params {value!r} is not a file beside the dvc.yaml")
+    return problems
+
+
+def params_problems(stage: Stage) -> list[str]:
+    """Every declared params key is a field path of :class:`Params`."""
+    return [f"{stage.id}: params entry {key!r} is not a field of wsss.config.Params"
+            for key in _params_entries(stage) if not _resolves(key)]
+
+
+def code_dep_problems(stage: Stage) -> list[str]:
+    """Deps with a ``wsss`` path component exist inside the package."""
+    problems = []
+    for dep in _entries(stage.spec.get("deps")):
+        if "wsss" not in Path(dep).parts:
+            continue
+        path = (stage.folder / dep).resolve()
+        if not path.is_relative_to(PACKAGE):
+            problems.append(f"{stage.id}: code dep {dep} resolves to {path}, outside {PACKAGE}")
+        elif not path.exists():
+            problems.append(f"{stage.id}: code dep {dep} does not exist ({path})")
+    return problems
+
+
+def undeclared_reads(stage: Stage) -> list[str]:
+    """Params sections the stage module reads that the stage does not declare."""
+    _, path, rest = _find_command(_tokens(stage)[1:])
+    module = STAGE_MODULES[tuple(path)]
+    declared = {key.split(".", 1)[0] for key in _params_entries(stage)}
+    missing = []
+    for section, keys in sorted(_params_reads(module).items()):
+        if section in declared:
+            continue
+        if section == "base" and keys <= RUNTIME_BASE_KEYS:
+            continue
+        flag = CONDITIONAL_READS.get((module, section))
+        if flag is not None and flag not in rest:
+            continue
+        missing.append(section if section != "base" else "base." + "/".join(sorted(keys - RUNTIME_BASE_KEYS)))
+    if not missing:
+        return []
+    return [f"{stage.id}: wsss/stages/{module}.py reads params {', '.join(missing)} but the stage's "
+            "`params:` does not list them (add the section, or the keys it reads)"]
+
+
+def ensemble_problems(stage: Stage) -> list[str]:
+    """``make-cams --method ensemble`` depends on the maps of every ``make_cams.ensemble_members``."""
+    if "make-cams --method ensemble" not in str(stage.spec.get("cmd")):
+        return []
+    members = load_params(stage.dvc_file.parent / "params.yaml").make_cams.ensemble_members
+    deps = set(_entries(stage.spec.get("deps")))
+    missing = [m for m in members if f"cams/{m}" not in deps]
+    return [f"{stage.id}: make_cams.ensemble_members {missing} are not deps (cams/<member>)"] if missing else []
+
+
+CHECKS = (cmd_problems, params_problems, code_dep_problems, undeclared_reads, ensemble_problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_pipelines_found() -> None:
+    assert ROOT / "dvc.yaml" in DVC_FILES
+    assert len(ALL_STAGES) > len(DVC_FILES)
+
+
+def test_cli_map_covers_every_command() -> None:
+    """The static cli.py scan sees the same commands as Typer (else the module check goes blind)."""
+    root = _root_command()
+
+    def paths(cmd: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+        if _is_group(cmd):
+            for name, sub in cmd.commands.items():
+                yield from paths(sub, (*prefix, name))
+        else:
+            yield prefix
+
+    without_stage = {("data", "fetch")}  # a download helper, no stage module
+    assert set(paths(root)) - without_stage == set(STAGE_MODULES)
+    for module in STAGE_MODULES.values():
+        assert (PACKAGE / "stages" / f"{module}.py").is_file()
+
+
+@pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: p.parent.relative_to(ROOT).as_posix() or ".")
+def test_params_file_loads(dvc_file: Path) -> None:
+    load_params(dvc_file.parent / "params.yaml")
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: p.parent.relative_to(ROOT).as_posix() or ".")
+def test_contract(dvc_file: Path, check: Any) -> None:
+    problems = [p for stage in ALL_STAGES if stage.dvc_file == dvc_file for p in check(stage)]
+    assert not problems, "\n".join(problems)
+
+
+BROKEN = {
+    "unknown-command": ({"cmd": "wsss train-everything"}, cmd_problems, "is no wsss command"),
+    "not-wsss": ({"cmd": "python -m wsss prepare"}, cmd_problems, "must call `wsss`"),
+    "unknown-option": ({"cmd": "wsss tune crf --method x --trails 3"}, cmd_problems, "no option --trails"),
+    "missing-params-file": ({"cmd": "wsss prepare --params other.yaml"}, cmd_problems, "not a file"),
+    "unknown-param": ({"cmd": "wsss prepare", "params": ["prepare.max_sid"]}, params_problems, "max_sid"),
+    "missing-code-dep": ({"cmd": "wsss prepare", "deps": ["../wsss/nope.py"]}, code_dep_problems, "does not exist"),
+    "code-dep-outside": ({"cmd": "wsss prepare", "deps": ["wsss/stages"]}, code_dep_problems, "outside"),
+    "undeclared-section": ({"cmd": "wsss tune crf --method x", "params": ["tune"]}, undeclared_reads, "pseudo"),
+    "undeclared-base": ({"cmd": "wsss prepare", "params": ["prepare"]}, undeclared_reads, "base."),
+    "conditional-read": ({"cmd": "wsss train-ccam --ecs", "params": ["base.seed", "train_ccam"]},
+                         undeclared_reads, "make_cams"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=str)
+def test_checks_catch_a_broken_stage(case: str) -> None:
+    spec, check, needle = BROKEN[case]
+    stage = Stage(ROOT / "tests" / "dvc.yaml", case, spec)
+    problems = check(stage)
+    assert problems and needle in problems[0], problems
+
+
+def test_allowances_stay_narrow() -> None:
+    """Device-only base reads and a flag-gated section pass; the same section without the gate does not."""
+    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams"]})
+    assert undeclared_reads(make_cams) == []
+    plain = {"cmd": "wsss train-ccam --init none", "params": ["base.seed", "train_ccam"]}
+    assert undeclared_reads(Stage(ROOT / "dvc.yaml", "c", plain)) == []
+
+
+def test_templates_expand_like_dvc(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("base:\n  data_root: raw/pets\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"foreach": {"k1": {"x": 1}}, "do": {"cmd": "wsss prepare ${item.x} ${key}", "deps": ["${base.data_root}"]}},
+        "b": {"foreach": ["p", "q"], "do": {"cmd": "wsss validate ${item}"}},
+        "c": {"matrix": {"m": ["cam", "ecs"], "n": [1]}, "cmd": "wsss make-cams --method ${item.m} ${key}"},
+    }}))
+    got = {s.name: s.spec for s in load_stages(tmp_path / "dvc.yaml")}
+    assert got["a@k1"] == {"cmd": "wsss prepare 1 k1", "deps": ["raw/pets"]}
+    assert got["b@q"]["cmd"] == "wsss validate q"
+    assert got["c@ecs-1"]["cmd"] == "wsss make-cams --method ecs ecs-1"
+    (tmp_path / "dvc.yaml").write_text("stages:\n  d:\n    cmd: wsss prepare ${nope.key}\n")
+    with pytest.raises(AssertionError, match="does not resolve"):
+        load_stages(tmp_path / "dvc.yaml")

@@ -1,0 +1,230 @@
+"""``wsss predict``: pet masks and overlays for new images with a trained U-Net.
+
+For every input image ``<stem>.<ext>`` it writes ``<out>/<stem>_mask.png`` (uint8, 0 = background,
+1 = pet: the same convention as the dataset masks; multiply by 255 to view) and
+``<out>/<stem>_overlay.png`` (the image with the pet tinted). Images of any size are resized to the
+model's input size and the prediction is upsampled back, so the mask has the image's own size.
+
+The model is a ``models/unet-*`` folder (``model.pt`` + ``meta.json``), an MLflow model folder (with an
+``MLmodel`` file) or an MLflow model URI such as ``models:/wsss-unet@champion``. MLflow U-Nets are
+pickled: load only models from a tracking store you trust.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsss.errors import ConfigError, DataError
+from wsss.paths import Paths
+from wsss.ui import console, task
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+DEFAULT_INPUT_SIZE = 256
+TINT = np.array([255, 64, 160], dtype=np.float32)
+TINT_ALPHA = 0.5
+
+
+@dataclass
+class PredictResult:
+    """What ``run`` did: written masks and per-file failures (``(path, reason)``)."""
+
+    masks: list[Path] = field(default_factory=list)
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def collect_images(inputs: Sequence[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files of ``inputs`` (files as given; folders searched recursively by extension).
+
+    Args:
+        inputs: files or folders.
+        exclude: a folder whose files are skipped (the output folder, so reruns do not eat their output).
+
+    Returns:
+        ``(images, failures)``: inputs that do not exist are failures.
+    """
+    images: list[Path] = []
+    failures: list[tuple[Path, str]] = []
+    skip = exclude.resolve() if exclude is not None else None
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+                and (skip is None or not p.resolve().is_relative_to(skip))
+            )
+            images.extend(found)
+        elif path.exists() or path.is_symlink():
+            images.append(path)  # named explicitly: tried whatever its extension
+        else:
+            failures.append((path, "not found"))
+    seen: set[Path] = set()
+    unique = []
+    for p in images:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, failures
+
+
+def output_stems(images: Sequence[Path]) -> dict[Path, str]:
+    """A distinct output stem per image (``cat``, ``cat-2``, ... when stems repeat across folders)."""
+    counts: Counter[str] = Counter()
+    out: dict[Path, str] = {}
+    for p in images:
+        counts[p.stem] += 1
+        out[p] = p.stem if counts[p.stem] == 1 else f"{p.stem}-{counts[p.stem]}"
+    return out
+
+
+def _is_uri(spec: str) -> bool:
+    return "://" in spec or spec.startswith(("models:/", "runs:/"))
+
+
+def _input_size_from_mlflow(uri: str) -> int | None:
+    """``input_size`` of an MLflow model: registry version tag, else the training run's params."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run_id = None
+    if uri.startswith("models:/"):
+        ref = uri.removeprefix("models:/").strip("/")
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+            run_id = client.get_logged_model(ref).source_run_id
+        else:
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = ref.partition("/")
+                version = client.get_model_version(name, number)
+            if version.tags.get("input_size", "").isdigit():
+                return int(version.tags["input_size"])
+            run_id = version.run_id
+    elif uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+    if not run_id:
+        return None
+    value = client.get_run(run_id).data.params.get("train_unet.input_size")
+    return int(value) if value and value.isdigit() else None
+
+
+def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
+    """Load a U-Net from a ``models/`` folder, an MLflow model folder or an MLflow URI.
+
+    Returns:
+        ``(model in eval mode on CPU, input size, description)``.
+
+    Raises:
+        DataError: the folder or URI does not hold a model.
+    """
+    from wsss.inference import load_unet
+
+    path = Path(spec)
+    if path.is_dir() and (path / "meta.json").is_file():
+        model, meta = load_unet(path)
+        return model, int(meta["input_size"]), f"{path} (masks {meta.get('masks', '?')})"
+    if not (_is_uri(spec) or (path / "MLmodel").is_file()):
+        raise DataError(f"--model {spec}: not a model folder (model.pt + meta.json), an MLflow model folder "
+                        "or an MLflow model URI (e.g. models:/wsss-unet@champion)")
+    import mlflow
+
+    from wsss import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    try:
+        model = mlflow.pytorch.load_model(spec, map_location="cpu")
+    except Exception as exc:
+        raise DataError(f"--model {spec}: cannot load the MLflow model ({type(exc).__name__}: {exc})") from None
+    size = None
+    if _is_uri(spec):
+        try:
+            size = _input_size_from_mlflow(spec)
+        except Exception as exc:  # the model loaded; only its metadata is unreachable
+            console.print(f"[yellow]--model {spec}: input size not found ({exc}); using {DEFAULT_INPUT_SIZE}[/]")
+    if size is None:
+        size = DEFAULT_INPUT_SIZE
+    return model.eval(), size, spec
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with pet pixels blended towards a tint colour."""
+    out = image.astype(np.float32)
+    pet = mask.astype(bool)
+    out[pet] = (1 - TINT_ALPHA) * out[pet] + TINT_ALPHA * TINT
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,
+        threshold: float = 0.5) -> PredictResult:
+    """Predict a mask and an overlay for every image; a bad file is reported and skipped.
+
+    Args:
+        inputs: image files or folders.
+        model: a ``models/unet-*`` folder, an MLflow model folder or an MLflow model URI.
+        out: output folder.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        paths: the project (for the MLflow tracking store of a URI).
+        threshold: pet probability at or above which a pixel is pet.
+
+    Raises:
+        DataError: no input at all, or the model cannot be loaded.
+        ConfigError: a bad device or threshold.
+    """
+    from wsss.data.images import ImageIssue, read_rgb
+    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.inference import predict_probs
+    from wsss.io import save_png
+
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold {threshold}: must be strictly between 0 and 1")
+    paths = paths or Paths()
+    out = Path(out)
+    images, failures = collect_images(inputs, exclude=out)
+    if not images and not failures:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
+    prec = precision_for(resolve_device(device or "auto"))
+    net, size, desc = load_predictor(model, paths)
+    net = prepare_model(net, prec)
+    console.print(f"model {desc}, input {size}px, device {prec.device}")
+    result = PredictResult(failures=list(failures))
+    stems = output_stems(images)
+    with task("predict", len(images)) as advance:
+        for path in images:
+            try:
+                image = read_rgb(path)
+                prob = predict_probs(net, [image], size, prec)[0]
+            except ImageIssue as exc:
+                result.failures.append((path, exc.reason))
+                advance(1, info=f"failed: {path.name}")
+                continue
+            except (RuntimeError, MemoryError, ValueError) as exc:
+                result.failures.append((path, f"prediction failed ({type(exc).__name__}: {exc})"))
+                advance(1, info=f"failed: {path.name}")
+                continue
+            mask = (prob >= threshold).astype(np.uint8)
+            dest = out / f"{stems[path]}_mask.png"
+            save_png(dest, mask)
+            save_png(out / f"{stems[path]}_overlay.png", overlay(image, mask))
+            result.masks.append(dest)
+            advance(1, info=path.name)
+    for path, reason in result.failures:
+        console.print(f"[bold red]error:[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    total = len(result.masks) + len(result.failures)
+    summary = f"{len(result.masks)} of {total} images predicted -> {out}"
+    if result.failures:
+        console.print(f"[bold red]{len(result.failures)} failed[/]; {summary}", highlight=False)
+    else:
+        console.print(summary, highlight=False)
+    return result
