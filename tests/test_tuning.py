@@ -170,9 +170,9 @@ def test_two_workers_share_one_sqlite_study(project: Path) -> None:
     paths = build_project(project, PARAMS)
     url = f"sqlite:///{(project / 'shared' / 'optuna.db').resolve().as_posix()}"
     (project / "shared").mkdir()
-    # A project's MLflow database exists before workers are started (two processes creating a fresh one
-    # race in MLflow's schema migrations); the Optuna database is left for the workers to create.
-    _runs()
+    # Neither the MLflow database nor the Optuna one exists yet: the workers create both at once
+    # (tracking._setup holds a file lock around MLflow's first-time schema creation).
+    assert not (project / "mlruns" / "mlflow.db").exists()
     cmd = [sys.executable, "-c", "from wsss.cli import app; app()", "tune", "crf", "--method", VARIANT,
            "--trials", "2", "--storage", url, "--study", "shared"]
     procs = [subprocess.Popen(cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

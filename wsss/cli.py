@@ -61,12 +61,18 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _load(params_path: Path) -> tuple[Any, Any]:
+def _load(params_path: Path, track: bool = True) -> tuple[Any, Any]:
+    """Params and paths; with ``track``, fail fast (exit 4) if the MLflow server does not answer."""
     from wsss.config import load_params
     from wsss.paths import Paths
 
     params = load_params(params_path)
-    return params, Paths(params_path.resolve().parent)
+    paths = Paths(params_path.resolve().parent)
+    if track:
+        from wsss import tracking
+
+        tracking.check_available(paths)  # before any work: a stage must not compute what it cannot track
+    return params, paths
 
 
 @app.command("generate-synthetic")
@@ -75,7 +81,7 @@ def generate_synthetic(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Write the built-in synthetic pets dataset (the embedded default) to data/raw/synthetic."""
     from wsss.stages import generate
 
-    params, paths = _load(params_path)
+    params, paths = _load(params_path, track=False)
     generate.run(params, paths)
 
 

@@ -8,6 +8,7 @@ that names the key and the file. Ranges are declared in field metadata (``_r(lo,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,6 +289,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):  # YAML .nan / .inf would slip through every range check
+            raise bad("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -344,6 +347,11 @@ def _validate_cross_fields(p: Params, source: str) -> None:
         )
     if any(s <= 0 for s in m.scales) or not m.scales:
         raise ConfigError(f"{source}: 'make_cams.scales' must be a non-empty list of positive numbers")
+    if m.ensemble_weights and (any(w < 0 for w in m.ensemble_weights) or not any(w > 0 for w in m.ensemble_weights)):
+        raise ConfigError(f"{source}: 'make_cams.ensemble_weights' must be non-negative and not all zero")
+    filters = p.train_unet.plain_filters
+    if len(filters) < 2 or any(f < 1 for f in filters):
+        raise ConfigError(f"{source}: 'train_unet.plain_filters' must list at least 2 positive channel counts")
     for r in p.tune.refiners:
         if r not in REFINERS:
             raise ConfigError(f"{source}: 'tune.refiners' entry {r!r}; valid: {', '.join(REFINERS)}")

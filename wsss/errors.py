@@ -19,3 +19,9 @@ class DataError(WsssError):
 
 class MissingDependencyError(WsssError):
     """An optional component (pydensecrf, ImageNet weights, ...) is not available."""
+
+
+class TrackingError(WsssError):
+    """The MLflow tracking store cannot be reached or used before a stage starts its work."""
+
+    exit_code = 4

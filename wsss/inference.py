@@ -15,15 +15,25 @@ from wsss.data.datasets import normalize
 def load_unet(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a U-Net from ``models/unet-*/`` (state_dict + meta.json), eval mode, CPU."""
     from wsss.config import UnetConfig
+    from wsss.errors import DataError, WsssError
     from wsss.models.unet import build_unet
-    from wsss.training.checkpoint import load_model_state
+    from wsss.training.checkpoint import load_model_state, load_weights, require_meta
 
     state, meta = load_model_state(model_dir, {"kind": "unet"})
-    cfg = UnetConfig(architecture=meta["architecture"], encoder=meta["encoder"], encoder_weights="none",
-                     input_size=int(meta["input_size"]), plain_filters=tuple(meta.get("plain_filters", ())) or
-                     UnetConfig().plain_filters)
-    model = build_unet(cfg, num_classes=int(meta.get("num_classes", 2)))
-    model.load_state_dict(state)
+    require_meta(meta, ("architecture", "encoder", "input_size"), model_dir)
+    try:
+        cfg = UnetConfig(architecture=meta["architecture"], encoder=meta["encoder"], encoder_weights="none",
+                         input_size=int(meta["input_size"]), plain_filters=tuple(
+                             int(f) for f in meta.get("plain_filters", ())) or UnetConfig().plain_filters)
+        classes = int(meta.get("num_classes", 2))
+        if cfg.architecture not in ("smp", "plain"):
+            raise ValueError(f"architecture {cfg.architecture!r}")
+        model = build_unet(cfg, num_classes=classes)
+    except (WsssError, TypeError, ValueError) as exc:
+        raise DataError(f"{model_dir}/meta.json does not describe a U-Net wsss can build ({exc}); "
+                        "retrain the model") from None
+    described = f"{cfg.architecture} U-Net, encoder {cfg.encoder}, filters {list(cfg.plain_filters)}, {classes} classes"
+    load_weights(model, state, model_dir, described)
     return model.eval(), meta
 
 

@@ -21,12 +21,62 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_TMP_SUFFIX = ".tmp"
+_swept: set[str] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: the process exists but belongs to someone else
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove temporary files that killed writers left in ``folder``; returns what was removed.
+
+    Temporary files are named ``.<dest name>.<pid>.<random>.tmp``; one whose writer process no longer
+    exists can never be completed. (They are hidden, so never mistaken for an artefact, but DVC would
+    still hash them into a folder output, and a killed model save can leave hundreds of MB.)
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success it replaces ``dest``, on error it is removed."""
+    """Yield a temporary path next to ``dest``; on success it replaces ``dest``, on error it is removed.
+
+    The first write into a folder in this process also removes temporary files of writers that were
+    killed (:func:`sweep_stale_temps`).
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    folder = os.path.abspath(dest.parent)
+    if folder not in _swept:
+        sweep_stale_temps(folder)
+        _swept.add(folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artefacts get the usual permissions
     tmp_path = Path(tmp)

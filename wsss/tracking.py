@@ -2,24 +2,61 @@
 
 Every stage run carries the tags ``wsss.stage``, ``wsss.variant``, ``git_commit``, ``data_hash`` and
 ``dataset`` so the MLflow UI's compare view lines up the variants of one stage.
+
+Tracking failures
+-----------------
+Tracking is a side channel: a stage must not start work it cannot track, and must never lose work
+because tracking failed once it had started.
+
+* **Before any work** (:func:`check_available`, called by every tracked ``wsss`` command before it
+  reads data, and again by :func:`stage_run`): an ``http(s)://`` tracking URI is probed at
+  ``<uri>/health`` with a short timeout (``WSSS_TRACKING_TIMEOUT`` seconds, default 5). A server that
+  does not answer stops the command with one line naming the URI and exit code 4
+  (:class:`~wsss.errors.TrackingError`). So does a store that cannot be opened or a run that cannot
+  be started.
+* **After the run has started**, every logging call goes through :func:`guard`: the first tracking
+  error is reported once, as a warning naming the URI and the run; tracking is then off for the rest of
+  the process (no later call waits on a dead server), and the stage finishes and writes all its outputs
+  with exit code 0. The run stays ``RUNNING`` in MLflow, as nothing can tell the server otherwise.
+* MLflow's HTTP client retries a failed request for minutes by default (7 retries, doubling back-off,
+  120 s timeout). Unless they are set in the environment, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` is 2,
+  ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` 1 and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 20 s here, so a server
+  that dies mid-run costs seconds, once.
+* A new SQLite store is created under a file lock (``<db file>.lock``): several processes may start on
+  a fresh project at once (MLflow's schema migration is not safe against a concurrent one).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from wsss.config import Params, flatten
+from wsss.errors import TrackingError
 from wsss.paths import Paths
 
 MAX_PARAM_BATCH = 100
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+DEFAULT_HEALTH_TIMEOUT_S = 5.0
+SETUP_LOCK_TIMEOUT_S = 300.0
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_checked: set[str] = set()  # URIs found reachable in this process
+_failure: dict[str, str] = {}  # set on the first tracking error after a run started: tracking is off
 
 
 def default_tracking_uri(paths: Paths) -> str:
@@ -59,22 +96,155 @@ def experiment_name(params: Params) -> str:
     return params.base.experiment or f"wsss-{params.base.dataset}"
 
 
-def _setup(paths: Paths, params: Params) -> str:
-    """Point MLflow at the tracking store and select (or create) the experiment. Returns its id."""
-    import logging
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a connection failure: ``connection refused``, ``timed out``, ..."""
+    inner = getattr(exc, "reason", None) or exc
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror.lower()
+    text = str(inner).strip() or type(inner).__name__
+    return text.splitlines()[0][:200]
+
+
+def check_available(paths: Paths, timeout: float | None = None) -> None:
+    """Fail fast, before any work, when the tracking server does not answer (``http(s)://`` URIs only).
+
+    Raises:
+        TrackingError: one line naming the URI and the reason (exit code 4 on the command line).
+    """
+    uri = tracking_uri(paths)
+    if not _is_http(uri) or uri in _checked:
+        return
+    if timeout is None:
+        timeout = float(os.environ.get("WSSS_TRACKING_TIMEOUT") or DEFAULT_HEALTH_TIMEOUT_S)
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - the user's tracking URI
+            resp.read(256)
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not healthy (HTTP {exc.code} from /health); "
+                "fix the server or point MLFLOW_TRACKING_URI elsewhere"
+            ) from None
+        # 401/403/404: something answers (an auth proxy, a server without /health): let MLflow talk to it.
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({_reason(exc)}); start it, or unset "
+            f"MLFLOW_TRACKING_URI to track in {default_tracking_uri(paths)}"
+        ) from None
+    _checked.add(uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not path or path == ":memory:" else Path(path)
+
+
+def connect(paths: Paths) -> str:
+    """Point MLflow at the tracking store, checked and ready (for commands that only read runs or models).
+
+    Sets the HTTP retry defaults, fails fast on an unreachable server and creates a new SQLite store
+    atomically under its file lock. Returns the tracking URI.
+
+    Raises:
+        TrackingError: the server is unreachable or the store cannot be created.
+    """
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    check_available(paths)
     import mlflow
 
     for noisy in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # retry chatter of a dead server
     paths.mlruns.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(paths))
+    uri = tracking_uri(paths)
+    mlflow.set_tracking_uri(uri)
+    db = _sqlite_file(uri)
+    if db is not None and not db.exists():
+        try:
+            with _store_lock(db):
+                if not db.exists():
+                    _create_sqlite_store(db, paths)
+        except Exception as exc:
+            raise TrackingError(f"MLflow tracking store {uri} cannot be created ({type(exc).__name__}: "
+                                f"{_reason(exc)})") from None
+    return uri
+
+
+def _store_lock(db: Path) -> Any:
+    from filelock import FileLock
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # The first connection to a new SQLite store runs MLflow's schema migrations, which crash when two
+    # processes run them at once; the lock makes the second wait for the first.
+    return FileLock(f"{db}.lock", timeout=SETUP_LOCK_TIMEOUT_S)
+
+
+def _setup(paths: Paths, params: Params) -> str:
+    """Point MLflow at the tracking store and select (or create) the experiment. Returns its id.
+
+    Raises:
+        TrackingError: the server is unreachable or the store cannot be opened.
+    """
+    import mlflow
+
+    uri = connect(paths)
+    db = _sqlite_file(uri)
+    try:
+        with _store_lock(db) if db is not None else contextlib.nullcontext():
+            return _select_experiment(mlflow, paths, params)
+    except TrackingError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: "
+                            f"{_reason(exc)})") from None
+
+
+def _create_sqlite_store(db: Path, paths: Paths) -> None:
+    """Create a new MLflow SQLite database atomically: built in a temporary file, then linked into place.
+
+    MLflow creates its schema in dozens of migration steps; a process killed among them would leave a
+    database that every later run fails to open ("index ... already exists").
+    """
+    import tempfile
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from wsss import io as wio
+
+    wio.sweep_stale_temps(db.parent)  # half-built databases of killed processes
+    fd, tmp = tempfile.mkstemp(prefix=f".{db.name}.{os.getpid()}.", suffix=".tmp", dir=db.parent)
+    os.close(fd)
+    os.unlink(tmp)  # SQLite creates the file itself
+    tmp_uri = f"sqlite:///{Path(tmp).resolve().as_posix()}"
+    try:
+        store = SqlAlchemyStore(tmp_uri, (paths.mlruns / "artifacts").resolve().as_uri())
+        store.engine.dispose()  # no connection may stay open on the file that becomes the database
+        with contextlib.suppress(Exception):
+            SqlAlchemyStore._engine_map.pop(tmp_uri, None)
+        with contextlib.suppress(FileExistsError):  # created meanwhile by a process outside our lock
+            os.link(tmp, db)  # unlike os.replace, never clobbers an existing database
+    finally:
+        for leftover in (tmp, f"{tmp}-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _select_experiment(mlflow: Any, paths: Paths, params: Params) -> str:
     name = experiment_name(params)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         # Artifacts next to the DB (absolute), not relative to whichever cwd the client runs in.
         artifact_root = None
-        if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
+        if not _is_http(os.environ.get("MLFLOW_TRACKING_URI", "")):
             artifact_root = (paths.mlruns / "artifacts").resolve().as_uri()
         try:
             return mlflow.create_experiment(name, artifact_location=artifact_root)
@@ -83,6 +253,64 @@ def _setup(paths: Paths, params: Params) -> str:
             if exp is None:
                 raise
     return exp.experiment_id
+
+
+# --- tracking errors after a run started ----------------------------------------------------------
+
+
+def tracking_failed() -> str | None:
+    """Why tracking was switched off in this process (None while it works)."""
+    return _failure.get("reason")
+
+
+def reset_failure() -> None:
+    """Switch tracking back on (a new process starts with it on; tests and notebooks may call this)."""
+    _failure.clear()
+
+
+def guard(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """Call an MLflow logging function; a tracking error is warned about once and switches tracking off.
+
+    Returns ``fn``'s result, or None when it failed or tracking is already off.
+    """
+    if _failure:
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # any failure of the side channel: the computation must go on
+        _switch_off(exc)
+        return None
+
+
+def _switch_off(exc: BaseException) -> None:
+    import mlflow
+
+    try:
+        uri = mlflow.get_tracking_uri()
+        active = mlflow.active_run()
+    except Exception:  # noqa: BLE001 - only for the message
+        uri, active = os.environ.get("MLFLOW_TRACKING_URI", "?"), None
+    run = f"run {active.info.run_id} stays unfinished there; " if active is not None else ""
+    reason = f"{type(exc).__name__}: {_reason(exc)}"
+    _failure["reason"] = reason
+    from rich.markup import escape
+
+    from wsss.ui import console
+
+    console.print(
+        f"[yellow]warning:[/] {escape(f'MLflow tracking at {uri} failed ({reason}); {run}')}going on without "
+        "tracking, every output is still written",
+        highlight=False, soft_wrap=True, markup=True,
+    )
+    log.debug("tracking error", exc_info=exc)
+
+
+def _forget_active_runs() -> None:
+    """Drop this process's active-run stack without contacting the (failed) server."""
+    with contextlib.suppress(Exception):
+        from mlflow.tracking import fluent
+
+        fluent._active_run_stack.get().clear()  # private, but there is no public offline end_run
 
 
 @contextlib.contextmanager
@@ -111,21 +339,38 @@ def stage_run(
         "dataset": params.base.dataset,
         **(extra_tags or {}),
     }
-    resumed = run_id is not None and _run_exists(run_id)
-    with mlflow.start_run(
-        run_id=run_id if resumed else None,
-        experiment_id=None if resumed else exp_id,
-        run_name=None if resumed else f"{stage}:{variant}",
-        tags=None if resumed else tags,
-    ) as run:
+    try:
+        resumed = run_id is not None and _run_exists(run_id)
+        run = mlflow.start_run(
+            run_id=run_id if resumed else None,
+            experiment_id=None if resumed else exp_id,
+            run_name=None if resumed else f"{stage}:{variant}",
+            tags=None if resumed else tags,
+        )
+    except Exception as exc:
+        raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()} "
+                            f"({type(exc).__name__}: {_reason(exc)})") from None
+    _failure.clear()  # a new run: tracking works (it just started one)
+    status = "FAILED"  # what `with mlflow.start_run()` records for an exception (crash = FAILED)
+    try:
         if not resumed:
             flat: dict[str, Any] = {}
             for section in ("base", *sections):
                 flat.update(flatten(getattr(params, section), f"{section}."))
             items = list(flat.items())
             for i in range(0, len(items), MAX_PARAM_BATCH):
-                mlflow.log_params(dict(items[i : i + MAX_PARAM_BATCH]))
+                guard(mlflow.log_params, dict(items[i : i + MAX_PARAM_BATCH]))
         yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if _failure:
+            _forget_active_runs()
+        else:
+            # end_run pops the run before it contacts the store, so a failure here leaves no active run.
+            guard(mlflow.end_run, status=status)
 
 
 def _run_exists(run_id: str) -> bool:
@@ -139,7 +384,7 @@ def _run_exists(run_id: str) -> bool:
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None, prefix: str = "") -> None:
-    """Log numeric metrics (non-finite values and non-numbers are skipped)."""
+    """Log numeric metrics (non-finite values and non-numbers are skipped); never raises (see guard)."""
     import mlflow
 
     clean = {
@@ -148,30 +393,30 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None, prefix: s
         if isinstance(v, (int, float, np.floating, np.integer)) and np.isfinite(float(v))
     }
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        guard(mlflow.log_metrics, clean, step=step)
 
 
 def log_image(image: np.ndarray, key: str, step: int | None = None) -> None:
-    """Log an RGB uint8 image; with ``step`` it appears in the UI's step slider."""
+    """Log an RGB uint8 image; with ``step`` it appears in the UI's step slider. Never raises."""
     import mlflow
 
     if step is None:
-        mlflow.log_image(image, artifact_file=f"images/{key}.png")
+        guard(mlflow.log_image, image, artifact_file=f"images/{key}.png")
     else:
-        mlflow.log_image(image, key=key, step=step)
+        guard(mlflow.log_image, image, key=key, step=step)
 
 
 def log_text(text: str, artifact_file: str) -> None:
     import mlflow
 
-    mlflow.log_text(text, artifact_file)
+    guard(mlflow.log_text, text, artifact_file)
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     import mlflow
 
     if Path(path).exists():
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        guard(mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
 
 def figure_to_array(fig: Any) -> np.ndarray:

@@ -259,6 +259,8 @@ def read_split_files(root: Path) -> tuple[list[PetRecord], list[dict[str, str]]]
         entries, found = parse_split_file(path, split)
         per_split[split] = entries
         issues.extend(found)
+        if not entries and not found:  # an empty file would otherwise only show as unlisted images
+            issues.append(_issue(path, f"split file lists no images: the root has no {split} images", "ignored"))
 
     in_both = {e.name for e in per_split["trainval"]} & {e.name for e in per_split["test"]}
     for name in sorted(in_both):

@@ -61,17 +61,40 @@ def load_trained_model(paths: Paths, name: str) -> tuple[torch.nn.Module, dict]:
         raise DataError(f"{meta_path}: model '{name}' not found; train it first (see `wsss --help`)")
     from wsss.io import read_json
 
-    kind = read_json(meta_path).get("kind")
+    try:
+        kind = read_json(meta_path).get("kind")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{meta_path} is not a JSON object ({exc}); retrain the model") from None
+    if kind not in ("classifier", "ccam"):
+        raise DataError(f"{meta_path}: unknown model kind {kind!r}")
     state, meta = load_model_state(src, {"kind": kind})
+    # meta.json decides what is built: check it describes a model these weights can fill.
+    from wsss.config import ARCHS
+    from wsss.training.checkpoint import load_weights, require_meta
+
+    require_meta(meta, ("arch",) + (("num_classes", "labels", "bg") if kind == "classifier" else ()), src)
+    if meta["arch"] not in ARCHS:
+        raise DataError(f"{meta_path}: arch {meta['arch']!r} is not one of {', '.join(ARCHS)}; retrain the model")
     if kind == "classifier":
+        from wsss.data.breeds import num_classes
         from wsss.models.classifier import Classifier
 
-        model: torch.nn.Module = Classifier(meta["arch"], int(meta["num_classes"]), weights="none")
-    elif kind == "ccam":
+        try:
+            k = int(meta["num_classes"])
+            expected = num_classes(str(meta["labels"]), bool(meta["bg"]))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DataError(f"{meta_path}: invalid label space ({exc}); retrain the model") from None
+        if k != expected:
+            raise DataError(
+                f"{meta_path}: num_classes {k} does not match the label space labels={meta['labels']!r} "
+                f"bg={meta['bg']} ({expected} classes); retrain the model"
+            )
+        model: torch.nn.Module = Classifier(meta["arch"], k, weights="none")
+        described = f"classifier {meta['arch']}, {k} classes"
+    else:
         from wsss.models.ccam import CCAM
 
         model = CCAM(meta["arch"], weights="none")
-    else:
-        raise DataError(f"{meta_path}: unknown model kind {kind!r}")
-    model.load_state_dict(state)
+        described = f"ccam {meta['arch']}"
+    load_weights(model, state, src, described)
     return model.eval(), meta

@@ -56,6 +56,9 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     if df.empty:
         raise DataError(f"{paths.manifest}: no trainval pet images to compute maps for")
     fp = _fingerprint(params, method, model, paths)
+    # Load (and check) the model before touching the output folder: a model whose meta.json does not
+    # fit its weights must fail without deleting the maps of a previous configuration.
+    loaded = _load_model(paths, m, model) if m.needs_model and model != "imagenet" else None
     _reset_if_stale(out_dir, fp)
 
     start = time.perf_counter()
@@ -65,7 +68,8 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
                             extra_tags={"method": method, "model": model or ""}):
         if todo:
             if m.needs_model:
-                n_images = _extract_with_model(params, paths, m, model, df, shards, todo, out_dir, device)
+                n_images = _extract_with_model(params, paths, m, model, df, shards, todo, out_dir, device,
+                                               loaded)
             else:
                 n_images = _fuse_ensemble(params, paths, shards, todo, out_dir)
         else:
@@ -118,16 +122,23 @@ def _reset_if_stale(out_dir: Path, fp: str) -> None:
         done.unlink()
 
 
-def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
-                        shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None) -> int:
-    from wsss.device import autocast, precision_for, prepare_model, resolve_device, to_device
-
-    cfg = params.make_cams
+def _load_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:
+    """The method's model and its meta, checked to be of the kind the method needs."""
     model, meta = load_trained_model(paths, model_name)
     if method.model_kind and meta.get("kind") != method.model_kind:
         raise ConfigError(
             f"method '{method.name}' needs a {method.model_kind} model; models/{model_name} is a {meta.get('kind')}"
         )
+    return model, meta
+
+
+def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
+                        shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None,
+                        loaded: tuple[Any, dict] | None = None) -> int:
+    from wsss.device import autocast, precision_for, prepare_model, resolve_device, to_device
+
+    cfg = params.make_cams
+    model, meta = loaded or _load_model(paths, method, model_name)
     prec = precision_for(resolve_device(device or params.base.device))
     model = prepare_model(model, prec)
     size = int(meta.get("input_size", 224))

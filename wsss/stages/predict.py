@@ -142,7 +142,7 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
 
     from wsss import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
     try:
         model = mlflow.pytorch.load_model(spec, map_location="cpu")
     except Exception as exc:

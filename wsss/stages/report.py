@@ -801,7 +801,7 @@ def run(params: Params, paths: Paths, register: bool = True, device: str | None 
         write_text(paths.report_md, render(params, rep, regs, figures, paths))
         tracking.log_artifact(paths.report_md)
         if paths.figures.is_dir() and any(paths.figures.iterdir()):
-            mlflow.log_artifacts(str(paths.figures), artifact_path="figures")
+            tracking.guard(mlflow.log_artifacts, str(paths.figures), artifact_path="figures")
         gt, best = _get(rep.eval.get("gt"), "iou_mean"), _get(rep.eval.get("best"), "iou_mean")
         summary: dict[str, Any] = {
             "n_map_variants": len(rep.cams), "n_pseudo_variants": len(rep.pseudo), "n_figures": len(figures),
@@ -811,7 +811,7 @@ def run(params: Params, paths: Paths, register: bool = True, device: str | None 
         if regs:
             for r in regs:
                 if r.version:
-                    mlflow.set_tag(f"registry.{r.alias}", f"{REGISTERED_MODEL}/{r.version}")
+                    tracking.guard(mlflow.set_tag, f"registry.{r.alias}", f"{REGISTERED_MODEL}/{r.version}")
     summary["registered"] = {r.alias: r.version for r in regs or [] if r.version}
     console.print(f"wrote {paths.report_md} ({len(figures)} figures in {paths.figures})")
     return summary

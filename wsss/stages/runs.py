@@ -43,7 +43,7 @@ def fetch_runs(params: Params, paths: Paths, stage: str | None = None, include_a
 
     for noisy in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking.tracking_uri(paths))
+    tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
     exp = mlflow.get_experiment_by_name(tracking.experiment_name(params))
     if exp is None:
         return None

@@ -66,7 +66,12 @@ def _build_model(params: Params, paths: Paths, init: str, per_breed: bool, ecs: 
 
     cfg = params.train_ccam
     if per_breed:
-        base, _ = load_trained_model(paths, model_name(init, ecs))
+        base, meta = load_trained_model(paths, model_name(init, ecs))
+        if meta["arch"] != cfg.arch:  # the fine-tuned model's meta.json would claim cfg.arch
+            raise ConfigError(
+                f"train_ccam.arch is {cfg.arch} but models/{model_name(init, ecs)} is {meta['arch']}; "
+                "per-breed fine-tuning keeps the architecture of the model it starts from"
+            )
         return base
     if init.startswith("classifier:"):
         model = CCAM(cfg.arch, weights="none")
@@ -202,7 +207,8 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
             result = fit(model, optimizer, scheduler, epochs, ckpt, train_epoch, None, select=None,
                          scaler=scaler, on_epoch_end=log_overlays,
                          extra_state=lambda: {"run_id": holder["run_id"]}, state=state,
-                         progress=lambda done, summary: advance(0, info=summary))
+                         progress=lambda done, summary: advance(0, info=summary),
+                         generators=[g for g in (train_dl.generator,) if g is not None])
         model.load_state_dict(result.best_state)
         polarity_ds = ClassificationDataset(train_df, paths.prepared, "breed", False,
                                             _transform(cfg.input_size, cfg.input_size, train=False))

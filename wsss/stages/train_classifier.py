@@ -128,7 +128,7 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
                 model, optimizer, scheduler, cfg.epochs, ckpt, train_epoch,
                 validate if select else None, select=select, scaler=scaler,
                 extra_state=lambda: {"run_id": run_holder["run_id"]}, state=state,
-                progress=lambda done, summary: advance(0, info=summary),
+                progress=lambda done, summary: advance(0, info=summary), generators=[train_dl.generator],
             )
         model.load_state_dict(result.best_state)
         meta = {

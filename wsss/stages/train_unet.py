@@ -165,7 +165,8 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
             result = fit(model, optimizer, scheduler, cfg.epochs, ckpt, train_epoch,
                          validate if len(val_ds) else None, select=None, scaler=scaler,
                          on_epoch_end=log_overlays, extra_state=lambda: {"run_id": holder["run_id"]},
-                         state=state, progress=lambda done, summary: advance(0, info=summary))
+                         state=state, progress=lambda done, summary: advance(0, info=summary),
+                         generators=[train_dl.generator])
         model.load_state_dict(result.best_state)
         meta = {"kind": "unet", "architecture": cfg.architecture, "encoder": cfg.encoder,
                 "input_size": cfg.input_size, "masks": source, "num_classes": 2,
@@ -181,7 +182,7 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
         }
         write_json(paths.training_report(name), final)
         tracking.log_metrics({k: v for k, v in final.items() if not isinstance(v, str)})
-        log_mlflow_model(model.cpu().float(), cfg.input_size)
+        tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
     ckpt.clear()
     console.print(f"saved {paths.model_dir(name)} ({source}; last val IoU {final['last_val_iou_mean']:.3f})")
     return final

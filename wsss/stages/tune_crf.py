@@ -167,7 +167,9 @@ def _logged_objective(objective: Callable[[Any], float], experiment_id: str, var
     import optuna
 
     def run_trial(trial: Any) -> float:
-        mlflow.start_run(
+        # Every MLflow call is guarded: a tracking failure mid-study must not fail the trials.
+        tracking.guard(
+            mlflow.start_run,
             experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True,
             tags={"wsss.stage": STAGE, "wsss.variant": variant, "optuna.study": study,
                   "optuna.trial": str(trial.number), "optuna.state": "RUNNING"},
@@ -186,9 +188,9 @@ def _logged_objective(objective: Callable[[Any], float], experiment_id: str, var
             logged = {f"trial.{k}": v for k, v in trial.params.items()}
             logged.update(trial.user_attrs.get("pseudo", {}))
             if logged:
-                mlflow.log_params(logged)
-            mlflow.set_tag("optuna.state", state)
-            mlflow.end_run(status=status)
+                tracking.guard(mlflow.log_params, logged)
+            tracking.guard(mlflow.set_tag, "optuna.state", state)
+            tracking.guard(mlflow.end_run, status=status)
 
     return run_trial
 

@@ -244,3 +244,34 @@ def load_model_state(
     if sha is not None and state_sha256(state) != sha:
         raise DataError(f"{model_path} does not match the checksum in {meta_path}; retrain the model")
     return state, meta
+
+
+def require_meta(meta: dict[str, Any], keys: tuple[str, ...], src_dir: Path) -> None:
+    """Raise a clear :class:`DataError` if ``meta.json`` of ``src_dir`` lacks any of ``keys``."""
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        raise DataError(f"{Path(src_dir) / META_FILE} lacks {', '.join(repr(k) for k in missing)}; "
+                        "it was not written by this version of wsss: retrain the model")
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], src_dir: Path, described: str) -> None:
+    """``model.load_state_dict(state)``, turning a key / shape mismatch into one clear :class:`DataError`.
+
+    Args:
+        model: built from the metadata.
+        state: the saved ``state_dict``.
+        src_dir: the model folder (named in the error).
+        described: what the metadata says, e.g. ``"classifier resnet50, 2 classes"``.
+    """
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        details = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        first = details[0] if details else str(exc).strip()
+        if len(first) > 240:
+            first = first[:240] + "..."
+        raise DataError(
+            f"{Path(src_dir) / MODEL_FILE} does not fit the model its {META_FILE} describes ({described}): "
+            f"{first}{f' (+{len(details) - 1} more)' if len(details) > 1 else ''}; the two files do not "
+            "belong together: retrain the model"
+        ) from None

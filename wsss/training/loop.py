@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ def fit(
     extra_state: Callable[[], dict[str, Any]] | None = None,
     state: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> FitResult:
     """Train for ``epochs`` epochs, resuming from ``state`` (a loaded checkpoint) if given.
 
@@ -61,6 +62,9 @@ def fit(
         mode: ``max`` or ``min`` for ``select``.
         extra_state: returns additional entries to store in each checkpoint (e.g. the MLflow run id).
         progress: called as ``progress(epochs_done, summary)`` after each epoch.
+        generators: the data loaders' generators (shuffling order, worker seeds). Their states are
+            checkpointed and restored like the global RNGs: a fresh loader would otherwise replay the
+            first epoch's order after a resume, and the resumed run would diverge from an uninterrupted one.
     """
     sign = 1.0 if mode == "max" else -1.0
     start, best_epoch, best_value = 0, -1, -math.inf
@@ -78,6 +82,8 @@ def fit(
         best_state = state.get("best_model")
         history = list(state.get("history", []))
         set_rng_state(state["rng"])
+        for gen, gen_state in zip(generators, state.get("generators") or [], strict=False):
+            gen.set_state(gen_state)
     resumed_from = start
 
     for epoch in range(start, epochs):
@@ -107,6 +113,7 @@ def fit(
             "best_model": best_state,
             "history": history,
             "rng": rng_state(),
+            "generators": [gen.get_state() for gen in generators],
             **(extra_state() if extra_state else {}),
         })
         if on_epoch_end is not None:

@@ -1,0 +1,234 @@
+"""Safe loading and bounds: no pickles, model metadata checked before use, params range-checked.
+
+A model folder whose ``meta.json`` does not describe its ``model.pt`` (another architecture, another
+label space, keys missing), or a model used where another architecture is configured, must stop the
+command with one clear line naming the folder, never a shape-mismatch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import write_params
+from tests.test_pipeline import TINY_MODELS
+from wsss.cli import app
+from wsss.config import load_params
+from wsss.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_every_torch_load_is_weights_only_and_every_np_load_refuses_pickles() -> None:
+    calls = []
+    for path in sorted((REPO / "wsss").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        for m in re.finditer(r"\b(torch\.load|np\.load)\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):  # the call's full argument list, across lines
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((path.relative_to(REPO).as_posix(), m.group(1), text[m.end(): i - 1]))
+    assert calls, "no torch.load / np.load found: the scan is broken"
+    for where, fn, args in calls:
+        if fn == "torch.load":
+            assert "weights_only=True" in args, f"{where}: torch.load({args}) without weights_only=True"
+        else:
+            assert "allow_pickle=False" in args, f"{where}: np.load({args}) without allow_pickle=False"
+
+
+def test_torch_load_refuses_a_pickled_object(tmp_path: Path) -> None:
+    """A checkpoint file carrying arbitrary pickled objects is ignored, never executed."""
+    import torch
+
+    from wsss.training.checkpoint import CheckpointManager
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (print, ("pwned",))
+
+    ckpt = CheckpointManager(tmp_path, "fp")
+    torch.save({"format": 1, "fingerprint": "fp", "state": {"x": Evil()}}, ckpt.path)
+    assert ckpt.load() is None and "unreadable" in (ckpt.reason or "")
+
+
+# --------------------------------------------------------------------------------------------------
+# model metadata vs weights
+
+
+@pytest.fixture(scope="module")
+def prepared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("safe") / "base"
+    root.mkdir()
+    write_params(root, TINY_MODELS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root.as_posix()}/mlruns/mlflow.db")
+        for command in (["generate-synthetic"], ["prepare"]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def proj(prepared_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "p"
+    shutil.copytree(prepared_base, root, ignore=shutil.ignore_patterns("mlruns"))
+    (root / "mlruns").mkdir()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root.as_posix()}/mlruns/mlflow.db")
+    return root
+
+
+def _save_classifier(root: Path, name: str = "classifier-species", arch: str = "resnet18", k: int = 2,
+                     **meta: object) -> Path:
+    from wsss.models.classifier import Classifier
+    from wsss.training.checkpoint import save_model
+
+    full = {"kind": "classifier", "arch": arch, "num_classes": k, "labels": "species", "bg": False,
+            "classes": ["cat", "dog"], "input_size": 32, "weights": "none", "best_epoch": 0, **meta}
+    save_model(root / "models" / name, Classifier(arch, k, weights="none"), full)
+    return root / "models" / name
+
+
+def _save_unet(root: Path, filters: tuple[int, ...] = (4, 8, 16, 32)) -> Path:
+    from wsss.config import UnetConfig
+    from wsss.models.unet import build_unet
+    from wsss.training.checkpoint import save_model
+
+    cfg = UnetConfig(architecture="plain", plain_filters=filters, input_size=32)
+    meta = {"kind": "unet", "architecture": "plain", "encoder": "resnet34", "input_size": 32, "masks": "gt",
+            "num_classes": 2, "plain_filters": list(filters)}
+    save_model(root / "models" / "unet-gt", build_unet(cfg), meta)
+    return root / "models" / "unet-gt"
+
+
+def _edit_meta(model_dir: Path, **changes: object) -> None:
+    path = model_dir / "meta.json"
+    meta = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    path.write_text(json.dumps(meta))
+
+
+def _one_clear_error(args: list[str], *words: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code in (1, 2), f"{result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output and result.exception is None or isinstance(
+        result.exception, SystemExit), f"{result.output}\n{result.exception!r}"
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    text = " ".join(result.output.split())  # rich may wrap the line
+    for w in words:
+        assert w in text, f"{w!r} not in {text!r}"
+    return text
+
+
+MAKE_CAMS = ["make-cams", "--method", "cam", "--model", "classifier-species"]
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"arch": "resnet50"}, ("classifier-species", "does not fit", "resnet50")),
+    ({"num_classes": 38, "labels": "breed", "bg": True}, ("classifier-species", "does not fit")),
+    ({"labels": "breed"}, ("classifier-species", "label", "breed", "2")),
+    ({"arch": None}, ("classifier-species", "meta.json", "arch")),
+    ({"arch": "vgg16"}, ("classifier-species", "vgg16")),
+])
+def test_make_cams_with_a_classifier_whose_meta_lies(proj: Path, change: dict, words: tuple[str, ...]) -> None:
+    _edit_meta(_save_classifier(proj), **change)
+    previous = proj / "cams" / "cam_classifier-species"  # maps of an earlier configuration
+    previous.mkdir(parents=True)
+    (previous / "_fingerprint.json").write_text('{"fingerprint": "earlier"}')
+    (previous / "shard-00000.npz").write_bytes(b"earlier maps")
+    _one_clear_error(MAKE_CAMS, *words)
+    # Checked before the output folder is touched: the earlier maps are still there.
+    assert (previous / "shard-00000.npz").read_bytes() == b"earlier maps"
+
+
+def test_make_cams_with_the_wrong_kind_of_model(proj: Path) -> None:
+    _save_classifier(proj)
+    _one_clear_error(["make-cams", "--method", "ccam", "--model", "classifier-species"], "ccam", "classifier")
+
+
+def test_ccam_init_from_a_classifier_of_another_arch(proj: Path) -> None:
+    _save_classifier(proj, arch="resnet34")
+    _one_clear_error(["train-ccam", "--init", "classifier:species"], "resnet18", "resnet34")
+
+
+def test_per_breed_fine_tuning_of_a_ccam_of_another_arch(proj: Path) -> None:
+    """ccam-none trained as resnet34, params now say resnet18: the fine-tuned meta would lie."""
+    from wsss.models.ccam import CCAM
+    from wsss.training.checkpoint import save_model
+
+    save_model(proj / "models" / "ccam-none", CCAM("resnet34", weights="none"),
+               {"kind": "ccam", "arch": "resnet34", "init": "none", "ecs": False, "per_breed": False,
+                "polarity": 1.0, "input_size": 64, "epochs": 1})
+    _one_clear_error(["train-ccam", "--init", "none", "--per-breed"], "ccam-none", "resnet34", "resnet18")
+    assert not (proj / "models" / "ccam-none-perbreed").exists()
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"plain_filters": [8, 16, 32, 64]}, ("unet-gt", "does not fit")),
+    ({"architecture": "smp"}, ("unet-gt", "does not fit")),
+    ({"architecture": None}, ("unet-gt", "meta.json", "architecture")),
+    ({"num_classes": 3}, ("unet-gt", "does not fit")),
+])
+def test_evaluate_with_a_unet_whose_meta_lies(proj: Path, change: dict, words: tuple[str, ...]) -> None:
+    _edit_meta(_save_unet(proj), **change)
+    _one_clear_error(["evaluate", "--model", "unet-gt"], *words)
+
+
+def test_predict_with_a_unet_whose_meta_lies(proj: Path, tmp_path: Path) -> None:
+    _edit_meta(_save_unet(proj), plain_filters=[8, 16, 32, 64])
+    image = next((proj / "data" / "prepared" / "images").glob("*.jpg"))
+    _one_clear_error(["predict", str(image), "--model", "models/unet-gt", "--out", str(tmp_path / "o")],
+                     "unet-gt", "does not fit")
+
+
+def test_intact_models_still_load(proj: Path) -> None:
+    from wsss.inference import load_unet
+    from wsss.paths import Paths
+    from wsss.stages.common import load_trained_model
+
+    _save_classifier(proj)
+    model, meta = load_trained_model(Paths(proj), "classifier-species")
+    assert meta["arch"] == "resnet18"
+    net, meta = load_unet(_save_unet(proj))
+    assert meta["architecture"] == "plain"
+
+
+# --------------------------------------------------------------------------------------------------
+# params bounds: gaps found by this harness
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    ({"train_classifier": {"lr_backbone": float("nan")}}, "'train_classifier.lr_backbone' must be a finite number"),
+    ({"pseudo": {"crf": {"gaussian_sxy": float("inf")}}}, "'pseudo.crf.gaussian_sxy' must be a finite number"),
+    ({"tune": {"timeout_s": float("nan")}}, "'tune.timeout_s' must be a finite number"),
+    ({"make_cams": {"scales": [1.0, float("inf")]}}, "'make_cams.scales[1]' must be a finite number"),
+    ({"train_unet": {"plain_filters": [4, 0, 16]}}, "'train_unet.plain_filters'"),
+    ({"train_unet": {"plain_filters": [8]}}, "'train_unet.plain_filters'"),
+    ({"make_cams": {"ensemble_members": ["a", "b"], "ensemble_weights": [1.0, -1.0]}}, "'make_cams.ensemble_weights'"),
+    ({"make_cams": {"ensemble_members": ["a", "b"], "ensemble_weights": [0.0, 0.0]}}, "'make_cams.ensemble_weights'"),
+])
+def test_param_gaps_are_errors(tmp_path: Path, data: dict, fragment: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert fragment in str(err.value) and str(path) in str(err.value)
+
+
+def test_bad_param_on_the_command_line_is_one_line(proj: Path) -> None:
+    (proj / "params.yaml").write_text(yaml.safe_dump({"train_classifier": {"lr_head": float("nan")}}))
+    _one_clear_error(["train-classifier"], "train_classifier.lr_head", "finite")
