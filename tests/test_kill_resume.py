@@ -353,6 +353,7 @@ def test_random_kills_resume_to_identical_outputs(base_project: Path, tmp_path: 
         outcomes = kill_and_resume(base_project, tmp_path / f"victim{seed}", stage, delays, ref)
         survived += sum(o.killed for o in outcomes)
     print(f"KILLS {name}: {survived} kills survived, T={ref_run.seconds:.1f}s")
+    assert survived >= 1, f"{name}: every run finished before its kill moment"
 
 
 # --------------------------------------------------------------------------------------------------
