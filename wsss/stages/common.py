@@ -98,3 +98,22 @@ def load_trained_model(paths: Paths, name: str) -> tuple[torch.nn.Module, dict]:
         described = f"ccam {meta['arch']}"
     load_weights(model, state, src, described)
     return model.eval(), meta
+
+
+def reset_if_stale(out_dir: Path, fp: str) -> None:
+    """Prepare a resumable output folder: files of another configuration (fingerprint) are removed,
+    files of this one are kept, and the completion stamp ``_done.json`` is cleared until the run ends."""
+    import shutil
+
+    from wsss.io import read_json, write_json
+
+    stamp = out_dir / "_fingerprint.json"
+    if out_dir.exists():
+        old = read_json(stamp).get("fingerprint") if stamp.exists() else None
+        if old != fp:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fp})
+    done = out_dir / "_done.json"
+    if done.exists():
+        done.unlink()

@@ -7,7 +7,6 @@ only), beside the label-free baselines (whole image, centred ellipse) on the sam
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from wsss.data.manifest import load_manifest
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, write_json, write_text
 from wsss.paths import Paths
-from wsss.stages.common import load_trained_model, loader
+from wsss.stages.common import load_trained_model, loader, reset_if_stale
 from wsss.ui import console, task
 
 STAGE = "make-cams"
@@ -59,7 +58,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
     loaded = _load_model(paths, m, model) if m.needs_model and model != "imagenet" else None
-    _reset_if_stale(out_dir, fp)
+    reset_if_stale(out_dir, fp)
 
     start = time.perf_counter()
     shards = plan_shards(df["id"].tolist(), params.make_cams.shard_size)
@@ -106,20 +105,6 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
         members = [read_json(paths.cams_dir(v) / "_done.json") if (paths.cams_dir(v) / "_done.json").exists()
                    else None for v in params.make_cams.ensemble_members]
     return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
-
-
-def _reset_if_stale(out_dir: Path, fp: str) -> None:
-    """Shards of another configuration are removed; shards of this one are kept (resume)."""
-    stamp = out_dir / "_fingerprint.json"
-    if out_dir.exists():
-        old = read_json(stamp).get("fingerprint") if stamp.exists() else None
-        if old != fp:
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"fingerprint": fp})
-    done = out_dir / "_done.json"
-    if done.exists():
-        done.unlink()
 
 
 def _load_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:

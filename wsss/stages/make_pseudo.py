@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from wsss.errors import DataError
 from wsss.evaluation import SegMeter
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
+from wsss.stages.common import reset_if_stale
 from wsss.tuning import load_best_params, read_mask, read_rgb
 from wsss.ui import console, task
 
@@ -95,7 +95,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         raise DataError(f"{cams_dir}: no map of a trainval image")
     out_dir = paths.masks_dir(variant)
     fp = _fingerprint(cfg, cams_dir, paths)
-    _reset_if_stale(out_dir, fp)
+    reset_if_stale(out_dir, fp)
     todo = [i for i in ids if not _mask_done(out_dir, i)]
 
     start = time.perf_counter()
@@ -182,20 +182,6 @@ def _fingerprint(cfg: PseudoConfig, cams_dir: Path, paths: Paths) -> str:
                 h.update(block)
     h.update(tracking.data_hash(paths).encode())
     return h.hexdigest()
-
-
-def _reset_if_stale(out_dir: Path, fp: str) -> None:
-    """Masks of another configuration or other maps are removed; masks of this one are kept (resume)."""
-    stamp = out_dir / FINGERPRINT_FILE
-    if out_dir.exists():
-        old = read_json(stamp).get("fingerprint") if stamp.exists() else None
-        if old != fp:
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"fingerprint": fp})
-    done = out_dir / DONE_FILE
-    if done.exists():
-        done.unlink()
 
 
 def _mask_done(out_dir: Path, image_id: str) -> bool:
