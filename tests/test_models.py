@@ -309,3 +309,22 @@ def test_breed_batch_sampler() -> None:
     assert list(BreedBatchSampler(breeds, batch_size=6, breeds_per_batch=3, seed=6)) != batches
     with pytest.raises(ConfigError):
         BreedBatchSampler([0, 0, 1], batch_size=4, breeds_per_batch=3)
+
+
+def test_class_weights_balance_an_imbalanced_label_set():
+    from wsss.stages.train_classifier import class_weights
+
+    w = class_weights([0, 1, 1, 1], 3)  # class 2 absent
+    assert w.tolist() == pytest.approx([2.0, 2 / 3, 0.0])
+    # Weighted counts are equal per present class: the majority class cannot dominate the loss.
+    assert w[0] * 1 == pytest.approx(w[1] * 3)
+
+
+def test_balanced_accuracy_exposes_a_majority_class_predictor():
+    from wsss.stages.train_classifier import balanced_accuracy
+
+    target = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    always_one = torch.ones(10, dtype=torch.long)
+    assert float((always_one == target).float().mean()) == pytest.approx(0.9)
+    assert balanced_accuracy(always_one, target, 2) == pytest.approx(0.5)
+    assert balanced_accuracy(target, target, 2) == pytest.approx(1.0)

@@ -100,6 +100,9 @@ class ClassifierConfig:
     weight_decay: float = _f(1e-4, 0.0)
     warmup_epochs: int = _f(0, 0)
     label_smoothing: float = _f(0.0, 0.0, 0.5)
+    # Weight the loss by inverse class frequency and select epochs on balanced accuracy, so an imbalanced
+    # label space (Oxford-IIIT Pet has ~2 dogs per cat) cannot collapse to the majority class.
+    class_balance: bool = True
 
 
 @dataclass(frozen=True)

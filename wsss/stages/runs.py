@@ -18,7 +18,7 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "prepare": ("n_images", "n_excluded"),
     "validate": ("success", "checks_failed"),
     "pretrain": ("final_loss",),
-    "train-classifier": ("final_val_acc", "val_acc"),
+    "train-classifier": ("final_val_balanced_acc", "final_val_acc", "val_acc"),
     "train-ccam": ("final_loss", "polarity"),
     "make-cams": ("iou_mean", "best_iou_mean"),
     "tune-crf": ("best_value", "val_iou_mean"),

@@ -37,6 +37,21 @@ def select_rows(df, labels: str, bg: bool):  # noqa: ANN001, ANN201 - pandas in,
     return df[keep]
 
 
+def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights, normalised so a balanced set gets all ones (absent classes: 0)."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.long), minlength=num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def balanced_accuracy(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean per-class recall over the classes present in ``target`` (NaN when empty)."""
+    recalls = [float((pred[target == c] == c).float().mean()) for c in range(num_classes) if (target == c).any()]
+    return sum(recalls) / len(recalls) if recalls else float("nan")
+
+
 def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None = None) -> dict[str, Any]:
     """Train one classifier variant and save ``models/classifier-<variant>/``."""
     from wsss.device import autocast, precision_for, prepare_model, resolve_device, seed_everything, to_device
@@ -71,8 +86,9 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
 
     train_tf = classification_transform(cfg.input_size, train=True, crop_scale_min=cfg.crop_scale_min)
     eval_tf = classification_transform(cfg.input_size, train=False)
-    train_dl = loader(ClassificationDataset(train_df, paths.prepared, labels, bg, train_tf), cfg.batch_size,
-                      params, shuffle=True, seed=params.base.seed, drop_last=True)
+    train_ds = ClassificationDataset(train_df, paths.prepared, labels, bg, train_tf)
+    train_dl = loader(train_ds, cfg.batch_size, params, shuffle=True, seed=params.base.seed, drop_last=True)
+    weight = class_weights(train_ds.targets, k).to(prec.device) if cfg.class_balance else None
     val_dl = loader(ClassificationDataset(val_df, paths.prepared, labels, bg, eval_tf), cfg.batch_size,
                     params, shuffle=False)
 
@@ -89,7 +105,7 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
             x, y = to_device(x, prec), y.to(prec.device)
             with autocast(prec):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -103,17 +119,20 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
                 "train_images_per_s": total / max(seconds, 1e-9)}
 
     def validate(epoch: int) -> dict[str, float]:
-        total, correct, loss_sum = 0, 0, 0.0
+        loss_sum, preds, targets = 0.0, [], []
         for x, y in val_dl:
             x, y = to_device(x, prec), y.to(prec.device)
             with autocast(prec):
                 logits = model(x)
             loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            total += len(y)
-        return {"val_loss": loss_sum / max(total, 1), "val_acc": correct / max(total, 1)}
+            preds.append(logits.argmax(1).cpu())
+            targets.append(y.cpu())
+        pred, target = torch.cat(preds), torch.cat(targets)
+        return {"val_loss": loss_sum / max(len(target), 1),
+                "val_acc": float((pred == target).float().mean()) if len(target) else float("nan"),
+                "val_balanced_acc": balanced_accuracy(pred, target, k)}
 
-    select = "val_acc" if len(val_df) else None
+    select = ("val_balanced_acc" if cfg.class_balance else "val_acc") if len(val_df) else None
     if select is None:
         console.print("[yellow]no validation images: keeping the last epoch[/]")
     start = time.perf_counter()
@@ -137,9 +156,10 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
             "best_epoch": result.best_epoch,
         }
         save_model(paths.model_dir(name), model, meta)
+        best = result.history[result.best_epoch] if result.history else {}
         final = {
-            "val_acc": result.history[result.best_epoch].get("val_acc", float("nan"))
-            if result.history else float("nan"),
+            "val_acc": best.get("val_acc", float("nan")),
+            "val_balanced_acc": best.get("val_balanced_acc", float("nan")),
             "best_epoch": result.best_epoch,
             "epochs": cfg.epochs,
             "train_seconds": time.perf_counter() - start,
