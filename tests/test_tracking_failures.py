@@ -61,7 +61,8 @@ def test_server_down_fails_fast_with_one_line(project: Path, monkeypatch: pytest
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and uri in lines[0] and "not reachable" in lines[0], result.output
     assert "Traceback" not in result.output
-    assert seconds < 5, f"took {seconds:.1f}s"
+    # MLflow's own retries would take minutes; the bound is loose so a loaded 2-core CI machine passes.
+    assert seconds < 30, f"took {seconds:.1f}s"
     # Before any work: nothing was written (not even the MLflow folder).
     assert sorted(p.name for p in project.iterdir()) == ["mlruns", "params.yaml"]
 
@@ -315,3 +316,42 @@ def test_new_sqlite_store_created_by_three_processes_at_once(project: Path) -> N
         assert p.returncode == 0, out
     ids = {out.strip().splitlines()[-1] for out in outputs}
     assert len(ids) == 1  # one experiment, found or created by each
+
+
+# --------------------------------------------------------------------------------------------------
+# A killed process cannot end its runs: the next run of the same stage and variant closes them.
+
+
+def test_runs_of_a_killed_process_are_closed_by_the_next_run(project: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from wsss import tracking
+    from wsss.config import load_params
+    from wsss.paths import Paths
+
+    params, paths = load_params(project / "params.yaml"), Paths(project)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that no longer exists (reused within the test only by extreme bad luck)
+    with tracking.stage_run("tune-crf", "cam_x", params, paths) as parent:
+        exp = parent.info.experiment_id
+        with mlflow.start_run(experiment_id=exp, run_name="trial-0", nested=True,
+                              tags={"wsss.stage": "tune-crf", "wsss.variant": "cam_x"}) as child:
+            pass
+    client = MlflowClient()
+    host = socket.gethostname()
+    # Rewind both to what a SIGKILL leaves behind: RUNNING, tagged with a process that is gone.
+    for run_id in (parent.info.run_id, child.info.run_id):
+        client.update_run(run_id, status="RUNNING")
+    client.set_tag(parent.info.run_id, "wsss.pid", str(dead.pid))
+    live = client.create_run(exp, tags={"wsss.stage": "tune-crf", "wsss.variant": "cam_x",
+                                        "wsss.host": host, "wsss.pid": str(os.getpid())})
+    other_variant = client.create_run(exp, tags={"wsss.stage": "tune-crf", "wsss.variant": "cam_y",
+                                                 "wsss.host": host, "wsss.pid": str(dead.pid)})
+
+    with tracking.stage_run("tune-crf", "cam_x", params, paths) as new:
+        assert client.get_run(new.info.run_id).data.tags["wsss.pid"] == str(os.getpid())
+    status = {r: client.get_run(r).info.status for r in
+              (parent.info.run_id, child.info.run_id, live.info.run_id, other_variant.info.run_id)}
+    assert status == {parent.info.run_id: "KILLED", child.info.run_id: "KILLED",
+                      live.info.run_id: "RUNNING", other_variant.info.run_id: "RUNNING"}

@@ -18,6 +18,9 @@ because tracking failed once it had started.
   error is reported once, as a warning naming the URI and the run; tracking is then off for the rest of
   the process (no later call waits on a dead server), and the stage finishes and writes all its outputs
   with exit code 0. The run stays ``RUNNING`` in MLflow, as nothing can tell the server otherwise.
+* **A killed process** (SIGKILL, power loss) cannot end its runs either. Every run is tagged with the
+  host and PID that started it; the next run of the same stage and variant marks such orphans, and
+  their nested runs, ``KILLED`` when their process is gone from this host.
 * MLflow's HTTP client retries a failed request for minutes by default (7 retries, doubling back-off,
   120 s timeout). Unless they are set in the environment, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` is 2,
   ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR`` 1 and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` 20 s here, so a server
@@ -32,6 +35,7 @@ import contextlib
 import io
 import logging
 import os
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -337,6 +341,7 @@ def stage_run(
         "git_commit": git_commit(paths.root),
         "data_hash": data_hash(paths),
         "dataset": params.base.dataset,
+        **process_tags(),
         **(extra_tags or {}),
     }
     try:
@@ -351,6 +356,9 @@ def stage_run(
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()} "
                             f"({type(exc).__name__}: {_reason(exc)})") from None
     _failure.clear()  # a new run: tracking works (it just started one)
+    if resumed:
+        guard(mlflow.set_tags, process_tags())
+    guard(close_orphaned_runs, run.info.experiment_id, stage, variant, keep=run.info.run_id)
     status = "FAILED"  # what `with mlflow.start_run()` records for an exception (crash = FAILED)
     try:
         if not resumed:
@@ -371,6 +379,56 @@ def stage_run(
         else:
             # end_run pops the run before it contacts the store, so a failure here leaves no active run.
             guard(mlflow.end_run, status=status)
+
+
+def process_tags() -> dict[str, str]:
+    """``wsss.host`` / ``wsss.pid`` of this process, so a later run can tell a killed run from a live one."""
+    return {"wsss.host": socket.gethostname(), "wsss.pid": str(os.getpid())}
+
+
+def _process_gone(host: str | None, pid: str | None) -> bool:
+    """True only when ``pid`` ran on this host and no such process exists any more."""
+    if host != socket.gethostname() or not (pid or "").isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists (e.g. EPERM: another user's process)
+        return False
+    return False
+
+
+def close_orphaned_runs(experiment_id: str, stage: str, variant: str, keep: str | None = None) -> list[str]:
+    """Mark ``RUNNING`` runs of ``stage``/``variant`` whose process was killed (and their children) ``KILLED``.
+
+    Returns the ids of the runs it closed.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    orphans = [
+        r for r in client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`wsss.stage` = '{stage}' "
+                          f"and tags.`wsss.variant` = '{variant}'",
+            max_results=200,
+        )
+        if r.info.run_id != keep and _process_gone(r.data.tags.get("wsss.host"), r.data.tags.get("wsss.pid"))
+    ]
+    closed: list[str] = []
+    for run in orphans:
+        children = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+            max_results=5000,
+        )
+        for r in [*children, run]:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            closed.append(r.info.run_id)
+    if closed:
+        log.info("marked %d run(s) of killed %s:%s processes KILLED", len(closed), stage, variant)
+    return closed
 
 
 def _run_exists(run_id: str) -> bool:
