@@ -201,3 +201,18 @@ def test_grabcut_baseline_pool_matches_serial(project: Path) -> None:
     for p in cached.glob("*.json"):
         p.unlink()
     assert grabcut_rect_scores(paths, rows, workers=2) == serial
+
+
+@pytest.mark.parametrize(
+    ("refiner", "confident", "expected"),
+    [("none", False, 0.6), ("crf", False, 0.6), ("grabcut", False, 0.2), ("grabcut+crf", False, 0.2),
+     ("grabcut+crf", True, 0.6)],
+)
+def test_before_refinement_uses_the_threshold_that_decides(refiner: str, confident: bool, expected: float) -> None:
+    from wsss.config import GrabCutConfig, PseudoConfig
+    from wsss.stages.make_pseudo import plain_threshold_config
+
+    cfg = PseudoConfig(refiner=refiner, threshold=0.6, confident=confident, fg_threshold=0.6, bg_threshold=0.1,
+                       grabcut=GrabCutConfig(pfg_threshold=0.2, fg_threshold=0.7, bg_threshold=0.05))
+    plain = plain_threshold_config(cfg)
+    assert plain.refiner == "none" and plain.threshold == pytest.approx(expected)

@@ -94,6 +94,11 @@ def test_search_space_is_always_valid_and_replayable(confident: bool) -> None:
     assert {c.refiner for c in sampled.values()} == set(REFINERS)
     for trial in study.trials:  # a stored trial rebuilds the configuration it scored
         assert suggest_pseudo(trial, base, REFINERS) == sampled[trial.number]
+        # No dead dimensions: the plain threshold is searched only where the refiner reads it.
+        cfg = sampled[trial.number]
+        uses_threshold = not confident and (
+            cfg.refiner in ("none", "crf") or (cfg.refiner == "grabcut+crf" and cfg.crf.unary == "soft"))
+        assert ("threshold" in trial.params) == uses_threshold, (cfg.refiner, cfg.crf.unary, trial.params)
 
 
 def test_chunk_ends() -> None:

@@ -221,13 +221,15 @@ def suggest_pseudo(trial: Suggest, base: PseudoConfig, refiners: Sequence[str]) 
         fg = trial.suggest_float("fg_threshold", 0.1, 0.95)
         changes["fg_threshold"] = fg
         changes["bg_threshold"] = fg * trial.suggest_float("bg_ratio", 0.05, 1.0)
-    elif refiner != "grabcut":  # plain GrabCut decides with its own pfg threshold
+    elif refiner in ("none", "crf"):  # GrabCut decides with its own pfg threshold
         changes["threshold"] = trial.suggest_float("threshold", 0.05, 0.95)
     crf = base.crf
     if refiner in CRF_REFINERS:
         unary = trial.suggest_categorical("crf.unary", ["soft", "label"])
         crf_changes: dict[str, Any] = {"unary": unary}
         if unary == "soft":
+            if refiner == "grabcut+crf" and not base.confident:  # the map's soft unary is centred on it
+                changes["threshold"] = trial.suggest_float("threshold", 0.05, 0.95)
             crf_changes["scale"] = trial.suggest_float("crf.scale", 0.25, 4.0, log=True)
         if unary == "label" or refiner == "grabcut+crf":
             crf_changes["gt_prob"] = trial.suggest_float("crf.gt_prob", 0.5, 0.95)

@@ -253,12 +253,13 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
 def plain_threshold_config(cfg: PseudoConfig) -> PseudoConfig:
     """The "before refinement" counterpart of ``cfg``: the same decision threshold(s), no refiner.
 
-    Plain GrabCut decides at its probable-foreground threshold, so that is the one it is compared with.
+    GrabCut (alone or followed by the CRF) decides at its probable-foreground threshold, so that is the
+    one it is compared with.
     """
     from wsss.refine import Refiner
 
     threshold = cfg.threshold
-    if Refiner(cfg).kind == "grabcut" and not cfg.confident:
+    if Refiner(cfg).kind in ("grabcut", "grabcut+crf") and not cfg.confident:
         threshold = cfg.grabcut.pfg_threshold
     return dataclasses.replace(cfg, refiner="none", threshold=threshold)
 
