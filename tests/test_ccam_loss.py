@@ -142,3 +142,22 @@ def test_breed_loss_gradients_flow() -> None:
     fg.requires_grad_(True)
     breed_contrastive_loss(fg, torch.tensor([0, 0, 1, 1, 2]), 0.25).backward()
     assert fg.grad is not None and fg.grad.abs().sum() > 0
+
+
+def test_per_breed_and_ecs_terms_act_on_the_pet_side() -> None:
+    """With a parent of polarity -1 (P marks the background), the breed term must get the (1-P) descriptors."""
+    from wsss.models.ccam import CCAM
+    from wsss.stages import train_ccam
+
+    model = CCAM("resnet18", weights="none")
+    model.set_polarity(-1.0)
+    assert train_ccam.polarity_rule(model, "none", ecs=False, per_breed=True) == (-1.0, "inherited from ccam-none")
+    assert train_ccam.polarity_rule(model, "none", ecs=True, per_breed=False) == (1.0, "ECS foreground target")
+    assert train_ccam.polarity_rule(model, "none", ecs=False, per_breed=False) == (None, "border vs centre")
+
+    fg, bg, p = torch.randn(4, 8), torch.randn(4, 8), torch.rand(4, 1, 3, 3)
+    pet, pet_map = train_ccam.pet_side(fg, bg, p, -1.0)
+    assert torch.equal(pet, bg) and torch.allclose(pet_map, 1.0 - p)
+    for polarity in (1.0, None):
+        pet, pet_map = train_ccam.pet_side(fg, bg, p, polarity)
+        assert torch.equal(pet, fg) and torch.equal(pet_map, p)

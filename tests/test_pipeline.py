@@ -67,7 +67,12 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_project: Path) -> None:
         assert (root / "models" / name / "model.pt").exists(), name
         assert (root / "models" / name / "meta.json").exists(), name
     meta = json.loads((root / "models" / "ccam-none" / "meta.json").read_text())
-    assert meta["polarity"] in (1.0, -1.0)
+    assert meta["polarity"] in (1.0, -1.0) and meta["polarity_source"] == "border vs centre"
+    # Per-breed fine-tuning acts on its parent's foreground side, so it keeps the parent's polarity.
+    per_breed = json.loads((root / "models" / "ccam-none-perbreed" / "meta.json").read_text())
+    assert per_breed["polarity"] == meta["polarity"] and "ccam-none" in per_breed["polarity_source"]
+    ecs = json.loads((root / "models" / "ccam-cls-species-ecs" / "meta.json").read_text())
+    assert ecs["polarity"] == 1.0 and ecs["polarity_source"] == "ECS foreground target"
 
     cams = json.loads((root / "reports" / "cams" / "cam_classifier-species.json").read_text())
     assert 0.0 <= cams["iou_mean"] <= 1.0 and len(cams["curve"]["threshold"]) == 21

@@ -9,8 +9,11 @@ Variants (model folder names under ``models/``):
   per-breed contrastive term (same-breed fg descriptors positive, other breeds negative) ->
   ``ccam-<init>-perbreed``.
 
-The CCAM loss is symmetric in fg/bg, so the polarity is decided once per trained model (border vs
-centre of P over many training images) and stored in the model before any ReLU is applied.
+The CCAM loss is symmetric in fg/bg, so the polarity is decided once per trained model and stored in
+the model before any ReLU is applied: by border vs centre of P over many training images for plain
+CCAM; by construction where a term breaks the symmetry (the ECS target is a foreground map, so P
+learns the foreground side); inherited for per-breed fine-tuning, whose breed term acts on the
+parent's foreground side.
 Training uses the ``train`` split only (images, no labels except for the breed sampler / ECS target).
 """
 
@@ -86,6 +89,31 @@ def _build_model(params: Params, paths: Paths, init: str, per_breed: bool, ecs: 
     return CCAM(cfg.arch, weights=weights)
 
 
+def polarity_rule(model: torch.nn.Module, init: str, ecs: bool, per_breed: bool) -> tuple[float | None, str]:
+    """(polarity fixed before training or None = decide after it, how it is known).
+
+    Per-breed fine-tuning keeps its parent's polarity (loaded with the parent's weights); an ECS-trained
+    CCAM has +1 (its raw map is trained towards a foreground map); plain CCAM is decided from the maps.
+    """
+    if per_breed:
+        return float(model.polarity), f"inherited from {model_name(init, ecs)}"
+    if ecs:
+        return 1.0, "ECS foreground target"
+    return None, "border vs centre"
+
+
+def pet_side(fg: torch.Tensor, bg: torch.Tensor, p: torch.Tensor, polarity: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pet descriptors, pet map) for the terms that are not symmetric in fg/bg (ECS target, breed term).
+
+    ``polarity`` -1 (a parent whose P marks the background) swaps the sides; +1 or None (not decided yet:
+    the ECS term itself makes P the foreground) keeps P.
+    """
+    if polarity is not None and polarity < 0:
+        return bg, 1.0 - p
+    return fg, p
+
+
 def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: bool = False,
         device: str | None = None) -> dict[str, Any]:
     """Train one CCAM variant and save ``models/<name>/`` with its polarity."""
@@ -108,6 +136,7 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
     seed_everything(params.base.seed)
     prec = precision_for(resolve_device(device or params.base.device))
     model = prepare_model(_build_model(params, paths, init, per_breed, ecs), prec)
+    fixed_polarity, polarity_source = polarity_rule(model, init, ecs, per_breed)
     groups = ccam_param_groups(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / epochs) ** cfg.poly_power)
@@ -161,13 +190,14 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
             fg, bg, p = fg.float(), bg.float(), p.float()
             loss, parts = ccam_loss(fg, bg, cfg.alpha)
             terms = {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+            pet, pet_map = pet_side(fg, bg, p, fixed_polarity)
             if ecs:
                 target = ecs_target(x, breeds, tuple(p.shape[-2:]))
-                ecs_loss = F.mse_loss(p, target)
+                ecs_loss = F.mse_loss(pet_map, target)
                 loss = loss + cfg.ecs_weight * ecs_loss
                 terms["loss_ecs"] = float(ecs_loss.detach())
             if per_breed:
-                breed_loss = breed_contrastive_loss(fg, breeds, cfg.alpha)
+                breed_loss = breed_contrastive_loss(pet, breeds, cfg.alpha)
                 loss = loss + cfg.breed_weight * breed_loss
                 terms["loss_breed"] = float(breed_loss.detach())
             optimizer.zero_grad(set_to_none=True)
@@ -212,13 +242,18 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
         model.load_state_dict(result.best_state)
         polarity_ds = ClassificationDataset(train_df, paths.prepared, "breed", False,
                                             _transform(cfg.input_size, cfg.input_size, train=False))
-        polarity = _decide_polarity(model, polarity_ds, cfg.polarity_images, prec, decide_polarity)
+        if fixed_polarity is not None:
+            polarity = fixed_polarity
+        else:
+            polarity = _decide_polarity(model, polarity_ds, cfg.polarity_images, prec, decide_polarity)
         model.polarity.fill_(polarity)
         meta = {"kind": "ccam", "arch": cfg.arch, "init": init, "ecs": ecs, "per_breed": per_breed,
-                "polarity": polarity, "input_size": cfg.input_size, "epochs": epochs}
+                "polarity": polarity, "polarity_source": polarity_source, "input_size": cfg.input_size,
+                "epochs": epochs}
         save_model(paths.model_dir(name), model, meta)
         final = {"final_loss": result.history[-1]["loss"] if result.history else float("nan"),
-                 "polarity": polarity, "epochs": epochs, "train_seconds": time.perf_counter() - start,
+                 "polarity": polarity, "polarity_source": polarity_source, "epochs": epochs,
+                 "train_seconds": time.perf_counter() - start,
                  "n_train": len(train_df)}
         write_json(paths.training_report(name), final)
         tracking.log_metrics(final)
