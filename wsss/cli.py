@@ -187,19 +187,26 @@ def evaluate(
     baselines: Annotated[
         bool, typer.Option("--baselines", help="Score the label-free baselines instead of a model.")
     ] = False,
+    pseudo: Annotated[
+        str | None,
+        typer.Option(help="Score a pseudo-mask variant (e.g. cam_classifier-species) on the test split: "
+                          "maps from each test image's label, refined as make-pseudo does -> reports/eval-pseudo/."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = None,
 ) -> None:
-    """Score a U-Net (or the label-free baselines) on the official test split -> reports/eval/."""
+    """Score a U-Net (or the label-free baselines, or a pseudo-mask method) on the official test split -> reports/eval/."""
     from wsss.stages import evaluate as stage
 
     params, paths = _load(params_path)
-    if baselines:
+    if pseudo:
+        stage.run_pseudo(params, paths, pseudo, device=device)
+    elif baselines:
         stage.run_baselines(params, paths)
     elif model:
         stage.run(params, paths, model, device=device)
     else:
-        raise WsssError("give --model unet-<source> or --baselines")
+        raise WsssError("give --model unet-<source>, --baselines or --pseudo <variant>")
 
 
 @tune_app.command("crf")

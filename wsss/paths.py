@@ -76,6 +76,10 @@ class Paths:
     def eval_report(self, source: str) -> Path:
         return self.reports / "eval" / f"{source}.json"
 
+    def eval_pseudo_report(self, variant: str) -> Path:
+        """``reports/eval-pseudo/<variant>.json``: a pseudo-mask method scored on the test split."""
+        return self.reports / "eval-pseudo" / f"{variant}.json"
+
     @property
     def report_md(self) -> Path:
         return self.reports / "report.md"

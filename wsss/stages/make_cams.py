@@ -8,6 +8,7 @@ only), beside the label-free baselines (whole image, centred ellipse) on the sam
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,41 +121,58 @@ def _load_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:
 def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
                         shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None,
                         loaded: tuple[Any, dict] | None = None) -> int:
-    from wsss.device import autocast, precision_for, prepare_model, resolve_device, to_device
+    from wsss.device import precision_for, prepare_model, resolve_device
 
-    cfg = params.make_cams
     model, meta = loaded or _load_model(paths, method, model_name)
     prec = precision_for(resolve_device(device or params.base.device))
     model = prepare_model(model, prec)
-    size = int(meta.get("input_size", 224))
     by_id = df.set_index("id")
     n_done = 0
     with task(f"{STAGE} {method.name} {model_name}", sum(len(shards[i]) for i in todo)) as advance:
         for index in todo:
             rows = by_id.loc[shards[index]].reset_index()
-            targets = None
-            if meta.get("kind") == "classifier":
-                targets = [image_label(r, meta["labels"], bool(meta["bg"])) for _, r in rows.iterrows()]
-            ds = InferenceDataset(rows, paths.prepared, size, targets)
             ids, maps, tgts, raw_max = [], [], [], []
-            for batch in loader(ds, cfg.batch_size, params, shuffle=False):
-                x = to_device(batch["image"], prec)
-                t = batch["target"].to(prec.device) if targets is not None else None
-                with autocast(prec):
-                    raw = method.compute(model, x, t, cfg).float()
-                peak = raw.flatten(1).amax(1)
-                norm = raw / (peak.view(-1, 1, 1) + 1e-5)
-                for j in range(len(x)):
-                    h, w = (int(v) for v in batch["size"][j])
-                    resized = F.interpolate(norm[j][None, None], size=(h, w), mode="bilinear", align_corners=False)
-                    maps.append(resized[0, 0].clamp(0, 1).cpu().numpy())
-                    ids.append(batch["id"][j])
-                    tgts.append(int(batch["target"][j]))
-                    raw_max.append(float(peak[j]))
-                n_done += len(x)
-                advance(len(x))
+            for image_id, prob, target, peak in compute_maps(params, paths, method, model, meta, rows, prec,
+                                                             progress=advance):
+                ids.append(image_id)
+                maps.append(prob)
+                tgts.append(target)
+                raw_max.append(peak)
+                n_done += 1
             write_shard(shard_path(out_dir, index), ids, maps, tgts, raw_max)
     return n_done
+
+
+def compute_maps(params: Params, paths: Paths, method: Any, model: Any, meta: dict, rows: pd.DataFrame,
+                 prec: Any, progress: Any = None) -> Iterator[tuple[str, np.ndarray, int, float]]:
+    """Maps of ``rows`` (manifest rows) with a prepared model: ``(id, map, target, raw peak)`` per image.
+
+    The map is max-normalised, resized to the prepared image size and clipped to [0, 1]; a classifier's
+    target is the image's own label in the model's label space (image-level labels only).
+    """
+    from wsss.device import autocast, to_device
+
+    cfg = params.make_cams
+    size = int(meta.get("input_size", 224))
+    rows = rows.reset_index(drop=True)
+    targets = None
+    if meta.get("kind") == "classifier":
+        targets = [image_label(r, meta["labels"], bool(meta["bg"])) for _, r in rows.iterrows()]
+    ds = InferenceDataset(rows, paths.prepared, size, targets)
+    for batch in loader(ds, cfg.batch_size, params, shuffle=False):
+        x = to_device(batch["image"], prec)
+        t = batch["target"].to(prec.device) if targets is not None else None
+        with autocast(prec):
+            raw = method.compute(model, x, t, cfg).float()
+        peak = raw.flatten(1).amax(1)
+        norm = raw / (peak.view(-1, 1, 1) + 1e-5)
+        for j in range(len(x)):
+            h, w = (int(v) for v in batch["size"][j])
+            resized = F.interpolate(norm[j][None, None], size=(h, w), mode="bilinear", align_corners=False)
+            yield (batch["id"][j], resized[0, 0].clamp(0, 1).cpu().numpy(), int(batch["target"][j]),
+                   float(peak[j]))
+        if progress is not None:
+            progress(len(x))
 
 
 def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path) -> int:
