@@ -110,6 +110,25 @@ def validate(params_path: ParamsOpt = Path("params.yaml")) -> None:
         raise typer.Exit(1)
 
 
+@app.command("pretrain")
+@_user_errors
+def pretrain(
+    name: Annotated[
+        str | None, typer.Option(help="Backbone name (overrides pretrain.name): writes models/pretrain-<name>/.")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """Self-supervised backbone pretraining (SimSiam / MoCo v2) on every non-test image, no labels. Resumes after a kill.
+
+    Consumers: train_classifier.weights or train_unet.encoder_weights `pretrain:<name>`, `train-ccam --init pretrain:<name>`.
+    """
+    from wsss.stages import pretrain as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, name=name, device=device)
+
+
 @app.command("train-classifier")
 @_user_errors
 def train_classifier(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from wsss.errors import ConfigError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 REFINERS = ("crf", "grabcut", "grabcut+crf", "none")
+# Names of pretrained backbones (models/pretrain-<name>/): one path component, no spaces.
+PRETRAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _r(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:
@@ -82,6 +85,54 @@ class ValidateConfig:
     min_side: int = _f(16, 1)
     max_side: int = _f(4096, 1)
     check_files: bool = True
+
+
+@dataclass(frozen=True)
+class SimSiamConfig:
+    """SimSiam heads (Chen & He 2021)."""
+
+    proj_dim: int = _f(2048, 16, 8192)  # projector width and output dimension
+    pred_dim: int = _f(512, 8, 8192)  # predictor bottleneck
+    fix_pred_lr: bool = True  # predictor keeps the base lr (no cosine decay), as the paper recommends
+
+
+@dataclass(frozen=True)
+class MocoV2Config:
+    """MoCo v2 head, queue and momentum encoder (Chen et al. 2020)."""
+
+    dim: int = _f(128, 8, 4096)  # embedding dimension
+    queue_size: int = _f(4096, 16, 1_000_000)  # negative keys kept
+    temperature: float = _f(0.2, 0.01, 1.0)
+    ema: float = _f(0.99, 0.0, 1.0)  # key encoder momentum (0.999 in the paper's 200-epoch ImageNet runs)
+    bn_splits: int = _f(2, 1, 64)  # keys encoded in this many shuffled sub-batches (one-device shuffle BN)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Self-supervised backbone pretraining on the project's own non-test images (no labels)."""
+
+    name: str = "default"  # writes models/pretrain-<name>/; consumers use weights `pretrain:<name>`
+    method: Literal["simsiam", "mocov2"] = "simsiam"
+    arch: str = "resnet50"
+    init: Literal["none", "imagenet"] = "none"  # imagenet: domain-adaptive pretraining from ImageNet weights
+    output_stride: Literal[16, 32] = 32  # 32: torchvision's ResNet (cheapest); weights fit both strides
+    include_background: bool = True  # background-only images are unlabelled images too
+    input_size: int = _f(224, 32, 1024)
+    crop_scale_min: float = _f(0.2, 0.01, 1.0)
+    color_jitter: float = _f(0.4, 0.0, 1.0)  # brightness/contrast/saturation strength (hue: a quarter)
+    color_jitter_prob: float = _f(0.8, 0.0, 1.0)
+    grayscale_prob: float = _f(0.2, 0.0, 1.0)
+    blur_prob: float = _f(0.5, 0.0, 1.0)
+    epochs: int = _f(100, 1)
+    batch_size: int = _f(64, 4)
+    lr: float = _f(0.05, 0.0, 10.0)
+    weight_decay: float = _f(1e-4, 0.0, 1.0)
+    momentum: float = _f(0.9, 0.0, 1.0)
+    warmup_epochs: int = _f(0, 0)
+    knn_k: int = _f(20, 1, 1000)  # k-NN probe: neighbours among train-split labelled images
+    knn_temperature: float = _f(0.07, 0.001, 10.0)
+    simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
+    mocov2: MocoV2Config = field(default_factory=MocoV2Config)
 
 
 @dataclass(frozen=True)
@@ -231,6 +282,7 @@ class Params:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     train_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     train_ccam: CcamConfig = field(default_factory=CcamConfig)
     make_cams: CamsConfig = field(default_factory=CamsConfig)
@@ -334,6 +386,15 @@ def _validate_cross_fields(p: Params, source: str) -> None:
     for arch_key, arch in (("train_classifier.arch", p.train_classifier.arch), ("train_ccam.arch", p.train_ccam.arch)):
         if arch not in ARCHS:
             raise ConfigError(f"{source}: '{arch_key}' = {arch!r}; valid: {', '.join(ARCHS)}")
+    if p.pretrain.arch not in ARCHS:
+        raise ConfigError(f"{source}: 'pretrain.arch' = {p.pretrain.arch!r}; valid: {', '.join(ARCHS)}")
+    if not PRETRAIN_NAME.fullmatch(p.pretrain.name):
+        raise ConfigError(f"{source}: 'pretrain.name' = {p.pretrain.name!r}; use letters, digits, '_', '-', '.'")
+    if p.pretrain.warmup_epochs >= p.pretrain.epochs:
+        raise ConfigError(f"{source}: 'pretrain.warmup_epochs' must be smaller than 'pretrain.epochs'")
+    if p.pretrain.method == "mocov2" and p.pretrain.mocov2.queue_size < 2 * p.pretrain.batch_size:
+        raise ConfigError(f"{source}: 'pretrain.mocov2.queue_size' must be at least 2 x 'pretrain.batch_size' "
+                          "(each step enqueues the keys of both views)")
     if p.train_ccam.input_size > p.train_ccam.resize:
         raise ConfigError(f"{source}: 'train_ccam.input_size' must not exceed 'train_ccam.resize'")
     g = p.pseudo.grabcut
