@@ -1,0 +1,477 @@
+"""Segmentation quality of the whole pipeline on real data (on demand; not a test).
+
+Builds a work project (``params.yaml`` = a profile from ``benchmarks/profiles/`` merged onto the
+real-data settings) and drives the ``wsss`` commands in it as subprocesses, timing each step:
+
+    prepare -> train-classifier / train-ccam -> make-cams -> tune crf -> make-pseudo
+    -> train-unet --masks <best on val> / gt
+    -> evaluate --pseudo <variant> (each) / --model unet-<best> / --model unet-gt / --baselines
+
+The pseudo-mask variant for the weakly-supervised U-Net is chosen by its pseudo-masks' fg IoU on the
+validation split (never on the evaluation images). Everything is scored on the evaluation images: the
+train root's official test split, or every image of ``--eval-root`` (prepared as a second project whose
+test split is all its images, using the first project's models and tuned refiners).
+
+    python benchmarks/quality.py --train-root /data/oxford-iiit-pet [--extra-train-root ROOT]... \\
+        [--eval-root ROOT] [--profile cpu|gpu|smoke|FILE.yaml] [--workdir DIR] --out FILE.json
+
+Writes FILE.json and FILE.md; prints a table and, as its last line,
+``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=…`` (fg IoU in %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+PROFILES = HERE / "profiles"
+SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_iou", "grabcut_iou")
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train-root", type=Path, required=True, help="Oxford-layout root with trimaps")
+    ap.add_argument("--extra-train-root", type=Path, action="append", default=[],
+                    help="label-only Oxford-layout root for the weakly-supervised stages (repeatable)")
+    ap.add_argument("--eval-root", type=Path, default=None,
+                    help="score on every image of this Oxford-layout root (default: the train root's test split)")
+    ap.add_argument("--profile", default="cpu", help="cpu, gpu, smoke, or a profile YAML file")
+    ap.add_argument("--workdir", type=Path, default=None, help="work project folder (default: a new temp folder)")
+    ap.add_argument("--device", default=None, help="base.device for every stage (default: the profile's / auto)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON result; the markdown goes next to it (.md)")
+    return ap.parse_args(argv)
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    """A profile by name (``benchmarks/profiles/<name>.yaml``) or path."""
+    path = Path(name)
+    if not path.is_file():
+        path = PROFILES / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise SystemExit(f"profile {name!r} not found (known: {known}, or a path to a YAML file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"imagenet", "steps", "params"}
+    if unknown:
+        raise SystemExit(f"{path}: unknown top-level key(s) {sorted(unknown)}; valid: imagenet, steps, params")
+    data.setdefault("imagenet", "auto")
+    data.setdefault("params", {})
+    steps = data.setdefault("steps", {})
+    steps.setdefault("classifiers", ["species"])
+    steps.setdefault("ccam_inits", ["none"])
+    steps.setdefault("maps", ["cam:classifier-species", "ccam:ccam-none"])
+    steps.setdefault("tune_trials", 8)
+    data["source"] = str(path)
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over`` recursively (mappings merged, everything else replaced); new dict."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def imagenet_available(arch: str) -> bool:
+    """Whether torchvision's cache holds the ImageNet checkpoint of ``arch`` (no download is tried)."""
+    try:
+        from wsss.models.backbone import imagenet_cache_file
+
+        return imagenet_cache_file(arch).is_file()
+    except Exception:  # noqa: BLE001 - an unknown arch or a broken cache just means "not available"
+        return False
+
+
+@dataclass
+class Plan:
+    """What quality.py runs: the work project's params and the commands' variants."""
+
+    params: dict[str, Any]
+    classifiers: list[str]
+    ccam_inits: list[str]
+    maps: list[tuple[str, str]]  # (method, model)
+    tune_trials: int
+    imagenet: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def variants(self) -> list[str]:
+        """Map variants ``<method>_<model>``."""
+        return [f"{m}_{n}" for m, n in self.maps]
+
+
+def build_plan(profile: dict[str, Any], train_root: Path, extra_roots: list[Path], device: str | None = None,
+               imagenet_check: Any = imagenet_available) -> Plan:
+    """Merge the profile onto the real-data settings and decide on ImageNet weights.
+
+    With ``imagenet: auto`` and the weights cached, the classifiers and the U-Net encoder start from
+    ImageNet and a CCAM ``init: none`` becomes ``imagenet`` (its maps' model name follows).
+    """
+    real = {"base": {"dataset": "oxford-pet", "data_root": str(Path(train_root).resolve()),
+                     "extra_roots": [str(Path(r).resolve()) for r in extra_roots], "background_root": None}}
+    params = deep_merge(profile.get("params", {}), real)
+    if device:
+        params["base"]["device"] = device
+    steps = profile["steps"]
+    maps = []
+    for item in steps["maps"]:
+        method, sep, model = str(item).partition(":")
+        if not sep or not method or not model:
+            raise SystemExit(f"profile steps.maps entry {item!r}: expected <method>:<model>, e.g. cam:classifier-species")
+        maps.append((method, model))
+    plan = Plan(params, list(steps["classifiers"]), list(steps["ccam_inits"]), maps, int(steps["tune_trials"]))
+    use = profile.get("imagenet", "auto")
+    if use not in ("auto", "never"):
+        raise SystemExit(f"profile imagenet: {use!r}; valid: auto, never")
+    cls_arch = params.get("train_classifier", {}).get("arch", "resnet50")
+    ccam_arch = params.get("train_ccam", {}).get("arch", "resnet50")
+    unet = params.get("train_unet", {})
+    unet_arch = unet.get("encoder", "resnet34") if unet.get("architecture", "smp") == "smp" else None
+    plan.imagenet = {
+        "classifier": use == "auto" and imagenet_check(cls_arch),
+        "ccam": use == "auto" and imagenet_check(ccam_arch),
+        "unet": use == "auto" and unet_arch is not None and unet_arch.startswith("resnet") and imagenet_check(unet_arch),
+    }
+    if plan.imagenet["classifier"]:
+        params.setdefault("train_classifier", {})["weights"] = "imagenet"
+    if plan.imagenet["unet"]:
+        params.setdefault("train_unet", {})["encoder_weights"] = "imagenet"
+    if plan.imagenet["ccam"]:
+        plan.ccam_inits = ["imagenet" if i == "none" else i for i in plan.ccam_inits]
+        plan.maps = [(m, "ccam-imagenet" if n == "ccam-none" else n) for m, n in plan.maps]
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class Runner:
+    """Runs ``wsss`` commands in a project folder and records each step's wall time."""
+
+    root: Path
+    log: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, name: str, *args: str, project: str = "train") -> None:
+        cmd = [sys.executable, "-m", "wsss", *args]
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: wsss {' '.join(args)}", flush=True)
+        start = time.perf_counter()
+        with open(self.log, "a") as fh:
+            fh.write(f"\n===== {name} ({project}): wsss {' '.join(args)}\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=self.root, stdout=fh, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "COLUMNS": "160"})
+        seconds = time.perf_counter() - start
+        self.steps.append({"step": name, "project": project, "command": "wsss " + " ".join(args),
+                           "seconds": round(seconds, 1), "rc": proc.returncode})
+        print(f"    {seconds:.1f}s rc={proc.returncode}", flush=True)
+        if proc.returncode != 0:
+            tail = self.log.read_text().splitlines()[-25:]
+            raise StepFailed(f"{name} failed (rc {proc.returncode}); last lines of {self.log}:\n" + "\n".join(tail))
+
+
+class StepFailed(RuntimeError):
+    """A ``wsss`` command exited non-zero."""
+
+
+def write_params(root: Path, params: dict[str, Any]) -> None:
+    """The work project's params.yaml (checked by wsss's strict loader at once)."""
+    from wsss.config import params_from_dict
+
+    root.mkdir(parents=True, exist_ok=True)
+    params_from_dict(params, str(root / "params.yaml"))  # fail here, not in the first subprocess
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def split_names(root: Path) -> set[str]:
+    """Image names listed in an Oxford-layout root's trainval.txt / test.txt."""
+    names = set()
+    for fname in ("trainval.txt", "test.txt"):
+        path = Path(root) / "annotations" / fname
+        if path.is_file():
+            names |= {ln.split()[0] for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+    return names
+
+
+def make_eval_root(src: Path, dest: Path) -> Path:
+    """An Oxford-layout view of ``src`` whose test split is every listed image (images/trimaps linked)."""
+    src = Path(src).resolve()
+    root = dest / "oxford-iiit-pet"
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    for link, target in ((root / "images", src / "images"), (root / "annotations" / "trimaps", src / "annotations" / "trimaps")):
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    lines = []
+    for fname in ("trainval.txt", "test.txt"):
+        path = src / "annotations" / fname
+        if path.is_file():
+            lines += [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    (root / "annotations" / "test.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def val_pseudo_iou(project: Path, variant: str) -> float:
+    """Mean fg IoU of a variant's pseudo-masks on the validation split (the only selection data)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from wsss.evaluation import SegMeter
+
+    df = pd.read_parquet(project / "data" / "prepared" / "manifest.parquet")
+    val = df[(df["split"] == "val") & df["has_mask"].astype(bool) & ~df["is_background"].astype(bool)]
+    meter, n = SegMeter(), 0
+    for r in val.itertuples():
+        mask = project / "masks" / variant / f"{r.id}.png"
+        if mask.exists():
+            meter.add(np.asarray(Image.open(mask)), np.asarray(Image.open(project / "data" / "prepared" / r.mask_path)))
+            n += 1
+    if n == 0:
+        raise StepFailed(f"no val pseudo-masks for {variant} to select with")
+    return meter.result().iou_mean
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON report."""
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+
+
+def pct(x: float | None) -> float:
+    """A 0-1 score in percent (nan when absent)."""
+    return float("nan") if x is None else 100.0 * float(x)
+
+
+def summary_line(summary: dict[str, float | None]) -> str:
+    """``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=…`` (%, 1 decimal)."""
+    def fmt(v: float | None) -> str:
+        return "nan" if v is None or not math.isfinite(v) else f"{v:.1f}"
+
+    return " ".join(f"{k}={fmt(summary.get(k))}" for k in SUMMARY_KEYS)
+
+
+def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, float]) -> dict[str, Any]:
+    """Read the evaluation reports into rows (IoU / Dice in %) and the summary."""
+    reports = eval_project / "reports"
+    rows: list[dict[str, Any]] = []
+    for variant in plan.variants:
+        rep = read_json(reports / "eval-pseudo" / f"{variant}.json")
+        rows.append({"name": f"pseudo-masks {variant}" + (" (selected)" if variant == best else ""),
+                     "kind": "pseudo", "variant": variant, "refiner": rep.get("refiner"),
+                     "iou": pct(rep["after"]["iou_mean"]), "dice": pct(rep["after"]["dice_mean"]),
+                     "iou_before_refine": pct(rep["before"]["iou_mean"]), "val_iou": pct(val_scores.get(variant)),
+                     "n_images": rep.get("n_images")})
+    wsss_unet = read_json(reports / "eval" / f"{best}.json")
+    gt_unet = read_json(reports / "eval" / "gt.json")
+    base = read_json(reports / "eval" / "baselines.json")
+    rows.append({"name": f"U-Net on pseudo-masks ({best})", "kind": "unet", "iou": pct(wsss_unet["iou_mean"]),
+                 "dice": pct(wsss_unet["dice_mean"]), "miou": pct(wsss_unet.get("miou"))})
+    rows.append({"name": "U-Net on GT (supervised)", "kind": "unet", "iou": pct(gt_unet["iou_mean"]),
+                 "dice": pct(gt_unet["dice_mean"]), "miou": pct(gt_unet.get("miou"))})
+    for key, label in (("ellipse", "centred ellipse (label-free)"), ("grabcut_rect", "GrabCut, centred 85% rectangle (label-free)"),
+                       ("whole_image", "whole image (label-free)")):
+        rows.append({"name": label, "kind": "baseline", "iou": pct(base[key]["iou_mean"]),
+                     "dice": pct(base[key]["dice_mean"]), "miou": pct(base[key].get("miou"))})
+    best_row = next(r for r in rows if r.get("variant") == best)
+    summary = {"pseudo_iou": best_row["iou"], "wsss_unet_iou": pct(wsss_unet["iou_mean"]),
+               "supervised_unet_iou": pct(gt_unet["iou_mean"]), "ellipse_iou": pct(base["ellipse"]["iou_mean"]),
+               "grabcut_iou": pct(base["grabcut_rect"]["iou_mean"])}
+    return {"rows": rows, "summary": summary}
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """Markdown: settings, the scores table and the step timings."""
+    def num(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.1f}"
+
+    ev = result["eval"]
+    lines = [
+        f"# wsss quality benchmark ({result['profile']} profile)",
+        "",
+        f"- train root: `{result['train_root']}`" + (f", extra label-only roots: {', '.join(f'`{r}`' for r in result['extra_train_roots'])}"
+                                                    if result["extra_train_roots"] else ""),
+        f"- evaluated on: {ev['description']} ({ev.get('n_images', '?')} images, never used for training or tuning)",
+        f"- ImageNet weights: {result['imagenet_summary']}",
+        f"- machine: {result['machine']}",
+        f"- total wall time: {result['total_seconds'] / 60:.1f} min",
+        "",
+        "| method | fg IoU % | Dice % | fg IoU before refinement % | val fg IoU % (selection) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result.get("rows", []):
+        lines.append(f"| {r['name']} | {num(r['iou'])} | {num(r['dice'])} | {num(r.get('iou_before_refine'))} | "
+                     f"{num(r.get('val_iou'))} |")
+    lines += ["", "| step | project | command | seconds |", "|---|---|---|---|"]
+    for s in result["steps"]:
+        lines.append(f"| {s['step']} | {s['project']} | `{s['command']}` | {s['seconds']:.1f} |")
+    lines += ["", "`" + result["summary_line"] + "`", ""]
+    return "\n".join(lines)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The scores as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fg IoU on {result['eval']['description']} ({result['profile']} profile)")
+    for col in ("method", "fg IoU %", "Dice %", "before refine %", "val IoU %"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def num(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.1f}"
+
+    for r in result.get("rows", []):
+        table.add_row(r["name"], num(r["iou"]), num(r["dice"]), num(r.get("iou_before_refine")), num(r.get("val_iou")))
+    console = Console(width=max(120, Console().width))  # no wrapping when piped to a log
+    console.print(table)
+    console.print(f"ImageNet weights: {result['imagenet_summary']}; total {result['total_seconds'] / 60:.1f} min; "
+                  f"steps and times in {result['out']}")
+
+
+def machine() -> str:
+    """CPU model and cores, torch threads, GPU."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner) -> tuple[Path, str, dict[str, float]]:
+    """Every step; returns the evaluation project, the selected variant and the val scores."""
+    run = runner
+    run("prepare", "prepare")
+    for labels in plan.classifiers:
+        run(f"train-classifier {labels}", "train-classifier", "--labels", labels)
+    for init in plan.ccam_inits:
+        run(f"train-ccam {init}", "train-ccam", "--init", init)
+    for method, model in plan.maps:
+        run(f"make-cams {method}_{model}", "make-cams", "--method", method, "--model", model)
+    for variant in plan.variants:
+        run(f"tune crf {variant}", "tune", "crf", "--method", variant, "--trials", str(plan.tune_trials))
+        run(f"make-pseudo {variant}", "make-pseudo", "--method", variant)
+    val_scores = {v: val_pseudo_iou(work, v) for v in plan.variants}
+    best = max(plan.variants, key=lambda v: val_scores[v])
+    print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
+    run(f"train-unet {best}", "train-unet", "--masks", best)
+    run("train-unet gt", "train-unet", "--masks", "gt")
+
+    eval_project, project = work, "train"
+    if eval_root is not None:
+        eval_project, project = work / "eval", "eval"
+        view = make_eval_root(eval_root, eval_project / "data" / "eval-root")
+        params = deep_merge(plan.params, {"base": {"data_root": str(view), "extra_roots": [], "background_root": None}})
+        write_params(eval_project, params)
+        for name in ("models",):
+            link = eval_project / name
+            if not link.exists():
+                link.symlink_to(work / name, target_is_directory=True)
+        (eval_project / "reports").mkdir(parents=True, exist_ok=True)
+        crf = eval_project / "reports" / "crf"
+        if not crf.exists():
+            crf.symlink_to(work / "reports" / "crf", target_is_directory=True)
+        runner.root = eval_project
+        run("prepare (eval root)", "prepare", project=project)
+    for variant in plan.variants:
+        run(f"evaluate pseudo {variant}", "evaluate", "--pseudo", variant, project=project)
+    run(f"evaluate unet-{best}", "evaluate", "--model", f"unet-{best}", project=project)
+    run("evaluate unet-gt", "evaluate", "--model", "unet-gt", project=project)
+    run("evaluate baselines", "evaluate", "--baselines", project=project)
+    runner.root = work
+    return eval_project, best, val_scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code."""
+    args = parse_args(argv)
+    profile = load_profile(args.profile)
+    plan = build_plan(profile, args.train_root, args.extra_train_root, args.device)
+    if args.eval_root is not None:
+        overlap = split_names(args.eval_root) & set().union(
+            *(split_names(r) for r in [args.train_root, *args.extra_train_root]))
+        if overlap:
+            raise SystemExit(f"--eval-root shares {len(overlap)} image name(s) with the training roots "
+                             f"(e.g. {sorted(overlap)[0]}); evaluation images must be unseen")
+    work = (args.workdir or Path(tempfile.mkdtemp(prefix="wsss-quality-"))).resolve()
+    write_params(work, plan.params)
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    used = [k for k, v in plan.imagenet.items() if v]
+    result: dict[str, Any] = {
+        "profile": args.profile, "profile_file": profile["source"], "train_root": str(args.train_root),
+        "extra_train_roots": [str(r) for r in args.extra_train_root],
+        "eval_root": str(args.eval_root) if args.eval_root else None, "workdir": str(work), "out": str(out),
+        "machine": machine(), "imagenet": plan.imagenet,
+        "imagenet_summary": ("yes: " + ", ".join(used)) if used else "no (random init; none cached or profile says never)",
+        "params": plan.params, "maps": plan.variants,
+    }
+    print(f"work project {work}; ImageNet weights: {result['imagenet_summary']}", flush=True)
+    runner = Runner(work, work / "quality.log")
+    start = time.perf_counter()
+    rc = 0
+    summary: dict[str, float | None] = {}
+    try:
+        eval_project, best, val_scores = run_pipeline(plan, work, args.eval_root, runner)
+        scores = collect(eval_project, plan, best, val_scores)
+        result.update(scores)
+        summary = scores["summary"]
+        result["selected_variant"] = best
+        result["val_pseudo_iou"] = {k: pct(v) for k, v in val_scores.items()}
+        n_images = scores["rows"][0].get("n_images")
+        result["eval"] = {"description": f"every image of {args.eval_root}" if args.eval_root
+                          else "the train root's official test split", "n_images": n_images}
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        result["error"] = str(exc)
+        result["eval"] = {"description": "(failed)"}
+        rc = 1
+    result["steps"] = runner.steps
+    result["total_seconds"] = round(time.perf_counter() - start, 1)
+    result["summary"] = summary
+    result["summary_line"] = summary_line(summary)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    if rc == 0:
+        print_table(result)
+    print(result["summary_line"], flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

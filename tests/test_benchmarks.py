@@ -1,0 +1,163 @@
+"""The on-demand benchmarks (benchmarks/speed.py, benchmarks/quality.py) on tiny sizes and fake reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import speed  # noqa: E402
+
+from wsss.config import params_from_dict  # noqa: E402
+
+# --- speed.py ---------------------------------------------------------------------------------------------
+
+
+def test_speed_pieces_on_tiny_sizes() -> None:
+    cam = speed.bench_cam("resnet18", 32, 2, 2, (1.0,))
+    train = speed.bench_training("resnet18", 32, 2, steps=1, warmup=0)
+    for row in (cam, train):
+        assert row["ours_images_per_s"] > 0 and row["plain_images_per_s"] > 0 and row["ratio"] > 0
+    assert train["precision"] in ("bfloat16", "fp32")
+    cam["setting"] = train["setting"] = "tiny"
+    result = {"machine": speed.machine_info(), "quick": True, "repro": None,
+              "rows": {"cam": cam, "classifier_training": train}}
+    md = speed.to_markdown(result)
+    assert "| CAM extraction (images/s) | tiny |" in md and "≥ 2.5x" in md
+
+
+@pytest.mark.slow
+def test_speed_quick_writes_json_and_markdown(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    result = speed.main(["--quick", "--skip-repro", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["rows"]) == {"cam", "classifier_training", "crf_pool"}
+    for row in data["rows"].values():
+        assert row["ours_images_per_s"] > 0 and row["plain_images_per_s"] > 0 and row["ratio"] > 0
+    assert data["rows"]["crf_pool"]["pool_equals_serial"] is True
+    assert data["repro"] is None and data["machine"]["torch_threads"] >= 1
+    md = out.with_suffix(".md").read_text()
+    assert "CAM extraction" in md and "skipped (--skip-repro)" in md
+    assert result["verdicts"]["classifier_training"] == "report"
+
+
+def test_speed_verdicts() -> None:
+    assert speed.verdict("cam", 2.5) == "pass" and speed.verdict("cam", 2.49) == "FAIL"
+    assert speed.verdict("crf_pool", 1.9) == "pass" and speed.verdict("crf_pool", 1.2) == "FAIL"
+    assert speed.verdict("classifier_training", 0.5) == "report"
+
+
+# --- quality.py: arguments, profiles, plan -------------------------------------------------------------
+
+
+def test_quality_args() -> None:
+    args = quality.parse_args(["--train-root", "a", "--extra-train-root", "b", "--extra-train-root", "c",
+                               "--out", "r.json"])
+    assert args.train_root == Path("a") and args.extra_train_root == [Path("b"), Path("c")]
+    assert args.profile == "cpu" and args.eval_root is None and args.workdir is None
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--out", "r.json"])  # --train-root is required
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+def test_profiles_merge_into_valid_params(name: str, tmp_path: Path) -> None:
+    profile = quality.load_profile(name)
+    plan = quality.build_plan(profile, tmp_path / "pets", [tmp_path / "extra"], imagenet_check=lambda arch: False)
+    params = params_from_dict(plan.params, f"{name}.yaml")  # the strict loader accepts the merged params
+    assert params.base.dataset == "oxford-pet" and params.base.background_root is None
+    assert params.base.data_root == str((tmp_path / "pets").resolve())
+    assert params.base.extra_roots == (str((tmp_path / "extra").resolve()),)
+    assert plan.variants and not any(plan.imagenet.values())
+    assert all(v.split("_", 1)[0] in ("cam", "ecs", "ccam", "ccam-ecs") for v in plan.variants)
+
+
+def test_cpu_profile_is_small_enough() -> None:
+    p = quality.build_plan(quality.load_profile("cpu"), Path("x"), [], imagenet_check=lambda a: False).params
+    assert p["train_classifier"]["arch"] == "resnet18" and p["train_classifier"]["input_size"] <= 160
+    assert 128 <= p["train_unet"]["input_size"] <= 160
+
+
+def test_imagenet_when_cached(tmp_path: Path) -> None:
+    plan = quality.build_plan(quality.load_profile("cpu"), tmp_path, [], imagenet_check=lambda arch: True)
+    assert plan.imagenet == {"classifier": True, "ccam": True, "unet": True}
+    assert plan.params["train_classifier"]["weights"] == "imagenet"
+    assert plan.params["train_unet"]["encoder_weights"] == "imagenet"
+    assert "imagenet" in plan.ccam_inits and "ccam_ccam-imagenet" in plan.variants
+    params_from_dict(plan.params)
+
+
+def test_deep_merge_does_not_alias() -> None:
+    base = {"a": {"b": 1, "c": [1]}, "d": 2}
+    merged = quality.deep_merge(base, {"a": {"b": 3}, "e": {"f": 4}})
+    assert merged == {"a": {"b": 3, "c": [1]}, "d": 2, "e": {"f": 4}}
+    merged["a"]["c"].append(2)
+    assert base["a"]["c"] == [1]
+
+
+def test_unknown_profile_and_bad_maps(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        quality.load_profile("nope")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("steps:\n  maps: [cam]\n")
+    with pytest.raises(SystemExit):
+        quality.build_plan(quality.load_profile(str(bad)), tmp_path, [], imagenet_check=lambda a: False)
+
+
+# --- quality.py: eval root, reports, summary -------------------------------------------------------------
+
+
+def _oxford_root(root: Path, trainval: list[str], test: list[str]) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    (root / "annotations" / "trainval.txt").write_text("".join(f"{n} 1 1 1\n" for n in trainval))
+    (root / "annotations" / "test.txt").write_text("#comment\n" + "".join(f"{n} 2 2 1\n" for n in test))
+    return root
+
+
+def test_eval_root_view_lists_every_image_as_test(tmp_path: Path) -> None:
+    src = _oxford_root(tmp_path / "src", ["a_1", "b_2"], ["c_3"])
+    assert quality.split_names(src) == {"a_1", "b_2", "c_3"}
+    view = quality.make_eval_root(src, tmp_path / "view")
+    assert not (view / "annotations" / "trainval.txt").exists()
+    assert [ln.split()[0] for ln in (view / "annotations" / "test.txt").read_text().splitlines()] == ["a_1", "b_2", "c_3"]
+    assert (view / "images").resolve() == (src / "images").resolve()
+
+
+def _fake_reports(root: Path, variants: list[str]) -> None:
+    def scores(iou: float) -> dict[str, float]:
+        return {"iou_mean": iou, "dice_mean": iou + 0.1, "iou_dataset": iou, "miou": iou}
+
+    (root / "reports" / "eval-pseudo").mkdir(parents=True)
+    (root / "reports" / "eval").mkdir(parents=True)
+    for i, v in enumerate(variants):
+        (root / "reports" / "eval-pseudo" / f"{v}.json").write_text(json.dumps(
+            {"variant": v, "refiner": "crf", "n_images": 7, "before": scores(0.3), "after": scores(0.4 + 0.1 * i)}))
+    (root / "reports" / "eval" / f"{variants[1]}.json").write_text(json.dumps(scores(0.55)))
+    (root / "reports" / "eval" / "gt.json").write_text(json.dumps(scores(0.7)))
+    (root / "reports" / "eval" / "baselines.json").write_text(json.dumps(
+        {"whole_image": scores(0.3), "ellipse": scores(0.456), "grabcut_rect": scores(0.5), "split": "test"}))
+
+
+def test_collect_and_summary_line(tmp_path: Path) -> None:
+    plan = quality.build_plan(quality.load_profile("smoke"), tmp_path, [], imagenet_check=lambda a: False)
+    best = plan.variants[1]
+    _fake_reports(tmp_path, plan.variants)
+    got = quality.collect(tmp_path, plan, best, {v: 0.5 for v in plan.variants})
+    assert got["summary"] == pytest.approx({"pseudo_iou": 50.0, "wsss_unet_iou": 55.0, "supervised_unet_iou": 70.0,
+                                            "ellipse_iou": 45.6, "grabcut_iou": 50.0})
+    line = quality.summary_line(got["summary"])
+    assert line == "pseudo_iou=50.0 wsss_unet_iou=55.0 supervised_unet_iou=70.0 ellipse_iou=45.6 grabcut_iou=50.0"
+    assert quality.summary_line({"pseudo_iou": math.nan}).startswith("pseudo_iou=nan wsss_unet_iou=nan")
+    result = {"profile": "smoke", "train_root": "t", "extra_train_roots": ["x"], "machine": "m",
+              "eval": {"description": "the test split", "n_images": 7}, "imagenet_summary": "no",
+              "total_seconds": 60.0, "steps": [{"step": "prepare", "project": "train", "command": "wsss prepare",
+                                                "seconds": 1.0, "rc": 0}], "summary_line": line, **got}
+    md = quality.to_markdown(result)
+    assert "(selected)" in md and "| prepare | train | `wsss prepare` | 1.0 |" in md and line in md
