@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from typer.testing import CliRunner
 
 from tests.conftest import write_params
@@ -31,7 +30,6 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-@pytest.mark.slow
 def test_evaluate_pseudo_scores_test_images_only(project: Path) -> None:
     write_params(project, TINY)
     for command in (["generate-synthetic"], ["prepare"], ["train-classifier", "--labels", "species"],

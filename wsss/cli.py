@@ -219,7 +219,9 @@ def evaluate(
 
     params, paths = _load(params_path)
     if pseudo:
-        stage.run_pseudo(params, paths, pseudo, device=device)
+        from wsss.stages.evaluate_pseudo import run_pseudo
+
+        run_pseudo(params, paths, pseudo, device=device)
     elif baselines:
         stage.run_baselines(params, paths)
     elif model:

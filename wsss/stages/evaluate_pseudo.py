@@ -1,0 +1,91 @@
+"""``wsss evaluate --pseudo VARIANT``: a pseudo-mask method scored on the official test split.
+
+Kept apart from :mod:`wsss.stages.evaluate` (U-Nets and baselines) because it reads ``make_cams`` and
+``pseudo`` params those DVC stages do not depend on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from wsss import tracking
+from wsss.config import Params
+from wsss.data.datasets import load_mask, load_rgb
+from wsss.errors import ConfigError
+from wsss.io import write_json
+from wsss.paths import Paths
+from wsss.stages.evaluate import STAGE, _test_rows
+from wsss.ui import console, task
+
+
+def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = None,
+               use_tuned: bool = True) -> dict[str, Any]:
+    """Score a pseudo-mask variant on the test split: maps from each test image's own image-level label.
+
+    The variant's trained model(s) make maps for the test images exactly as ``make-cams`` does for
+    trainval (an ``ensemble`` fuses its members' maps), ``make-pseudo``'s configuration refines them
+    (``reports/crf/<variant>.yaml`` when present and ``use_tuned``), and the masks are scored against the
+    test GT: ``before`` (plain threshold) and ``after`` (refined). Nothing is written but the report
+    ``reports/eval-pseudo/<variant>.json`` (outside ``reports/eval/``, which holds the U-Nets).
+    """
+    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.evaluation import SegMeter
+    from wsss.methods import METHODS
+    from wsss.refine import refine_many, threshold_mask
+    from wsss.stages.make_cams import _load_model, compute_maps
+    from wsss.stages.make_pseudo import effective_config, plain_threshold_config
+
+    test = _test_rows(paths)
+    cfg, source = effective_config(params, paths, variant, use_tuned)
+    prec = precision_for(resolve_device(device or params.base.device))
+    cams = params.make_cams
+    if variant == "ensemble":
+        members, weights = list(cams.ensemble_members), list(cams.ensemble_weights) or [1.0] * len(
+            cams.ensemble_members)
+        if len(members) < 2:
+            raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
+    else:
+        members, weights = [variant], [1.0]
+    start = time.perf_counter()
+    member_maps: list[dict[str, np.ndarray]] = []
+    for member in members:
+        method_name, sep, model_name = member.partition("_")
+        if not sep or method_name not in METHODS.names() or not METHODS.get(method_name).needs_model:
+            raise ConfigError(f"cannot rebuild maps of '{member}' for test images: expected <method>_<model>, "
+                            "e.g. cam_classifier-species")
+        method = METHODS.get(method_name)
+        model, meta = _load_model(paths, method, model_name)
+        model = prepare_model(model, prec)
+        with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
+            member_maps.append({i: m for i, m, _, _ in compute_maps(params, paths, method, model, meta, test,
+                                                                    prec, progress=advance)})
+    if len(member_maps) == 1:
+        maps = member_maps[0]
+    else:
+        from wsss.methods.ensemble import fuse
+
+        maps = {i: np.asarray(fuse([m[i] for m in member_maps], weights, cams.ensemble_fusion), dtype=np.float32)
+                for i in member_maps[0]}
+    rows = list(test.itertuples())
+    plain = plain_threshold_config(cfg)
+    before, after = SegMeter(), SegMeter()
+    gts = {r.id: load_mask(paths.prepared / r.mask_path) for r in rows}
+    pairs = ((np.array(load_rgb(paths.prepared, r.image_path)), maps[r.id]) for r in rows)
+    with task(f"{STAGE} refine {variant} ({cfg.refiner}, test)", len(rows)) as advance:
+        for r, mask in zip(rows, refine_many(pairs, cfg, cfg.workers, progress=advance), strict=True):
+            after.add(mask, gts[r.id])
+            before.add(threshold_mask(maps[r.id], plain), gts[r.id])
+    seconds = time.perf_counter() - start
+    report = {"variant": variant, "split": "test", "params_source": source, "refiner": cfg.refiner,
+              "n_images": len(rows), "before": before.result().to_dict(), "after": after.result().to_dict(),
+              "seconds": round(seconds, 2)}
+    write_json(paths.eval_pseudo_report(variant), report)
+    with tracking.stage_run(STAGE, f"pseudo-{variant}", params, paths, sections=("evaluate", "make_cams", "pseudo"),
+                            extra_tags={"pseudo.source": source}):
+        tracking.log_metrics({f"{k}_{m}": v for k in ("before", "after") for m, v in report[k].items()})
+    console.print(f"{variant} pseudo-masks on test ({len(rows)} images, refiner {cfg.refiner}): fg IoU "
+                  f"{report['before']['iou_mean']:.3f} -> {report['after']['iou_mean']:.3f}")
+    return report
