@@ -261,3 +261,20 @@ def test_refine_many_early_close():
     first = next(gen)
     gen.close()  # a pruned trial stops reading: the pool must shut down without running the rest
     np.testing.assert_array_equal(first, R.refine(*pairs[0], cfg_for("grabcut")))
+
+
+def test_grabcut_border_band_is_certain_background_whatever_the_map() -> None:
+    import cv2
+
+    from wsss.config import GrabCutConfig
+    from wsss.refine import grabcut_seeds
+
+    prob = np.ones((40, 60), dtype=np.float32)
+    off = grabcut_seeds(prob, GrabCutConfig(border=0.0))
+    assert (off == cv2.GC_FGD).all()
+    seeds = grabcut_seeds(prob, GrabCutConfig(border=0.1))
+    inner = seeds[4:36, 6:54]
+    assert (inner == cv2.GC_FGD).all()
+    band = np.ones_like(seeds, dtype=bool)
+    band[4:36, 6:54] = False
+    assert (seeds[band] == cv2.GC_BGD).all()

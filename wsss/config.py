@@ -221,6 +221,9 @@ class GrabCutConfig:
     fg_threshold: float = _f(0.7, 0.0, 1.0)  # >= : confident foreground
     pfg_threshold: float = _f(0.3, 0.0, 1.0)  # >= : probable foreground
     bg_threshold: float = _f(0.05, 0.0, 1.0)  # < : confident background (between: probable bg)
+    # Width of a band along the image border, as a fraction of each side, seeded as confident background
+    # whatever the map says (0 = off). The centred-rectangle GrabCut baseline's prior is 0.075.
+    border: float = _f(0.0, 0.0, 0.45)
 
 
 @dataclass(frozen=True)

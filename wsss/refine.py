@@ -227,11 +227,21 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, crf: CrfConfig, threshold: fl
 
 
 def grabcut_seeds(prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
-    """The GrabCut initial mask: ``>= fg`` -> GC_FGD, ``>= pfg`` -> GC_PR_FGD, ``< bg`` -> GC_BGD, else GC_PR_BGD."""
+    """The GrabCut initial mask: ``>= fg`` -> GC_FGD, ``>= pfg`` -> GC_PR_FGD, ``< bg`` -> GC_BGD, else GC_PR_BGD.
+
+    With ``g.border > 0`` a band of that fraction of each side along the image border is GC_BGD whatever
+    the map says (the prior of the centred-rectangle baseline, here combined with the map inside it).
+    """
     seeds = np.full(prob.shape, cv2.GC_PR_BGD, dtype=np.uint8)
     seeds[~_fg(prob, g.bg_threshold)] = cv2.GC_BGD
     seeds[_fg(prob, g.pfg_threshold)] = cv2.GC_PR_FGD
     seeds[_fg(prob, g.fg_threshold)] = cv2.GC_FGD
+    if g.border > 0:
+        h, w = prob.shape
+        by, bx = round(h * g.border), round(w * g.border)
+        inside = np.zeros(prob.shape, dtype=bool)
+        inside[by : h - by, bx : w - bx] = True
+        seeds[~inside] = cv2.GC_BGD
     return seeds
 
 

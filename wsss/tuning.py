@@ -251,6 +251,7 @@ def suggest_pseudo(trial: Suggest, base: PseudoConfig, refiners: Sequence[str]) 
             pfg_threshold=pfg,
             fg_threshold=min(1.0, pfg + trial.suggest_float("grabcut.fg_gap", 0.0, 1.0) * (1.0 - pfg)),
             bg_threshold=pfg * trial.suggest_float("grabcut.bg_ratio", 0.0, 1.0),
+            border=trial.suggest_float("grabcut.border", 0.0, 0.15),
         )
     return dataclasses.replace(base, crf=crf, grabcut=grab, **changes)
 
