@@ -16,6 +16,7 @@ from tests.test_make_pseudo import SPLITS, VARIANT, build_project
 from wsss.config import REFINERS, PseudoConfig, load_params, params_from_dict, to_dict
 from wsss.data.manifest import load_manifest
 from wsss.tuning import (
+    RECTANGLE_PRIOR_TRIAL,
     Objective,
     build_objective_data,
     chunk_ends,
@@ -137,8 +138,11 @@ def test_study_nested_runs_best_params_and_resume(project: Path) -> None:
     assert len(study.trials) == 6
     assert second["best_value"] == max(t.value for t in study.trials if t.value is not None and
                                        t.state == optuna.trial.TrialState.COMPLETE)
+    # A new study first scores the rectangle prior it must beat; a resumed one does not enqueue it again.
+    assert study.trials[0].params == RECTANGLE_PRIOR_TRIAL
+    assert sum(t.params == RECTANGLE_PRIOR_TRIAL for t in study.trials) == 1
     # The resumed run continues the random stream instead of replaying the first trials.
-    assert study.trials[0].params != study.trials[3].params
+    assert study.trials[1].params != study.trials[4].params
     parents, children = _parents_and_children()
     assert len(parents) == 2 and sorted(len(c) for c in children.values()) == [3, 3]
 
@@ -194,3 +198,15 @@ def test_two_workers_share_one_sqlite_study(project: Path) -> None:
     logged = sorted(int(n) for c in children.values() for n in c["tags.optuna.trial"])
     assert logged == [0, 1, 2, 3]  # every trial exactly once, under the worker that ran it
     assert load_best_params(paths.crf_params(VARIANT)).refiner in PARAMS["tune"]["refiners"]
+
+
+def test_seed_trials_only_where_the_rectangle_prior_fits() -> None:
+    from wsss.tuning import seed_trials
+
+    assert seed_trials(PseudoConfig(), ("crf", "grabcut")) == [RECTANGLE_PRIOR_TRIAL]
+    assert seed_trials(PseudoConfig(), ("crf", "none")) == []
+    assert seed_trials(PseudoConfig(confident=True), ("grabcut",)) == []
+    # The seeded trial rebuilds into a valid configuration with the baseline's border band.
+    cfg = suggest_pseudo(optuna.trial.FixedTrial(RECTANGLE_PRIOR_TRIAL), PseudoConfig(), ("crf", "grabcut"))
+    params_from_dict({"pseudo": to_dict(cfg)})
+    assert cfg.refiner == "grabcut" and cfg.grabcut.border == 0.075 and cfg.grabcut.bg_threshold == 0.0

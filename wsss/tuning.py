@@ -204,6 +204,25 @@ def search_refiners(base: PseudoConfig, refiners: Sequence[str]) -> tuple[str, .
     return out
 
 
+# GrabCut seeded like the label-free centred-rectangle baseline (85 % rectangle = a 7.5 % border band),
+# with the map only splitting the inside into probable fg / probable bg at a low threshold.
+RECTANGLE_PRIOR_TRIAL = {
+    "refiner": "grabcut", "grabcut.pfg_threshold": 0.05, "grabcut.iterations": 5, "grabcut.fg_gap": 1.0,
+    "grabcut.bg_ratio": 0.0, "grabcut.border": 0.075,
+}
+
+
+def seed_trials(base: PseudoConfig, refiners: Sequence[str]) -> list[dict[str, Any]]:
+    """Trials a new study evaluates first, so the search starts from the label-free prior it must beat.
+
+    Today one: :data:`RECTANGLE_PRIOR_TRIAL` when GrabCut is a choice (and the study is not confident-mode,
+    whose thresholds the prior does not cover).
+    """
+    if "grabcut" in refiners and not base.confident:
+        return [dict(RECTANGLE_PRIOR_TRIAL)]
+    return []
+
+
 def suggest_pseudo(trial: Suggest, base: PseudoConfig, refiners: Sequence[str]) -> PseudoConfig:
     """Sample one pseudo-mask configuration (or, given a ``FrozenTrial``, rebuild the one it sampled).
 

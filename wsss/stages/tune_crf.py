@@ -30,6 +30,7 @@ from wsss.tuning import (
     default_storage,
     make_storage,
     search_refiners,
+    seed_trials,
     study_name,
     tuning_rows,
     write_best_params,
@@ -92,6 +93,9 @@ def run(
     seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if storage else 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
     study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
+    if n_before == 0:
+        for seed_params in seed_trials(params.pseudo, refiners):
+            study_obj.enqueue_trial(seed_params, skip_if_exists=True)
 
     start = time.perf_counter()
     with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
