@@ -182,3 +182,17 @@ def make_background_folder(
     for i in range(n):
         write_image(folder / f"{i:07d}.jpg", rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
     return root
+
+
+def deny_reading(monkeypatch: object, module: object, path: Path) -> None:
+    """Make ``module``'s ``open`` raise EACCES for ``path`` (as root, file permissions do not stop reads)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def fake_open(file: object, *a: object, **kw: object) -> object:
+        if Path(str(file)) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)  # type: ignore[attr-defined]

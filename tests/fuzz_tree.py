@@ -31,6 +31,7 @@ from PIL import Image
 from tests.data_factory import (
     add_pet,
     append_split,
+    deny_reading,
     make_oxford_tree,
     pet_image,
     pet_trimap,
@@ -393,15 +394,7 @@ def unreadable_image(root: Path, mp: pytest.MonkeyPatch) -> Expect:
     """An image the process may not read (as root: simulated, open raises EACCES)."""
     from wsss.data import images
 
-    p = _pet(root)
-    real_open = open
-
-    def fake_open(file: object, *a: object, **kw: object) -> object:
-        if Path(str(file)) == p:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *a, **kw)  # type: ignore[call-overload]
-
-    mp.setattr(images, "open", fake_open, raising=False)
+    deny_reading(mp, images, _pet(root))
     return Expect([Issue("images/Abyssinian_9.jpg", "excluded", ("permission denied",))])
 
 

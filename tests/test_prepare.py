@@ -17,6 +17,7 @@ from PIL import Image
 from tests.data_factory import (
     add_pet,
     append_split,
+    deny_reading,
     make_background_folder,
     make_oxford_tree,
     pet_image,
@@ -347,14 +348,7 @@ def test_bad_inputs_are_reported_and_the_rest_prepared(
     if os.geteuid() != 0:
         p.chmod(0)
     else:
-        real_open = open
-
-        def fake_open(file: object, *a: object, **kw: object) -> object:
-            if Path(str(file)) == p:
-                raise PermissionError(13, "Permission denied", str(file))
-            return real_open(file, *a, **kw)  # type: ignore[call-overload]
-
-        monkeypatch.setattr(images, "open", fake_open, raising=False)
+        deny_reading(monkeypatch, images, p)
     bad["permission"] = (p, "excluded", ("permission denied",))
     # symlink loop
     loop_a, loop_b = img_dir / "Abyssinian_loopa.jpg", img_dir / "Abyssinian_loopb.jpg"

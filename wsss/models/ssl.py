@@ -15,6 +15,7 @@ The encoder is a torchvision ResNet (built by :func:`wsss.models.backbone.load_t
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from collections.abc import Callable
@@ -137,14 +138,14 @@ def _mlp(dims: list[int], last_bn: bool, last_bn_affine: bool = True) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-class SSLModel(nn.Module):
+class SSLModel(nn.Module, abc.ABC):
     """Common interface of the methods: ``loss(x1, x2)``, ``after_step()``, ``features(x)``, ``param_groups``."""
 
     encoder: nn.Module
 
+    @abc.abstractmethod
     def loss(self, x1: Tensor, x2: Tensor) -> Tensor:
         """The training loss of a batch of view pairs (float32 scalar)."""
-        raise NotImplementedError
 
     def after_step(self) -> None:
         """Called after each optimizer step (momentum encoders update here)."""
