@@ -306,3 +306,30 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(prepared: Path,
     assert meta["state_sha256"] == ref_meta["state_sha256"]
     assert resumed["final_loss"] == reference["final_loss"]
     assert resumed["knn_acc_init"] == reference["knn_acc_init"]
+
+
+def test_data_parallel_pretraining_on_two_gloo_processes(prepared: Path) -> None:
+    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu"},
+                            "pretrain": {**TINY_PRETRAIN, "method": "mocov2", "world_size": 2}})
+    out = invoke("pretrain", "--name", "ddp")
+    assert "data-parallel on 2 cpu processes (4 images per process" in out
+    report = json.loads((prepared / "reports" / "training" / "pretrain-ddp.json").read_text())
+    assert report["world_size"] == 2 and report["final_loss"] == report["final_loss"]
+    saved = torch.load(prepared / "models" / "pretrain-ddp" / "model.pt", weights_only=True)
+    assert "conv1.weight" in saved and not any(k.startswith("module.") for k in saved)
+    assert not (prepared / ".wsss" / "state" / "pretrain" / "ddp" / "checkpoint.pt").exists()
+
+    import mlflow
+
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`wsss.stage` = 'pretrain'")
+    assert len(runs) == 1, "only rank 0 may log"  # not one run per process
+    assert runs.iloc[0]["tags.world_size"] == "2" and runs.iloc[0]["status"] == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(runs.iloc[0]["run_id"], "loss")
+    assert [m.step for m in history] == [0, 1]
+
+
+def test_global_batch_must_split_evenly_over_the_processes(prepared: Path) -> None:
+    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu"},
+                            "pretrain": {**TINY_PRETRAIN, "batch_size": 9, "world_size": 2}})
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 2 and "multiple of the 2 data-parallel processes" in result.output

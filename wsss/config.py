@@ -131,6 +131,9 @@ class PretrainConfig:
     warmup_epochs: int = _f(0, 0)
     knn_k: int = _f(20, 1, 1000)  # k-NN probe: neighbours among train-split labelled images
     knn_temperature: float = _f(0.07, 0.001, 10.0)
+    # Data-parallel processes: 0 = one per visible GPU (1 on the CPU); N > 1 on the CPU runs N gloo processes
+    # (a correctness check, not a speed-up on a few cores). batch_size is the global batch.
+    world_size: int = _f(0, 0, 64)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     mocov2: MocoV2Config = field(default_factory=MocoV2Config)
 

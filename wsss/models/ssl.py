@@ -33,6 +33,7 @@ from wsss.config import PretrainConfig
 from wsss.data.datasets import IMAGENET_MEAN, IMAGENET_STD, load_rgb
 from wsss.errors import ConfigError
 from wsss.models.backbone import load_torchvision_resnet, make_output_stride_16
+from wsss.training.distributed import all_gather_cat
 
 SSL_METHODS = ("simsiam", "mocov2")
 
@@ -139,9 +140,18 @@ def _mlp(dims: list[int], last_bn: bool, last_bn_affine: bool = True) -> nn.Sequ
 
 
 class SSLModel(nn.Module, abc.ABC):
-    """Common interface of the methods: ``loss(x1, x2)``, ``after_step()``, ``features(x)``, ``param_groups``."""
+    """Common interface of the methods: ``loss(x1, x2)``, ``after_step()``, ``features(x)``, ``param_groups``.
+
+    ``forward(x1, x2)`` is ``loss(x1, x2)``, so a ``DistributedDataParallel`` wrapper (which synchronises
+    gradients of what its ``forward`` computed) trains any method unchanged.
+    """
 
     encoder: nn.Module
+    #: Convert BatchNorm to SyncBatchNorm when training data-parallel on GPUs (SimSiam's recipe).
+    sync_batchnorm: bool = False
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return self.loss(x1, x2)
 
     @abc.abstractmethod
     def loss(self, x1: Tensor, x2: Tensor) -> Tensor:
@@ -170,6 +180,8 @@ class SimSiam(SSLModel):
         pred_dim: predictor bottleneck width.
         fix_pred_lr: keep the predictor at the base learning rate (the paper's recommendation).
     """
+
+    sync_batchnorm = True
 
     def __init__(self, encoder: nn.Module, feat_dim: int, proj_dim: int = 2048, pred_dim: int = 512,
                  fix_pred_lr: bool = True) -> None:
@@ -201,7 +213,9 @@ class MoCoV2(SSLModel):
     """MoCo v2: query encoder + MLP head, momentum key encoder, a queue of negative keys, InfoNCE.
 
     The queue and its pointer are buffers, so they are part of ``state_dict`` and a resumed run continues
-    with the same negatives. The loss is symmetrised (each view is once the query, once the key).
+    with the same negatives. The loss is symmetrised (each view is once the query, once the key). Trained
+    data-parallel, every rank enqueues the keys of all ranks (rank order), so the queues stay identical;
+    shuffle BN stays per process, over shuffled sub-batches of that rank's keys.
 
     Args:
         encoder: pooled-feature encoder (:func:`build_encoder`).
@@ -279,7 +293,7 @@ class MoCoV2(SSLModel):
         k1, k2 = self._keys(both).chunk(2)
         loss = 0.5 * (self._info_nce(q1, k2) + self._info_nce(q2, k1))
         if update_queue and self.training:
-            self.enqueue(torch.cat([k1, k2]))
+            self.enqueue(all_gather_cat(torch.cat([k1, k2])))
         return loss
 
     def after_step(self) -> None:

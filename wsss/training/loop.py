@@ -42,7 +42,7 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: Any | None,
     epochs: int,
-    ckpt: CheckpointManager,
+    ckpt: CheckpointManager | None,
     train_epoch: Callable[[int], Metrics],
     validate: Callable[[int], Metrics] | None = None,
     select: str | None = None,
@@ -53,6 +53,7 @@ def fit(
     state: dict[str, Any] | None = None,
     progress: Callable[[int, str], None] | None = None,
     generators: Sequence[torch.Generator] = (),
+    log: bool = True,
 ) -> FitResult:
     """Train for ``epochs`` epochs, resuming from ``state`` (a loaded checkpoint) if given.
 
@@ -65,6 +66,8 @@ def fit(
         generators: the data loaders' generators (shuffling order, worker seeds). Their states are
             checkpointed and restored like the global RNGs: a fresh loader would otherwise replay the
             first epoch's order after a resume, and the resumed run would diverge from an uninterrupted one.
+        ckpt, log: ``None`` / ``False`` on the data-parallel ranks other than 0, which train in step with
+            rank 0 but leave checkpoints and MLflow logging to it.
     """
     sign = 1.0 if mode == "max" else -1.0
     start, best_epoch, best_value = 0, -1, -math.inf
@@ -101,21 +104,23 @@ def fit(
             best_value, best_epoch, best_state = value, epoch, _cpu_state(model)
         metrics["best_epoch"] = float(best_epoch)
         history.append(metrics)
-        tracking.log_metrics(metrics, step=epoch)
-        ckpt.save({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "best_epoch": best_epoch,
-            "best_value": best_value,
-            "best_model": best_state,
-            "history": history,
-            "rng": rng_state(),
-            "generators": [gen.get_state() for gen in generators],
-            **(extra_state() if extra_state else {}),
-        })
+        if log:
+            tracking.log_metrics(metrics, step=epoch)
+        if ckpt is not None:
+            ckpt.save({
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "epoch": epoch,
+                "best_epoch": best_epoch,
+                "best_value": best_value,
+                "best_model": best_state,
+                "history": history,
+                "rng": rng_state(),
+                "generators": [gen.get_state() for gen in generators],
+                **(extra_state() if extra_state else {}),
+            })
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
         if progress is not None:
