@@ -61,13 +61,13 @@ def _check_compute_maps_matches_stored(project: Path) -> None:
     from wsss.device import precision_for, prepare_model
     from wsss.methods import METHODS
     from wsss.paths import Paths
-    from wsss.stages.make_cams import _load_model, compute_maps, map_rows
+    from wsss.stages.make_cams import compute_maps, load_method_model, map_rows
 
     params, paths = load_params(project / "params.yaml"), Paths(project)
     rows = map_rows(pd.read_parquet(paths.manifest)).head(5)
     prec = precision_for(torch.device("cpu"))
     method = METHODS.get("cam")
-    model, meta = _load_model(paths, method, "classifier-species")
+    model, meta = load_method_model(paths, method, "classifier-species")
     fresh = {i: m for i, m, _, _ in compute_maps(params, paths, method, prepare_model(model, prec), meta, rows, prec)}
     stored = {i: m for i, m, _ in iter_maps(paths.cams_dir("cam_classifier-species"), set(fresh))}
     assert set(stored) == set(fresh)

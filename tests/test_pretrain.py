@@ -158,6 +158,17 @@ def test_knn_predict_votes_by_similarity() -> None:
         knn_predict(bank[:0], labels[:0], queries, k=2, num_classes=2)
 
 
+def test_leave_one_out_knn_never_counts_an_image_as_its_own_neighbour() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.95, 0.05], [0.0, 1.0], [0.05, 0.95], [0.9, 0.1]])
+    labels = torch.tensor([0, 0, 1, 1, 1])  # the last one sits among the class-0 images
+    assert knn_predict(bank, labels, None, k=1, num_classes=2).tolist() == [0, 0, 1, 1, 0]
+    # Including itself it would have voted for its own label.
+    assert knn_predict(bank, labels, bank, k=1, num_classes=2).tolist() == [0, 0, 1, 1, 1]
+    assert knn_predict(bank, labels, None, k=50, num_classes=2).shape == (5,)  # k clamped to N - 1
+    with pytest.raises(ValueError, match="at least two"):
+        knn_predict(bank[:1], labels[:1], None, k=2, num_classes=2)
+
+
 # --- params ---------------------------------------------------------------------------------------
 
 
@@ -231,7 +242,8 @@ def test_cli_pretrains_and_every_consumer_loads_the_backbone(prepared: Path) -> 
     report = json.loads((prepared / "reports" / "training" / "pretrain-tiny.json").read_text())
     df = load_manifest(paths.manifest)
     assert report["n_images"] == int(df["split"].isin(["train", "val"]).sum())  # every non-test image
-    for key in ("final_loss", "knn_acc", "knn_acc_init", "images_per_s", "epoch_seconds"):
+    for key in ("final_loss", "knn_acc", "knn_acc_init", "knn_loo_balanced_acc", "knn_loo_balanced_acc_init",
+                "images_per_s", "epoch_seconds"):
         assert report[key] == report[key], key  # present, not NaN
     assert 0.0 <= report["knn_acc"] <= 1.0
     assert not (prepared / ".wsss" / "state" / "pretrain" / "tiny" / "checkpoint.pt").exists()

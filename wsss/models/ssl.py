@@ -328,7 +328,7 @@ def lr_lambdas(groups: list[dict], epochs: int, warmup_epochs: int) -> list[Call
 # k-NN probe
 
 
-def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int, num_classes: int,
+def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor | None, k: int, num_classes: int,
                 temperature: float = 0.07) -> Tensor:
     """Weighted k-NN classification on L2-normalised features (Wu et al., 2018).
 
@@ -337,7 +337,8 @@ def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int, num_
 
     Args:
         bank: (N, C) features of labelled images; bank_labels: (N,) class indices in ``[0, num_classes)``.
-        queries: (M, C) features to classify.
+        queries: (M, C) features to classify; ``None`` classifies the bank itself leave-one-out (each image
+            by its neighbours other than itself).
 
     Returns:
         (M,) predicted class indices.
@@ -345,9 +346,16 @@ def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int, num_
     if bank.shape[0] == 0:
         raise ValueError("k-NN probe needs at least one labelled bank image")
     bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1)
-    k = min(k, bank.shape[0])
-    sim, idx = (queries @ bank.T).topk(k, dim=1)
+    if queries is None:
+        if bank.shape[0] < 2:
+            raise ValueError("a leave-one-out k-NN probe needs at least two labelled images")
+        sims = bank @ bank.T
+        sims.fill_diagonal_(-math.inf)
+        queries, k = bank, min(k, bank.shape[0] - 1)
+    else:
+        queries = F.normalize(queries.float(), dim=1)
+        sims, k = queries @ bank.T, min(k, bank.shape[0])
+    sim, idx = sims.topk(k, dim=1)
     votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
     votes.scatter_add_(1, bank_labels.to(queries.device)[idx], (sim / temperature).exp())
     return votes.argmax(dim=1)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from wsss import tracking
 from wsss.config import Params
@@ -25,7 +26,8 @@ STAGE = "evaluate"
 BASELINES = ("whole_image", "ellipse", "grabcut_rect")
 
 
-def _test_rows(paths: Paths):  # noqa: ANN202 - pandas
+def official_test_rows(paths: Paths) -> pd.DataFrame:
+    """The official test split's pet images with masks (what every test score is computed on), sorted by id."""
     df = load_manifest(paths.manifest)
     test = df[(df["split"] == "test") & df["has_mask"] & ~df["is_background"]].sort_values("id")
     require_rows(len(test), "test images with masks", "the test split is scored only with GT", paths.manifest)
@@ -38,7 +40,7 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     from wsss.evaluation import SegMeter
     from wsss.inference import load_unet, predict_probs
 
-    test = _test_rows(paths)
+    test = official_test_rows(paths)
     net, meta = load_unet(paths.model_dir(model))
     prec = precision_for(resolve_device(device or params.base.device))
     net = prepare_model(net, prec)
@@ -72,7 +74,7 @@ def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
     from wsss.evaluation import SegMeter
     from wsss.refine import grabcut_rect_baseline
 
-    test = _test_rows(paths)
+    test = official_test_rows(paths)
     meters = {name: SegMeter() for name in BASELINES}
     with task(f"{STAGE} baselines", len(test)) as advance:
         for r in test.itertuples():

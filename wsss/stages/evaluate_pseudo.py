@@ -17,7 +17,7 @@ from wsss.data.datasets import load_mask, load_rgb
 from wsss.errors import ConfigError
 from wsss.io import write_json
 from wsss.paths import Paths
-from wsss.stages.evaluate import STAGE, _test_rows
+from wsss.stages.evaluate import STAGE, official_test_rows
 from wsss.ui import console, task
 
 
@@ -35,10 +35,10 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     from wsss.evaluation import SegMeter
     from wsss.methods import METHODS
     from wsss.refine import refine_many, threshold_mask
-    from wsss.stages.make_cams import _load_model, compute_maps
+    from wsss.stages.make_cams import compute_maps, load_method_model
     from wsss.stages.make_pseudo import effective_config, plain_threshold_config
 
-    test = _test_rows(paths)
+    test = official_test_rows(paths)
     cfg, source = effective_config(params, paths, variant, use_tuned)
     prec = precision_for(resolve_device(device or params.base.device))
     cams = params.make_cams
@@ -57,7 +57,7 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
             raise ConfigError(f"cannot rebuild maps of '{member}' for test images: expected <method>_<model>, "
                             "e.g. cam_classifier-species")
         method = METHODS.get(method_name)
-        model, meta = _load_model(paths, method, model_name)
+        model, meta = load_method_model(paths, method, model_name)
         model = prepare_model(model, prec)
         with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
             member_maps.append({i: m for i, m, _, _ in compute_maps(params, paths, method, model, meta, test,

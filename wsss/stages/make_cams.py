@@ -58,7 +58,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     fp = _fingerprint(params, method, model, paths)
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
-    loaded = _load_model(paths, m, model) if m.needs_model and model != "imagenet" else None
+    loaded = load_method_model(paths, m, model) if m.needs_model and model != "imagenet" else None
     reset_if_stale(out_dir, fp)
 
     start = time.perf_counter()
@@ -108,7 +108,7 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
     return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
 
 
-def _load_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:
+def load_method_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:
     """The method's model and its meta, checked to be of the kind the method needs."""
     model, meta = load_trained_model(paths, model_name)
     if method.model_kind and meta.get("kind") != method.model_kind:
@@ -123,7 +123,7 @@ def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: s
                         loaded: tuple[Any, dict] | None = None) -> int:
     from wsss.device import precision_for, prepare_model, resolve_device
 
-    model, meta = loaded or _load_model(paths, method, model_name)
+    model, meta = loaded or load_method_model(paths, method, model_name)
     prec = precision_for(resolve_device(device or params.base.device))
     model = prepare_model(model, prec)
     by_id = df.set_index("id")
