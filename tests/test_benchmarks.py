@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import pretraining  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
 
@@ -161,3 +162,66 @@ def test_collect_and_summary_line(tmp_path: Path) -> None:
                                                 "seconds": 1.0, "rc": 0}], "summary_line": line, **got}
     md = quality.to_markdown(result)
     assert "(selected)" in md and "| prepare | train | `wsss prepare` | 1.0 |" in md and line in md
+
+
+# --- pretraining.py ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu", "smoke"])
+def test_pretraining_routes_differ_only_in_the_backbone_start(name: str, tmp_path: Path) -> None:
+    plan = quality.build_plan(quality.load_profile(name), tmp_path, [], imagenet_check=lambda a: False)
+    scratch = params_from_dict(pretraining.route_params(plan.params, None), "scratch")
+    moco = params_from_dict(pretraining.route_params(plan.params, "mocov2"), "mocov2")
+    assert scratch.train_classifier.weights == "none" and moco.train_classifier.weights == "pretrain:mocov2"
+    assert moco.pretrain.method == "mocov2" and moco.pretrain.name == "mocov2"
+    assert moco.pretrain.arch == moco.train_classifier.arch == moco.train_ccam.arch  # the backbone must load
+    assert scratch.train_ccam == moco.train_ccam and scratch.tune == moco.tune and scratch.make_cams == moco.make_cams
+    assert pretraining.ccam_model(None) == "ccam-none" and pretraining.ccam_model("simsiam") == "ccam-pre-simsiam"
+
+
+def test_pretraining_rejects_unknown_methods(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="unknown"):
+        pretraining.main(["--train-root", str(tmp_path), "--methods", "simsiam,byol", "--out", str(tmp_path / "r.json")])
+
+
+def _fake_route(project: Path, method: str | None, ccam_iou: float) -> None:
+    variant = f"ccam_{pretraining.ccam_model(method)}"
+    reports = project / "reports"
+    for sub in ("cams", "eval-pseudo", "crf", "training", "eval"):
+        (reports / sub).mkdir(parents=True, exist_ok=True)
+    (reports / "cams" / "cam_classifier-species.json").write_text(json.dumps({"iou_mean": 0.24, "best_iou_mean": 0.36}))
+    (reports / "cams" / f"{variant}.json").write_text(json.dumps(
+        {"iou_mean": ccam_iou, "best_iou_mean": ccam_iou + 0.02, "baseline_whole_iou": 0.37,
+         "baseline_ellipse_iou": 0.49}))
+    (reports / "crf" / f"{variant}.yaml").write_text(
+        "# Best of Optuna study 'x' (16 trials): trial 3, mean val fg IoU 0.5899 on 50 images.\npseudo: {}\n")
+    (reports / "eval-pseudo" / f"{variant}.json").write_text(json.dumps(
+        {"refiner": "grabcut", "n_images": 222, "before": {"iou_mean": 0.38}, "after": {"iou_mean": 0.62}}))
+    if method:
+        (reports / "training" / f"pretrain-{method}.json").write_text(json.dumps(
+            {"epochs": 40, "train_seconds": 840.0, "images_per_s": 77.0, "knn_balanced_acc": 0.5,
+             "knn_balanced_acc_init": 0.6, "knn_loo_balanced_acc": 0.55, "knn_loo_balanced_acc_init": 0.56}))
+    else:
+        (reports / "eval" / "baselines.json").write_text(json.dumps(
+            {k: {"iou_mean": v} for k, v in (("whole_image", 0.336), ("ellipse", 0.481), ("grabcut_rect", 0.665))}))
+
+
+def test_pretraining_collects_routes_into_tables(tmp_path: Path) -> None:
+    _fake_route(tmp_path / "scratch", None, 0.41)
+    _fake_route(tmp_path / "simsiam", "simsiam", 0.30)
+    routes = [pretraining.collect_route(tmp_path / "scratch", None),
+              pretraining.collect_route(tmp_path / "simsiam", "simsiam")]
+    assert routes[0]["ccam_val_iou"] == pytest.approx(41.0) and routes[0]["pseudo_val_iou"] == pytest.approx(58.99)
+    assert "pretrain" not in routes[0] and routes[1]["pretrain"]["knn_loo_balanced_acc"] == 0.55
+    result = {"profile": "cpu", "train_root": "t", "extra_train_roots": [], "machine": "m", "total_seconds": 120.0,
+              "routes": routes, "baselines": pretraining.baselines(tmp_path / "scratch"),
+              "steps": [{"step": "scratch: prepare", "seconds": 2.0}]}
+    line = pretraining.summary_line(result)
+    assert line == ("scratch: ccam_val=41.0 pseudo_test=62.0 | simsiam: ccam_val=30.0 pseudo_test=62.0 | "
+                    "grabcut_rect=66.5")
+    md = pretraining.to_markdown(result)
+    assert "| scratch | 24.0 | 41.0 (43.0) | 59.0 | 38.0 → 62.0 | grabcut |" in md
+    assert "| simsiam | 40 | 14.0 | 77.0 | 0.600 → 0.500 | 0.560 → 0.550 |" in md and line in md
+    (tmp_path / "bad.yaml").write_text("pseudo: {}\n")
+    with pytest.raises(quality.StepFailed, match="mean val fg IoU"):
+        pretraining.tuned_val_iou(tmp_path / "bad.yaml")

@@ -132,7 +132,9 @@ def _train(ctx: DistContext, params: Params, paths: Paths, cfg: PretrainConfig) 
     model = prepare_model(model, prec)
     # DDP averages the gradients of what its forward (= the SSL loss) computed; rank 0's weights are
     # broadcast at construction, so every rank starts (and, stepping in lockstep, stays) identical.
-    step_model = DistributedDataParallel(model) if ctx.distributed else model
+    step_model: torch.nn.Module = model
+    if ctx.distributed:
+        step_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     groups = model.param_groups(cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "fixed_lr"} for g in groups],
                                 momentum=cfg.momentum)
