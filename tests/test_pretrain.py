@@ -345,3 +345,27 @@ def test_global_batch_must_split_evenly_over_the_processes(prepared: Path) -> No
                             "pretrain": {**TINY_PRETRAIN, "batch_size": 9, "world_size": 2}})
     result = runner.invoke(app, ["pretrain"])
     assert result.exit_code == 2 and "multiple of the 2 data-parallel processes" in result.output
+
+
+def test_consumers_accept_a_state_dict_file_as_weights(prepared: Path) -> None:
+    from wsss.models.classifier import Classifier
+    from wsss.models.unet import build_unet
+    from wsss.stages.common import resolve_weights
+
+    enc, _ = build_encoder("resnet18")
+    (prepared / "weights").mkdir()
+    torch.save(enc.state_dict(), prepared / "weights" / "mine.pth")
+    paths = Paths(prepared)
+    path = resolve_weights("weights/mine.pth", paths)  # relative to the project root
+    assert Path(path) == prepared / "weights" / "mine.pth"
+    clf = Classifier("resnet18", 2, weights=path)
+    assert torch.equal(clf.backbone.conv1.weight, enc.conv1.weight)
+    unet = build_unet(UnetConfig(architecture="smp", encoder="resnet18", encoder_weights="weights/mine.pth"),
+                      weights_path=path)
+    assert torch.equal(unet.net.encoder.conv1.weight, enc.conv1.weight)
+    params_from_dict({"train_classifier": {"weights": "weights/mine.pth"},
+                      "train_unet": {"encoder_weights": "/abs/other.pt"}})  # accepted by the loader
+    with pytest.raises(ConfigError, match=r"\.pt/\.pth state_dict file"):
+        params_from_dict({"train_classifier": {"weights": "imagnet"}})
+    with pytest.raises(DataError, match="missing.pt: backbone weights file not found"):
+        resolve_weights("weights/missing.pt", paths)

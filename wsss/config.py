@@ -107,6 +107,11 @@ class MocoV2Config:
     bn_splits: int = _f(2, 1, 64)  # keys encoded in this many shuffled sub-batches (one-device shuffle BN)
 
 
+def is_weights_file(spec: str) -> bool:
+    """Whether a ``weights`` value names a state_dict file (``.pt`` / ``.pth``) rather than a keyword."""
+    return spec.lower().endswith((".pt", ".pth")) and ":" not in spec.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Self-supervised backbone pretraining on the project's own non-test images (no labels)."""
@@ -143,7 +148,7 @@ class ClassifierConfig:
     """Image-level classifier used by CAM / ECS (and as a CCAM initialisation)."""
 
     arch: str = "resnet50"
-    weights: str = "none"  # imagenet | none | pretrain:<name>
+    weights: str = "none"  # imagenet | none | pretrain:<name> | path/to/backbone.pt
     input_size: int = _f(224, 32, 1024)
     crop_scale_min: float = _f(0.35, 0.01, 1.0)
     epochs: int = _f(8, 1)
@@ -262,7 +267,7 @@ class UnetConfig:
 
     architecture: Literal["smp", "plain"] = "smp"
     encoder: str = "resnet34"
-    encoder_weights: str = "none"  # imagenet | none | pretrain:<name>
+    encoder_weights: str = "none"  # imagenet | none | pretrain:<name> | path/to/backbone.pt
     input_size: int = _f(256, 32, 2048)
     epochs: int = _f(20, 1)
     batch_size: int = _f(16, 1)
@@ -427,8 +432,9 @@ def _validate_cross_fields(p: Params, source: str) -> None:
             raise ConfigError(f"{source}: 'tune.refiners' entry {r!r}; valid: {', '.join(REFINERS)}")
     for key, w in (("train_classifier.weights", p.train_classifier.weights),
                    ("train_unet.encoder_weights", p.train_unet.encoder_weights)):
-        if w not in ("imagenet", "none") and not w.startswith("pretrain:"):
-            raise ConfigError(f"{source}: '{key}' = {w!r}; valid: imagenet, none, pretrain:<name>")
+        if w not in ("imagenet", "none") and not w.startswith("pretrain:") and not is_weights_file(w):
+            raise ConfigError(f"{source}: '{key}' = {w!r}; valid: imagenet, none, pretrain:<name>, "
+                              "or a .pt/.pth state_dict file")
 
 
 def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Params:

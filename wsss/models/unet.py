@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.config import UnetConfig
+from wsss.config import UnetConfig, is_weights_file
 from wsss.errors import ConfigError, DataError, MissingDependencyError
 from wsss.models.backbone import load_torchvision_resnet, read_state_dict
 
@@ -95,14 +95,14 @@ def build_unet(cfg: UnetConfig, num_classes: int = 2, weights_path: str | Path |
     """Build the segmenter of ``train_unet``.
 
     ``architecture: smp`` builds ``segmentation_models_pytorch.Unet`` (never downloading through smp's hub);
-    ``encoder_weights: imagenet`` loads torchvision's ImageNet ResNet into the encoder, ``pretrain:<name>``
-    loads the state_dict at ``weights_path`` (resolved by the caller). ``architecture: plain`` builds
+    ``encoder_weights: imagenet`` loads torchvision's ImageNet ResNet into the encoder, ``pretrain:<name>`` or
+    a ``.pt``/``.pth`` file loads the state_dict at ``weights_path`` (resolved by the caller). ``architecture: plain`` builds
     :class:`PlainUNet` from scratch. Both accept any input size (padded and cropped).
 
     Args:
         cfg: the ``train_unet`` section.
         num_classes: output channels.
-        weights_path: encoder state_dict file for ``pretrain:<name>``.
+        weights_path: encoder state_dict file for ``pretrain:<name>`` / a file.
 
     Raises:
         ConfigError: unsupported encoder/weights combination.
@@ -124,7 +124,7 @@ def build_unet(cfg: UnetConfig, num_classes: int = 2, weights_path: str | Path |
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"train_unet.encoder = {cfg.encoder!r} is not an smp encoder: {exc}") from None
 
-    if w == "imagenet" or w.startswith("pretrain:"):
+    if w == "imagenet" or w.startswith("pretrain:") or is_weights_file(w):
         if not cfg.encoder.startswith("resnet"):
             raise ConfigError(
                 f"train_unet.encoder_weights = {w!r} needs a torchvision ResNet encoder, got {cfg.encoder!r}"
@@ -141,5 +141,6 @@ def build_unet(cfg: UnetConfig, num_classes: int = 2, weights_path: str | Path |
         except RuntimeError as exc:
             raise DataError(f"encoder weights do not fit {cfg.encoder}: {exc}") from None
     elif w != "none":
-        raise ConfigError(f"train_unet.encoder_weights = {w!r}; valid: imagenet, none, pretrain:<name>")
+        raise ConfigError(f"train_unet.encoder_weights = {w!r}; valid: imagenet, none, pretrain:<name>, "
+                          "or a .pt/.pth state_dict file")
     return PadCrop(model, 32)

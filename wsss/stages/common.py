@@ -7,18 +7,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsss.config import Params
+from wsss.config import Params, is_weights_file
 from wsss.errors import DataError
 from wsss.paths import Paths
 
 
 def resolve_weights(spec: str, paths: Paths) -> str:
-    """``imagenet`` / ``none`` pass through; ``pretrain:<name>`` becomes the pretrained backbone's path."""
+    """``imagenet`` / ``none`` pass through; ``pretrain:<name>`` becomes the pretrained backbone's path; a
+    ``.pt``/``.pth`` file (relative to the project root) must exist."""
     if spec.startswith("pretrain:"):
         name = spec.split(":", 1)[1]
         path = paths.model_dir(f"pretrain-{name}") / "model.pt"
         if not path.exists():
             raise DataError(f"{path}: self-supervised backbone '{name}' not found; run `wsss pretrain` first")
+        return str(path)
+    if is_weights_file(spec):
+        path = Path(spec) if Path(spec).is_absolute() else paths.root / spec
+        if not path.is_file():
+            raise DataError(f"{path}: backbone weights file not found")
         return str(path)
     return spec
 

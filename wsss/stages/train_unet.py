@@ -92,7 +92,7 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
     seed_everything(params.base.seed)
     prec = precision_for(resolve_device(device or params.base.device))
     weights_path = None
-    if cfg.encoder_weights.startswith("pretrain:"):
+    if cfg.encoder_weights not in ("imagenet", "none"):  # pretrain:<name> or a state_dict file
         weights_path = resolve_weights(cfg.encoder_weights, paths)
     model = prepare_model(build_unet(cfg, num_classes=2, weights_path=weights_path), prec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
