@@ -17,7 +17,7 @@ from wsss.paths import Paths
 STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "prepare": ("n_images", "n_excluded"),
     "validate": ("success", "checks_failed"),
-    "pretrain": ("final_loss",),
+    "pretrain": ("final_loss", "final_knn_loo_balanced_acc", "final_knn_balanced_acc"),
     "train-classifier": ("final_val_balanced_acc", "final_val_acc", "val_acc"),
     "train-ccam": ("final_loss", "polarity"),
     "make-cams": ("iou_mean", "best_iou_mean"),
