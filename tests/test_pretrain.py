@@ -369,3 +369,25 @@ def test_consumers_accept_a_state_dict_file_as_weights(prepared: Path) -> None:
         params_from_dict({"train_classifier": {"weights": "imagnet"}})
     with pytest.raises(DataError, match="missing.pt: backbone weights file not found"):
         resolve_weights("weights/missing.pt", paths)
+
+
+def test_pretraining_under_torchrun_joins_the_launcher_s_ranks(prepared: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu"},
+                            "pretrain": {**TINY_PRETRAIN, "epochs": 1}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "wsss", "pretrain", "--name", "launched"],
+        cwd=prepared, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    output = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    assert output.count("data-parallel on 2 cpu processes") == 1  # printed by rank 0 only
+    assert output.count("saved ") == 1
+    report = json.loads((prepared / "reports" / "training" / "pretrain-launched.json").read_text())
+    assert report["world_size"] == 2
+    assert (prepared / "models" / "pretrain-launched" / "model.pt").is_file()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -77,7 +78,7 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
         device: overrides ``base.device``.
     """
     from wsss.device import resolve_device
-    from wsss.training.distributed import launch, world_size_for
+    from wsss.training.distributed import launch, launched_world_size, world_size_for
 
     cfg = params.pretrain
     if name is not None:
@@ -88,14 +89,14 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
     train_df = select_rows(df, cfg.include_background)
     require_rows(len(train_df), "train/val images", "check prepare's report", paths.manifest)
     resolved = resolve_device(device or params.base.device)
-    world_size = world_size_for(cfg.world_size, resolved)
+    world_size = launched_world_size() or world_size_for(cfg.world_size, resolved)
     if cfg.batch_size % world_size:
         raise ConfigError(f"pretrain.batch_size {cfg.batch_size} must be a multiple of the {world_size} "
                           "data-parallel processes (it is the global batch)")
     if len(train_df) < 2 * world_size:
         raise DataError(f"{paths.manifest}: pretraining on {world_size} process(es) needs at least "
                         f"{2 * world_size} non-test images, found {len(train_df)}")
-    if world_size > 1:
+    if world_size > 1 and int(os.environ.get("RANK", "0")) == 0:
         console.print(f"pretraining data-parallel on {world_size} {resolved.type} processes "
                       f"({cfg.batch_size // world_size} images per process and step)")
     final = launch(_train, world_size, resolved, params, paths, cfg)

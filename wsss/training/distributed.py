@@ -4,7 +4,9 @@
 spawn method, each in its own process group member, and turns a :class:`~wsss.errors.WsssError` raised in
 any of them back into the same one-line error in the caller (instead of a wall of child tracebacks).
 With ``world_size == 1`` it calls ``fn`` in this process with a single-process context: no process group,
-no spawn, so the single-device path is exactly the plain one.
+no spawn, so the single-device path is exactly the plain one. Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` /
+``LOCAL_RANK`` in the environment, one or several nodes) the process is already one rank: it joins the
+launcher's process group instead of spawning.
 """
 
 from __future__ import annotations
@@ -66,6 +68,28 @@ def world_size_for(requested: int, device: torch.device) -> int:
     return max(1, requested)
 
 
+def launched_world_size() -> int:
+    """The world size set by an external launcher (``torchrun``: ``WORLD_SIZE`` with ``RANK``), else 0."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def _launched_context(device: torch.device) -> DistContext:
+    """Join the process group a launcher described in the environment (``env://``)."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistContext(rank, world_size, device)
+
+
 def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))
@@ -95,11 +119,21 @@ def _worker(rank: int, world_size: int, device_type: str, port: int, error_dir: 
 
 
 def launch(fn: Callable[..., Any], world_size: int, device: torch.device, *args: Any) -> Any:
-    """Run ``fn(ctx, *args)`` on ``world_size`` ranks; returns ``fn``'s result when ``world_size`` is 1.
+    """Run ``fn(ctx, *args)`` on ``world_size`` ranks; returns ``fn``'s result in this process (``None`` after
+    spawning ranks). Under ``torchrun`` ``world_size`` is the launcher's and this process is one of the ranks.
 
     ``fn`` and ``args`` must be picklable (a module-level function, dataclasses, paths). Every rank calls
     ``fn``; only rank 0 should write files or log. A :class:`WsssError` raised by any rank is re-raised here.
     """
+    if launched_world_size() > 1:
+        # Started by torchrun (possibly on several nodes): this process is one rank; no spawning.
+        ctx = _launched_context(device)
+        try:
+            result = fn(ctx, *args)
+            dist.barrier()  # rank 0's files are complete before any rank returns
+        finally:
+            dist.destroy_process_group()
+        return result
     if world_size <= 1:
         return fn(DistContext(0, 1, device), *args)
     import torch.multiprocessing as mp
