@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+# GrabCut from a centred rectangle (wsss.refine.grabcut_rect_baseline): the rectangle covers this fraction of
+# each side, i.e. a border band of (1 - frac) / 2 is certain background. One definition for every report.
+RECT_BASELINE_FRAC = 0.85
+RECT_BASELINE_ITERATIONS = 5
+
 
 def _check(h: int, w: int, scale: float | None = None) -> None:
     if h <= 0 or w <= 0:

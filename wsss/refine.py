@@ -29,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
 
@@ -283,7 +284,8 @@ def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray
     return _fg(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
 
 
-def grabcut_rect_baseline(image: np.ndarray, frac: float = 0.85, iterations: int = 5) -> np.ndarray:
+def grabcut_rect_baseline(image: np.ndarray, frac: float = RECT_BASELINE_FRAC,
+                          iterations: int = RECT_BASELINE_ITERATIONS) -> np.ndarray:
     """Label-free baseline: GrabCut initialised with a centred rectangle covering ``frac`` of each side.
 
     Falls back to the rectangle itself when GrabCut cannot run (tiny image, rectangle = whole image).

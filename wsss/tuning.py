@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
 from wsss.errors import ConfigError, DataError
 
@@ -207,8 +208,8 @@ def search_refiners(base: PseudoConfig, refiners: Sequence[str]) -> tuple[str, .
 # GrabCut seeded like the label-free centred-rectangle baseline (85 % rectangle = a 7.5 % border band),
 # with the map only splitting the inside into probable fg / probable bg at a low threshold.
 RECTANGLE_PRIOR_TRIAL = {
-    "refiner": "grabcut", "grabcut.pfg_threshold": 0.05, "grabcut.iterations": 5, "grabcut.fg_gap": 1.0,
-    "grabcut.bg_ratio": 0.0, "grabcut.border": 0.075,
+    "refiner": "grabcut", "grabcut.pfg_threshold": 0.05, "grabcut.iterations": RECT_BASELINE_ITERATIONS,
+    "grabcut.fg_gap": 1.0, "grabcut.bg_ratio": 0.0, "grabcut.border": round((1.0 - RECT_BASELINE_FRAC) / 2, 6),
 }
 
 

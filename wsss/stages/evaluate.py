@@ -83,7 +83,7 @@ def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
             h, w = gt.shape
             meters["whole_image"].add(whole_image(h, w), gt)
             meters["ellipse"].add(centred_ellipse(h, w, params.evaluate.ellipse_scale), gt)
-            meters["grabcut_rect"].add(grabcut_rect_baseline(image, frac=0.85, iterations=5), gt)
+            meters["grabcut_rect"].add(grabcut_rect_baseline(image), gt)
             advance(1)
     report = {name: m.result().to_dict() for name, m in meters.items()}
     report["split"] = "test"

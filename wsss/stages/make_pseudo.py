@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from wsss import tracking
+from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.cams import SHARD_GLOB, iter_maps
 from wsss.config import Params, PseudoConfig, to_dict
 from wsss.data.manifest import load_manifest
@@ -44,8 +45,6 @@ from wsss.ui import console, task
 STAGE = "make-pseudo"
 FINGERPRINT_FILE = "_fingerprint.json"
 DONE_FILE = "_done.json"
-RECT_FRAC = 0.85  # GrabCut baseline rectangle: this fraction of each side, centred
-RECT_ITERATIONS = 5
 ELLIPSE_SCALE = 0.8
 
 
@@ -274,7 +273,7 @@ def grabcut_rect_scores(paths: Paths, rows: pd.DataFrame, workers: int = 0) -> d
 
     prepared = paths.prepared.resolve()  # workers may not share the caller's cwd
     items = [(str(prepared / r.image_path), str(prepared / r.mask_path)) for r in rows.itertuples()]
-    key = hashlib.sha1(json.dumps([tracking.data_hash(paths), RECT_FRAC, RECT_ITERATIONS,
+    key = hashlib.sha1(json.dumps([tracking.data_hash(paths), RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS,
                                    sorted(rows["id"].astype(str))]).encode()).hexdigest()[:16]
     cache = paths.state_dir(STAGE, "baselines") / f"grabcut-rect-{key}.json"
     if cache.exists():
@@ -310,7 +309,7 @@ def _rect_chunk(items: list[tuple[str, str]]) -> SegMeter:
     meter = SegMeter()
     for image_path, mask_path in items:
         image = read_rgb(Path(image_path))
-        meter.add(grabcut_rect_baseline(image, RECT_FRAC, RECT_ITERATIONS), read_mask(Path(mask_path)))
+        meter.add(grabcut_rect_baseline(image, RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS), read_mask(Path(mask_path)))
     return meter
 
 
