@@ -150,7 +150,7 @@ def test_per_breed_and_ecs_terms_act_on_the_pet_side() -> None:
     from wsss.stages import train_ccam
 
     model = CCAM("resnet18", weights="none")
-    model.set_polarity(-1.0)
+    model.polarity.fill_(-1.0)
     assert train_ccam.polarity_rule(model, "none", ecs=False, per_breed=True) == (-1.0, "inherited from ccam-none")
     assert train_ccam.polarity_rule(model, "none", ecs=True, per_breed=False) == (1.0, "ECS foreground target")
     assert train_ccam.polarity_rule(model, "none", ecs=False, per_breed=False) == (None, "border vs centre")

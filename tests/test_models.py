@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import urllib.error
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_ccam_shapes_and_polarity() -> None:
     with torch.no_grad():
         fg, bg, p = model(x)
         logits = model.logits(x)
-        model.set_polarity(-1.0)
+        model.polarity.fill_(-1.0)
         flipped = model.logits(x)
     assert fg.shape == bg.shape == (2, 256 + 512)
     assert p.shape == logits.shape == (2, 1, 4, 3)
@@ -321,10 +322,12 @@ def test_class_weights_balance_an_imbalanced_label_set():
 
 
 def test_balanced_accuracy_exposes_a_majority_class_predictor():
-    from wsss.stages.train_classifier import balanced_accuracy
+    from wsss.evaluation import balanced_accuracy
 
     target = torch.tensor([0, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     always_one = torch.ones(10, dtype=torch.long)
     assert float((always_one == target).float().mean()) == pytest.approx(0.9)
-    assert balanced_accuracy(always_one, target, 2) == pytest.approx(0.5)
-    assert balanced_accuracy(target, target, 2) == pytest.approx(1.0)
+    assert balanced_accuracy(always_one, target) == pytest.approx(0.5)
+    assert balanced_accuracy(target, target) == pytest.approx(1.0)
+    assert balanced_accuracy(torch.tensor([0, 2]), torch.tensor([2, 2])) == pytest.approx(0.5)  # absent class 1
+    assert math.isnan(balanced_accuracy(target[:0], target[:0]))

@@ -13,12 +13,16 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from wsss.errors import ConfigError
+
+if TYPE_CHECKING:
+    from wsss.config import Params
 
 # CPU flags that mean bfloat16 matmuls run natively; without them oneDNN emulates bf16 and is slower than fp32.
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -97,6 +101,17 @@ def precision_for(device: torch.device, enabled: bool = True) -> Precision:
     return Precision(device, None, channels_last=False, use_grad_scaler=False)
 
 
+def precision_from(spec: str | None, params: Params | None = None, enabled: bool = True) -> Precision:
+    """:func:`precision_for` the device a stage runs on: ``spec`` (the CLI's ``--device``) or, when it is
+    ``None``, ``params.base.device`` (``auto`` without params).
+
+    Raises:
+        ConfigError: the device spec is invalid or names a device this machine lacks.
+    """
+    default = params.base.device if params is not None else "auto"
+    return precision_for(resolve_device(spec or default), enabled)
+
+
 def autocast(p: Precision) -> contextlib.AbstractContextManager:
     """An autocast context for ``p`` (a no-op context when ``p`` is fp32)."""
     if p.autocast_dtype is None:
@@ -105,7 +120,7 @@ def autocast(p: Precision) -> contextlib.AbstractContextManager:
 
 
 def grad_scaler(p: Precision) -> torch.amp.GradScaler | None:
-    """A ``GradScaler`` when ``p`` needs one (fp16 on CUDA), else ``None``."""
+    """A ``GradScaler`` when ``p`` needs one (fp16 on CUDA), else ``None`` (step the optimiser directly)."""
     return torch.amp.GradScaler(p.device.type) if p.use_grad_scaler else None
 
 

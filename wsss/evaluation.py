@@ -17,8 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IGNORE = 255
 
@@ -198,3 +202,12 @@ def threshold_curve(
     for key, values in by_sorted.items():
         out[key] = [float(v) for v in np.asarray(values)[inverse]]
     return out
+
+
+def balanced_accuracy(pred: Tensor, target: Tensor) -> float:
+    """Mean per-class recall of class predictions over the classes present in ``target`` (NaN when empty).
+
+    Unlike accuracy it exposes a predictor that always answers the majority class (it scores 1 / #classes).
+    """
+    recalls = [float((pred[target == c] == c).float().mean()) for c in target.unique().tolist()]
+    return sum(recalls) / len(recalls) if recalls else float("nan")

@@ -32,7 +32,6 @@ because tracking failed once it had started.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -476,12 +475,3 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     if Path(path).exists():
         guard(mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
-
-def figure_to_array(fig: Any) -> np.ndarray:
-    """Render a matplotlib figure to an RGB uint8 array."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))

@@ -1,4 +1,4 @@
-"""Torch datasets over the prepared manifest: classification, segmentation and inference."""
+"""Torch datasets over the prepared manifest (classification, segmentation, inference) and a seeded loader."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from wsss.config import Params
 from wsss.data.breeds import NUM_BREEDS, SPECIES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,7 +113,12 @@ class InferenceDataset(Dataset):
 
 
 class SegmentationDataset(Dataset):
-    """(image, mask) pairs at ``size``×``size``; masks from GT (``mask_path``) or a pseudo-mask folder."""
+    """(image, mask) pairs at ``size``×``size``; masks from GT (``mask_path``) or a pseudo-mask folder.
+
+    Training applies one random resized crop (scale 0.5-1, ratio 3/4-4/3) and a horizontal flip to the
+    image and its mask together (``torchvision.transforms.v2`` with a ``tv_tensors.Mask``, so the mask is
+    resampled nearest-neighbour); evaluation only resizes both.
+    """
 
     def __init__(self, df: pd.DataFrame, prepared_dir: Path, size: int, train: bool,
                  masks_dir: Path | None = None):
@@ -120,6 +127,13 @@ class SegmentationDataset(Dataset):
         self.masks_dir = Path(masks_dir) if masks_dir else None
         self.size = size
         self.train = train
+        if train:
+            self.transform = v2.Compose([
+                v2.RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+                v2.RandomHorizontalFlip(),
+            ])
+        else:
+            self.transform = v2.Resize((size, size), antialias=True)
 
     def __len__(self) -> int:
         return len(self.df)
@@ -131,16 +145,19 @@ class SegmentationDataset(Dataset):
         return self.prepared_dir / row["mask_path"]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = TF.pil_to_tensor(load_rgb(self.prepared_dir, self.df.at[i, "image_path"]))
-        mask = torch.from_numpy(load_mask(self.mask_path(i)))[None]
-        if self.train:
-            i0, j0, h, w = v2.RandomResizedCrop.get_params(img, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
-            img = TF.resized_crop(img, i0, j0, h, w, [self.size, self.size], antialias=True)
-            mask = TF.resized_crop(mask, i0, j0, h, w, [self.size, self.size],
-                                   interpolation=v2.InterpolationMode.NEAREST)
-            if torch.rand(()) < 0.5:
-                img, mask = TF.horizontal_flip(img), TF.horizontal_flip(mask)
-        else:
-            img = TF.resize(img, [self.size, self.size], antialias=True)
-            mask = TF.resize(mask, [self.size, self.size], interpolation=v2.InterpolationMode.NEAREST)
-        return normalize(img), mask[0].long()
+        img = tv_tensors.Image(TF.pil_to_tensor(load_rgb(self.prepared_dir, self.df.at[i, "image_path"])))
+        mask = tv_tensors.Mask(torch.from_numpy(load_mask(self.mask_path(i)))[None])
+        img, mask = self.transform(img, mask)
+        return normalize(img.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor)[0].long()
+
+def loader(ds: Dataset, batch_size: int, params: Params, shuffle: bool, seed: int = 0,
+           drop_last: bool = False) -> DataLoader:
+    """A DataLoader seeded for reproducible shuffling (``drop_last`` only when more than one batch)."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    workers = params.base.num_workers
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
+        num_workers=workers, generator=gen, persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

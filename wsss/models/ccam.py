@@ -1,6 +1,7 @@
 """Class-agnostic activation maps: C²AM (Xie et al., CVPR 2022), following the official implementation.
 
-See ``algorithms.md`` §2.4 (model, loss, parameter groups), §2.8 (per-breed fine-tuning) and §3.4 (polarity).
+See docs/methods.md#ccam (model, loss, parameter groups), docs/methods.md#per-breed-contrast (per-breed
+fine-tuning) and docs/methods.md#polarity.
 """
 
 from __future__ import annotations
@@ -36,12 +37,6 @@ class CCAM(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(c3 + c4, 1, 3, padding=1, bias=False), nn.BatchNorm2d(1))
         self.register_buffer("polarity", torch.tensor(1.0))
 
-    def set_polarity(self, polarity: float) -> None:
-        """Record the decided polarity (+1: sigmoid marks foreground, -1: it marks background)."""
-        if polarity not in (1.0, -1.0):
-            raise ValueError(f"polarity must be +1 or -1, got {polarity}")
-        self.polarity.fill_(polarity)
-
     def features(self, x: Tensor) -> Tensor:
         """``Z = concat(layer4, layer3)`` (B, c4+c3, h, w)."""
         x3, x4 = self.backbone(x)
@@ -67,7 +62,7 @@ class CCAM(nn.Module):
     def logits(self, x: Tensor) -> Tensor:
         """Foreground logits (B,1,h,w): BN output times polarity, so higher means more foreground.
 
-        Apply any ReLU/normalisation after this, never before (AUTH bug B8).
+        Apply any ReLU/normalisation after this, never before (docs/seed-paper.md, B8).
         """
         return self.raw_logits(self.features(x)) * self.polarity
 
@@ -118,7 +113,8 @@ def ccam_loss(fg: Tensor, bg: Tensor, alpha: float) -> tuple[Tensor, dict[str, T
 def breed_contrastive_loss(fg: Tensor, breeds: Tensor, alpha: float) -> Tensor:
     """Per-breed contrastive term on foreground descriptors (the paper's class-specific fine-tuning).
 
-    Intra-breed positives and inter-breed negatives (the paper's description; AUTH had no negatives, B12).
+    Intra-breed positives and inter-breed negatives (the paper's description; the seed code had no negatives:
+    docs/seed-paper.md, B12).
     With ``S_ij = clamp(cos(fg_i, fg_j), 5e-4, 0.9995)``, ``P_i = {j != i: breed_j = breed_i}`` and
     ``N_i = {j: breed_j != breed_i}``::
 
@@ -200,7 +196,7 @@ def decide_polarity(p_maps: Tensor, border: int = 1) -> float:
     """Decide whether the head's sigmoid marks the foreground (+1) or the background (-1).
 
     Pets are roughly centred, so the side with more mass on the ``border``-pixel ring than in the centre
-    is the background (``algorithms.md`` §3.4). Use maps from many training images.
+    is the background (docs/methods.md#polarity). Use maps from many training images.
 
     Args:
         p_maps: head maps P (N,1,h,w) (or (N,h,w)) as returned by :meth:`CCAM.forward`.

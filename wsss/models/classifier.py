@@ -24,7 +24,8 @@ def _cam(features: Tensor, weight_rows: Tensor) -> Tensor:
 class Classifier(nn.Module):
     """Backbone (OS16) -> global average pooling -> Linear(c4, num_classes).
 
-    The training loss must be applied to :meth:`forward`'s logits (never to the pooled features: AUTH bug B1).
+    The training loss must be applied to :meth:`forward`'s logits (never to the pooled features:
+    docs/seed-paper.md, B1).
 
     Args:
         arch: ResNet name.
@@ -59,8 +60,8 @@ class Classifier(nn.Module):
 class ImageNetSpeciesClassifier(nn.Module):
     """The paper's "Pretrained" setting done right: CAMs from the ImageNet classifier with its ImageNet head.
 
-    AUTH discarded the ImageNet ``fc`` (bug B2); here it is kept. Species 0 = cat maps to ImageNet classes
-    281..285, species 1 = dog to 151..268. A species' logit is the logsumexp of the ImageNet logits of its
+    The seed code discarded the ImageNet ``fc`` (docs/seed-paper.md, B2); here it is kept. Species 0 = cat
+    maps to ImageNet classes 281..285, species 1 = dog to 151..268. A species' logit is the logsumexp of the ImageNet logits of its
     classes; its CAM uses, per image, the ``fc`` row of the top-scoring ImageNet class within that set.
     The trunk runs at output stride 16 like every other map source.
 

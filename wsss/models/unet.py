@@ -51,7 +51,7 @@ class DoubleConv(nn.Sequential):
 
 
 class PlainUNet(nn.Module):
-    """The paper's U-Net (``algorithms.md`` §4.1), trained from scratch.
+    """The paper's U-Net (docs/methods.md#u-net), trained from scratch.
 
     ``len(filters) - 1`` max-pool downsamplings, a middle DoubleConv without pooling, ConvTranspose(k2,s2)
     upsampling with skip concatenation and a 1x1 output conv. Inputs of any size are padded to a multiple of

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from wsss.config import Params, is_weights_file
+from wsss.config import is_weights_file
+from wsss.data.datasets import loader  # noqa: F401 - re-exported for the other stages
 from wsss.errors import DataError
 from wsss.paths import Paths
 
@@ -27,19 +27,6 @@ def resolve_weights(spec: str, paths: Paths) -> str:
             raise DataError(f"{path}: backbone weights file not found")
         return str(path)
     return spec
-
-
-def loader(ds: Dataset, batch_size: int, params: Params, shuffle: bool, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A DataLoader seeded for reproducible shuffling."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    workers = params.base.num_workers
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
-        num_workers=workers, generator=gen, persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
 
 
 def require_rows(n: int, what: str, hint: str, source: Path) -> None:

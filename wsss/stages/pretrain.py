@@ -17,7 +17,6 @@ GPU visible, data-parallel on all of them (``pretrain.world_size``; gloo process
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -26,22 +25,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from wsss import tracking
 from wsss.config import PRETRAIN_NAME, Params, PretrainConfig, to_dict
 from wsss.data.breeds import NUM_BREEDS
-from wsss.data.datasets import InferenceDataset, denormalize_uint8
-from wsss.data.manifest import load_manifest
+from wsss.data.datasets import InferenceDataset, denormalize_uint8, loader
+from wsss.data.manifest import load_manifest, pets
+from wsss.device import Precision
 from wsss.errors import ConfigError, DataError
-from wsss.io import read_json, write_json
+from wsss.evaluation import balanced_accuracy
+from wsss.io import read_json
 from wsss.paths import Paths
-from wsss.stages.common import loader, require_rows
+from wsss.stages.common import require_rows
 from wsss.training.distributed import DistContext
-from wsss.ui import console, task
+from wsss.training.loop import Metrics
+from wsss.training.trainer import Trainer
+from wsss.ui import console
+from wsss.viz import overlay_ids
 
 STAGE = "pretrain"
-N_OVERLAYS = 8
 
 
 def model_name(name: str) -> str:
@@ -57,14 +60,10 @@ def select_rows(df: pd.DataFrame, include_background: bool) -> pd.DataFrame:
 
 def probe_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(bank, queries) of the k-NN probe: labelled train-split pets and val-split pets."""
-    pets = df[~df["is_background"] & (df["species"] >= 0)]
-    return (pets[pets["split"] == "train"].sort_values("id", kind="stable"),
-            pets[pets["split"] == "val"].sort_values("id", kind="stable"))
-
-
-def _balanced_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
-    recalls = [float((pred[target == c] == c).float().mean()) for c in target.unique().tolist()]
-    return sum(recalls) / len(recalls) if recalls else float("nan")
+    labelled = pets(df)
+    labelled = labelled[labelled["species"] >= 0]
+    return (labelled[labelled["split"] == "train"].sort_values("id", kind="stable"),
+            labelled[labelled["split"] == "val"].sort_values("id", kind="stable"))
 
 
 def run(params: Params, paths: Paths, name: str | None = None, device: str | None = None) -> dict[str, Any]:
@@ -105,195 +104,160 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
 
 def _train(ctx: DistContext, params: Params, paths: Paths, cfg: PretrainConfig) -> dict[str, Any] | None:
     """The training of one rank (all of it on a single device); rank 0 alone logs, probes and saves."""
-    from torch.nn.parallel import DistributedDataParallel
+    from wsss.device import precision_for, prepare_model, seed_everything
+    from wsss.models.ssl import TwoViews, UnlabelledImages, build_ssl_model, lr_lambdas, view_transform
+    from wsss.training.checkpoint import fingerprint
 
-    from wsss.device import autocast, precision_for, prepare_model, seed_everything, to_device
-    from wsss.models.ssl import (
-        TwoViews,
-        UnlabelledImages,
-        build_ssl_model,
-        knn_predict,
-        lr_lambdas,
-        view_transform,
-    )
-    from wsss.training.checkpoint import CheckpointManager, fingerprint, save_model
-    from wsss.training.distributed import all_reduce_sum, main_only
-    from wsss.training.loop import fit
-
-    out_name = model_name(cfg.name)
     df = load_manifest(paths.manifest)
     train_df = select_rows(df, cfg.include_background)
-    bank_df, query_df = probe_rows(df)
-
     seed_everything(params.base.seed)
     prec = precision_for(ctx.device)
     model = build_ssl_model(cfg)
     if ctx.distributed and ctx.device.type == "cuda" and model.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = prepare_model(model, prec)
-    # DDP averages the gradients of what its forward (= the SSL loss) computed; rank 0's weights are
-    # broadcast at construction, so every rank starts (and, stepping in lockstep, stays) identical.
-    step_model: torch.nn.Module = model
-    if ctx.distributed:
-        step_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    # world_size is left out: the global batch is fixed, so a run may resume on another number of GPUs.
+    trainer = Trainer(STAGE, cfg.name, model_name(cfg.name), params, paths, prec, fingerprint(
+        to_dict(dataclasses.replace(cfg, world_size=0)), params.base.seed, tracking.data_hash(paths)), ctx)
+    step_model = trainer.data_parallel(model)
     groups = model.param_groups(cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "fixed_lr"} for g in groups],
                                 momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(groups, cfg.epochs, cfg.warmup_epochs))
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
-
     views = TwoViews(view_transform(cfg.input_size, cfg.crop_scale_min, cfg.color_jitter, cfg.color_jitter_prob,
                                     cfg.grayscale_prob, cfg.blur_prob))
     train_ds = UnlabelledImages(train_df, paths.prepared, views)
-    sampler: DistributedSampler | None = None
-    if ctx.distributed:
-        sampler = DistributedSampler(train_ds, ctx.world_size, ctx.rank, shuffle=True, seed=params.base.seed,
-                                     drop_last=True)
-        per_rank = cfg.batch_size // ctx.world_size
-        gen = torch.Generator()
-        gen.manual_seed(params.base.seed + ctx.rank)  # distinct augmentation streams per rank
-        workers = params.base.num_workers
-        train_dl = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                              drop_last=len(sampler) > per_rank, generator=gen, persistent_workers=workers > 0,
-                              pin_memory=ctx.device.type == "cuda")
-    else:
-        train_dl = loader(train_ds, cfg.batch_size, params, shuffle=True, seed=params.base.seed, drop_last=True)
-    bank_dl = loader(InferenceDataset(bank_df, paths.prepared, cfg.input_size), 2 * cfg.batch_size, params,
-                     shuffle=False)
-    query_dl = loader(InferenceDataset(query_df, paths.prepared, cfg.input_size), 2 * cfg.batch_size, params,
-                      shuffle=False)
-    bank_species, bank_breed, query_species, query_breed = (
-        torch.tensor(frame[col].tolist(), dtype=torch.long)
-        for frame, col in ((bank_df, "species"), (bank_df, "breed"), (query_df, "species"), (query_df, "breed"))
-    )
+    train_dl = trainer.loader(train_ds, cfg.batch_size)
+    probe = KnnProbe(model, prec, params, paths, cfg, *probe_rows(df))
 
-    # world_size is left out: the global batch is fixed, so a run may resume on another number of GPUs.
-    ckpt = CheckpointManager(
-        paths.state_dir(STAGE, cfg.name),
-        fingerprint(to_dict(dataclasses.replace(cfg, world_size=0)), params.base.seed, tracking.data_hash(paths)),
-    )
-    state = ckpt.load()  # every rank resumes from the same file
-    holder: dict[str, Any] = {"run_id": None, "knn_init": (state or {}).get("knn_init")}
-
-    def features(dl: torch.utils.data.DataLoader) -> torch.Tensor:
-        feats = []
-        for batch in dl:
-            with autocast(prec):
-                feats.append(model.features(to_device(batch["image"], prec)).float().cpu())
-        return torch.cat(feats) if feats else torch.zeros(0, 1)
-
-    def probe(epoch: int | None = None) -> dict[str, float]:
-        """k-NN species (and breed) accuracy of val pets against train pets; NaN without either."""
-        if len(bank_df) == 0 or len(query_df) == 0:
-            return {}
-        bank, queries = features(bank_dl), features(query_dl)
-        species = knn_predict(bank, bank_species, queries, cfg.knn_k, 2, cfg.knn_temperature)
-        breed = knn_predict(bank, bank_breed, queries, cfg.knn_k, NUM_BREEDS, cfg.knn_temperature)
-        # The val split is small (50 pets on the dev data: +-7 points of binomial noise); leave-one-out over
-        # every labelled pet is the steadier reading of the same quantity.
-        pool, pool_species = torch.cat([bank, queries]), torch.cat([bank_species, query_species])
-        loo = knn_predict(pool, pool_species, None, cfg.knn_k, 2, cfg.knn_temperature)
-        return {"knn_acc": float((species == query_species).float().mean()),
-                "knn_balanced_acc": _balanced_accuracy(species, query_species),
-                "knn_breed_acc": float((breed == query_breed).float().mean()),
-                "knn_loo_balanced_acc": _balanced_accuracy(loo, pool_species)}
-
-    def train_epoch(epoch: int) -> dict[str, float]:
-        loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        for x1, x2 in train_dl:
-            x1, x2 = to_device(x1, prec), to_device(x2, prec)
-            with autocast(prec):
-                loss = step_model(x1, x2)
-            if not torch.isfinite(loss):
-                raise DataError(f"pretraining diverged at epoch {epoch + 1} (loss {float(loss)}); "
-                                "lower pretrain.lr or raise pretrain.batch_size")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            model.after_step()
-            loss_sum += float(loss.detach()) * len(x1)
-            n += len(x1)
-            advance(1)
-        loss_sum, n = all_reduce_sum([loss_sum, float(n)], ctx)
-        seconds = time.perf_counter() - t0
-        return {"loss": loss_sum / max(n, 1), "train_images_per_s": n / max(seconds, 1e-9),
-                "epoch_seconds": seconds}
-
-    def log_views() -> None:
-        """A fixed grid (image pairs side by side) showing what the augmentation does, once per run."""
-        k = min(N_OVERLAYS, len(train_ds))
-        ids = np.linspace(0, len(train_ds) - 1, num=k).round().astype(int)
-        rows = [np.concatenate([denormalize_uint8(v) for v in train_ds[int(i)]], axis=1) for i in ids]
-        tracking.log_image(np.concatenate(rows, axis=0), key="views", step=0)
-
-    start = time.perf_counter()
-    stage_run = tracking.stage_run(STAGE, cfg.name, params, paths, sections=("pretrain",),
-                                   run_id=(state or {}).get("run_id"),
-                                   extra_tags={"method": cfg.method, "arch": cfg.arch,
-                                               "world_size": str(ctx.world_size)})
-    with main_only(ctx, stage_run) as run:
-        if ctx.is_main:
-            holder["run_id"] = run.info.run_id
-            if state is None:
-                log_views()
-                model.eval()
-                with torch.no_grad():
-                    holder["knn_init"] = probe()
-                tracking.log_metrics({f"{k}_init": v for k, v in holder["knn_init"].items()})
-        bar = task(f"{STAGE} {cfg.name} ({cfg.method})", cfg.epochs * len(train_dl)) if ctx.is_main \
-            else contextlib.nullcontext(_no_progress)
-        with bar as advance:
-            if state is not None and ctx.is_main:
-                advance(completed=(int(state["epoch"]) + 1) * len(train_dl), info="resumed")
-                console.print(f"resuming {out_name} after epoch {int(state['epoch']) + 1}")
-            result = fit(
-                model, optimizer, scheduler, cfg.epochs, ckpt if ctx.is_main else None, train_epoch,
-                probe if ctx.is_main else None, select=None, scaler=scaler,
-                extra_state=lambda: {"run_id": holder["run_id"], "knn_init": holder["knn_init"]}, state=state,
-                progress=lambda done, summary: advance(0, info=summary),
-                generators=[] if ctx.distributed else [train_dl.generator], log=ctx.is_main,
-            )
+    knn_init = (trainer.state or {}).get("knn_init")
+    with trainer.session(sections=("pretrain",), extra_tags={"method": cfg.method, "arch": cfg.arch,
+                                                             "world_size": str(ctx.world_size)}):
+        if ctx.is_main and trainer.state is None:
+            _log_views(train_ds)
+            model.eval()
+            with torch.no_grad():
+                knn_init = probe()
+            tracking.log_metrics({f"{k}_init": v for k, v in knn_init.items()})
+        result = trainer.fit(
+            model, optimizer, scheduler, cfg.epochs, len(train_dl),
+            lambda epoch: _train_epoch(trainer, model, step_model, optimizer, train_dl, epoch),
+            validate=probe, extra_state=lambda: {"knn_init": knn_init},
+            title=f"{STAGE} {cfg.name} ({cfg.method})",
+        )
         if not ctx.is_main:
             return None
         model.load_state_dict(result.best_state)
-        history = result.history
-        last = history[-1] if history else {}
-        total_images = sum(h["train_images_per_s"] * h["epoch_seconds"] for h in history)
-        total_seconds = sum(h["epoch_seconds"] for h in history)
-        final = {
-            "final_loss": last.get("loss", float("nan")),
-            "knn_acc": last.get("knn_acc", float("nan")),
-            "knn_balanced_acc": last.get("knn_balanced_acc", float("nan")),
-            "knn_breed_acc": last.get("knn_breed_acc", float("nan")),
-            "knn_loo_balanced_acc": last.get("knn_loo_balanced_acc", float("nan")),
-            **{f"{k}_init": v for k, v in (holder["knn_init"] or {}).items()},
-            "images_per_s": total_images / total_seconds if total_seconds > 0 else float("nan"),
-            "epoch_seconds": total_seconds / len(history) if history else float("nan"),
-            "epochs": cfg.epochs,
-            "world_size": ctx.world_size,
-            "train_seconds": time.perf_counter() - start,
-            "n_images": len(train_df),
-            "n_knn_bank": len(bank_df),
-            "n_knn_queries": len(query_df),
-        }
+        final = _report(result.history, knn_init or {}, cfg, ctx.world_size, trainer.seconds, len(train_df), probe)
         meta = {
             "kind": "pretrain", "format": "torchvision-resnet-state-dict", "arch": cfg.arch,
             "method": cfg.method, "init": cfg.init, "name": cfg.name, "input_size": cfg.input_size,
             "output_stride": cfg.output_stride, "epochs": cfg.epochs, "knn_acc": final["knn_acc"],
         }
         # Only the backbone: torchvision key names without fc, what Classifier/CCAM/smp encoders load.
-        save_model(paths.model_dir(out_name), model.encoder, meta)
-        write_json(paths.training_report(out_name), final)
-        # Prefixed so the summary does not add points to the per-epoch curves of the same names.
-        tracking.log_metrics({k if k.startswith("final_") else f"final_{k}": v for k, v in final.items()})
-    ckpt.clear()
-    console.print(f"saved {paths.model_dir(out_name)} (loss {final['final_loss']:.3f}, "
+        trainer.save(model.encoder, meta, final)
+    console.print(f"saved {paths.model_dir(model_name(cfg.name))} (loss {final['final_loss']:.3f}, "
                   f"k-NN species acc {final['knn_acc']:.3f}, {final['images_per_s']:.1f} images/s)")
     return final
 
 
-def _no_progress(*_args: Any, **_kwargs: Any) -> None:
-    """The progress callback of ranks other than 0 (one bar is enough)."""
+class KnnProbe:
+    """k-NN species (and breed) accuracy of val-split pets against train-split pets in feature space.
+
+    Called with no argument or an epoch (as a validation function); ``{}`` without a bank or queries.
+    """
+
+    def __init__(self, model: torch.nn.Module, prec: Precision, params: Params, paths: Paths, cfg: PretrainConfig,
+                 bank_df: pd.DataFrame, query_df: pd.DataFrame) -> None:
+        self.model, self.prec, self.cfg = model, prec, cfg
+        self.n_bank, self.n_queries = len(bank_df), len(query_df)
+        self.bank_dl, self.query_dl = (
+            loader(InferenceDataset(frame, paths.prepared, cfg.input_size), 2 * cfg.batch_size, params,
+                   shuffle=False) for frame in (bank_df, query_df))
+        self.bank_species, self.bank_breed, self.query_species, self.query_breed = (
+            torch.tensor(frame[col].tolist(), dtype=torch.long)
+            for frame, col in ((bank_df, "species"), (bank_df, "breed"), (query_df, "species"), (query_df, "breed"))
+        )
+
+    def features(self, dl: DataLoader) -> torch.Tensor:
+        """The model's pooled features of every image of ``dl`` (on the CPU)."""
+        from wsss.device import autocast, to_device
+
+        feats = []
+        for batch in dl:
+            with autocast(self.prec):
+                feats.append(self.model.features(to_device(batch["image"], self.prec)).float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+    def __call__(self, epoch: int | None = None) -> Metrics:
+        from wsss.models.ssl import knn_predict
+
+        if self.n_bank == 0 or self.n_queries == 0:
+            return {}
+        cfg = self.cfg
+        bank, queries = self.features(self.bank_dl), self.features(self.query_dl)
+        species = knn_predict(bank, self.bank_species, queries, cfg.knn_k, 2, cfg.knn_temperature)
+        breed = knn_predict(bank, self.bank_breed, queries, cfg.knn_k, NUM_BREEDS, cfg.knn_temperature)
+        # The val split is small (50 pets on the dev data: +-7 points of binomial noise); leave-one-out over
+        # every labelled pet is the steadier reading of the same quantity.
+        pool, pool_species = torch.cat([bank, queries]), torch.cat([self.bank_species, self.query_species])
+        loo = knn_predict(pool, pool_species, None, cfg.knn_k, 2, cfg.knn_temperature)
+        return {"knn_acc": float((species == self.query_species).float().mean()),
+                "knn_balanced_acc": balanced_accuracy(species, self.query_species),
+                "knn_breed_acc": float((breed == self.query_breed).float().mean()),
+                "knn_loo_balanced_acc": balanced_accuracy(loo, pool_species)}
+
+
+def _train_epoch(trainer: Trainer, model: torch.nn.Module, step_model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, dl: DataLoader, epoch: int) -> Metrics:
+    """One epoch of the SSL loss; loss and throughput are summed over the ranks."""
+    from wsss.device import autocast, to_device
+    from wsss.training.distributed import all_reduce_sum
+
+    prec = trainer.prec
+    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    for x1, x2 in dl:
+        x1, x2 = to_device(x1, prec), to_device(x2, prec)
+        with autocast(prec):
+            loss = step_model(x1, x2)
+        if not torch.isfinite(loss):
+            raise DataError(f"pretraining diverged at epoch {epoch + 1} (loss {float(loss)}); "
+                            "lower pretrain.lr or raise pretrain.batch_size")
+        trainer.step(loss, optimizer)
+        model.after_step()
+        loss_sum += float(loss.detach()) * len(x1)
+        n += len(x1)
+        trainer.advance(1)
+    loss_sum, n = all_reduce_sum([loss_sum, float(n)], trainer.ctx)
+    seconds = time.perf_counter() - t0
+    return {"loss": loss_sum / max(n, 1), "train_images_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds}
+
+
+def _log_views(ds: Dataset) -> None:
+    """A fixed grid (image pairs side by side) showing what the augmentation does, once per run."""
+    rows = [np.concatenate([denormalize_uint8(v) for v in ds[i]], axis=1) for i in overlay_ids(len(ds), spread=True)]
+    tracking.log_image(np.concatenate(rows, axis=0), key="views", step=0)
+
+
+def _report(history: list[Metrics], knn_init: Metrics, cfg: PretrainConfig, world_size: int, seconds: float,
+            n_images: int, probe: KnnProbe) -> dict[str, Any]:
+    """``reports/training/pretrain-<name>.json``: the last epoch's loss and probe, the initial probe, speed."""
+    last = history[-1] if history else {}
+    total_images = sum(h["train_images_per_s"] * h["epoch_seconds"] for h in history)
+    total_seconds = sum(h["epoch_seconds"] for h in history)
+    return {
+        "final_loss": last.get("loss", float("nan")),
+        "knn_acc": last.get("knn_acc", float("nan")),
+        "knn_balanced_acc": last.get("knn_balanced_acc", float("nan")),
+        "knn_breed_acc": last.get("knn_breed_acc", float("nan")),
+        "knn_loo_balanced_acc": last.get("knn_loo_balanced_acc", float("nan")),
+        **{f"{k}_init": v for k, v in knn_init.items()},
+        "images_per_s": total_images / total_seconds if total_seconds > 0 else float("nan"),
+        "epoch_seconds": total_seconds / len(history) if history else float("nan"),
+        "epochs": cfg.epochs,
+        "world_size": world_size,
+        "train_seconds": seconds,
+        "n_images": n_images,
+        "n_knn_bank": probe.n_bank,
+        "n_knn_queries": probe.n_queries,
+    }

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,18 +32,22 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from wsss import tracking
-from wsss.config import Params, to_dict
+from wsss.config import CcamConfig, Params, to_dict
 from wsss.data.breeds import BREED_SPECIES
-from wsss.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ClassificationDataset, denormalize_uint8
-from wsss.data.manifest import load_manifest
+from wsss.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ClassificationDataset
+from wsss.data.manifest import load_manifest, pets
+from wsss.data.samplers import BreedBatchSampler
+from wsss.device import Precision
 from wsss.errors import ConfigError
-from wsss.io import write_json
 from wsss.paths import Paths
-from wsss.stages.common import load_trained_model, loader, require_rows, resolve_weights
-from wsss.ui import console, task
+from wsss.stages.common import load_trained_model, require_rows, resolve_weights
+from wsss.training.trainer import Trainer
+from wsss.ui import console
+from wsss.viz import heat_grid, overlay_ids
 
 STAGE = "train-ccam"
-N_OVERLAYS = 8
+# (images (B,3,H,W), breeds (B,), map size) -> the ECS foreground target (B,1,h,w)
+EcsTarget = Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
 def model_name(init: str, ecs: bool = False, per_breed: bool = False) -> str:
@@ -117,149 +123,161 @@ def pet_side(fg: torch.Tensor, bg: torch.Tensor, p: torch.Tensor, polarity: floa
 def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: bool = False,
         device: str | None = None) -> dict[str, Any]:
     """Train one CCAM variant and save ``models/<name>/`` with its polarity."""
-    from wsss.data.samplers import BreedBatchSampler
-    from wsss.device import autocast, precision_for, prepare_model, resolve_device, seed_everything, to_device
-    from wsss.methods import METHODS
-    from wsss.models.ccam import breed_contrastive_loss, ccam_loss, ccam_param_groups, decide_polarity
-    from wsss.training.checkpoint import CheckpointManager, fingerprint, save_model
-    from wsss.training.loop import fit
+    from wsss.device import precision_from, prepare_model, seed_everything
+    from wsss.models.ccam import ccam_param_groups, decide_polarity
+    from wsss.training.checkpoint import fingerprint
 
     cfg = params.train_ccam
     name = model_name(init, ecs, per_breed)
     df = load_manifest(paths.manifest)
-    pets = df[~df["is_background"]]
-    train_df = pets[pets["split"] == "train"].sort_values("id")
-    val_df = pets[(pets["split"] == "val") & pets["has_mask"]].sort_values("id")
+    train_df = pets(df, "train").sort_values("id")
+    val_df = pets(df, "val", with_mask=True).sort_values("id")
     require_rows(len(train_df), "training pet images", "check prepare's report", paths.manifest)
     epochs = cfg.per_breed_epochs if per_breed else cfg.epochs
 
     seed_everything(params.base.seed)
-    prec = precision_for(resolve_device(device or params.base.device))
+    prec = precision_from(device, params)
     model = prepare_model(_build_model(params, paths, init, per_breed, ecs), prec)
     fixed_polarity, polarity_source = polarity_rule(model, init, ecs, per_breed)
     groups = ccam_param_groups(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / epochs) ** cfg.poly_power)
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
+    trainer = Trainer(STAGE, name, name, params, paths, prec, fingerprint(
+        to_dict(cfg), init, ecs, per_breed, params.base.seed, tracking.data_hash(paths),
+        to_dict(params.make_cams) if ecs else None))
 
     train_ds = ClassificationDataset(train_df, paths.prepared, "breed", False,
                                      _transform(cfg.resize, cfg.input_size, train=True))
-    if per_breed:
-        sampler = BreedBatchSampler(train_ds.targets, cfg.batch_size, cfg.breeds_per_batch, seed=params.base.seed)
-        train_dl = DataLoader(train_ds, batch_sampler=sampler, num_workers=params.base.num_workers)
-    else:
-        sampler = None
-        train_dl = loader(train_ds, cfg.batch_size, params, shuffle=True, seed=params.base.seed, drop_last=True)
+    train_dl, sampler = _train_loader(trainer, train_ds, per_breed)
+    objective = _Objective(cfg, fixed_polarity, _ecs_teacher(params, paths, prec) if ecs else None, per_breed)
+    eval_tf = _transform(cfg.input_size, cfg.input_size, train=False)
+    overlay_ds = ClassificationDataset(val_df.iloc[overlay_ids(len(val_df))], paths.prepared, "breed", False,
+                                       eval_tf)
 
-    ecs_model, ecs_meta = None, None
-    if ecs:
-        ecs_model, ecs_meta = load_trained_model(paths, f"classifier-{cfg.ecs_classifier}")
-        ecs_model = prepare_model(ecs_model, prec).eval()
-        for p in ecs_model.parameters():
-            p.requires_grad_(False)
-    ecs_cams = dataclasses.replace(params.make_cams, scales=(1.0,), flip=False)
-
-    overlay_df = val_df.head(N_OVERLAYS)
-    overlay_ds = ClassificationDataset(overlay_df, paths.prepared, "breed", False,
-                                       _transform(cfg.input_size, cfg.input_size, train=False))
-    ckpt = CheckpointManager(
-        paths.state_dir(STAGE, name),
-        fingerprint(to_dict(cfg), init, ecs, per_breed, params.base.seed, tracking.data_hash(paths),
-                    to_dict(params.make_cams) if ecs else None),
-    )
-    state = ckpt.load()
-    holder: dict[str, str] = {}
-
-    def ecs_target(x: torch.Tensor, breeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        assert ecs_model is not None and ecs_meta is not None
-        labels = ecs_meta["labels"]
-        t = breeds if labels == "breed" else torch.tensor(BREED_SPECIES, device=breeds.device)[breeds]
-        with torch.no_grad():
-            maps = METHODS.get("ecs").compute(ecs_model, x, t, ecs_cams).float()
-        return F.adaptive_avg_pool2d(maps[:, None], size)
-
-    def train_epoch(epoch: int) -> dict[str, float]:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        n, t0 = 0, time.perf_counter()
-        for x, breeds in train_dl:
-            x, breeds = to_device(x, prec), breeds.to(prec.device)
-            with autocast(prec):
-                fg, bg, p = model(x)
-            fg, bg, p = fg.float(), bg.float(), p.float()
-            loss, parts = ccam_loss(fg, bg, cfg.alpha)
-            terms = {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
-            pet, pet_map = pet_side(fg, bg, p, fixed_polarity)
-            if ecs:
-                target = ecs_target(x, breeds, tuple(p.shape[-2:]))
-                ecs_loss = F.mse_loss(pet_map, target)
-                loss = loss + cfg.ecs_weight * ecs_loss
-                terms["loss_ecs"] = float(ecs_loss.detach())
-            if per_breed:
-                breed_loss = breed_contrastive_loss(pet, breeds, cfg.alpha)
-                loss = loss + cfg.breed_weight * breed_loss
-                terms["loss_breed"] = float(breed_loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            terms["loss"] = float(loss.detach())
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(x)
-            n += len(x)
-            advance(1)
-        out = {k: v / max(n, 1) for k, v in sums.items()}
-        out["train_images_per_s"] = n / max(time.perf_counter() - t0, 1e-9)
-        return out
-
-    def log_overlays(epoch: int, _: dict[str, float]) -> None:
-        if len(overlay_ds) == 0:
-            return
-        model.eval()
-        xs = torch.stack([overlay_ds[i][0] for i in range(len(overlay_ds))])
-        with torch.no_grad(), autocast(prec):
-            logits = model.logits(to_device(xs, prec)).float()
-        # Sign of the current head as-is: polarity is only decided at the end of training.
-        maps = torch.sigmoid(logits)
-        maps = F.interpolate(maps, size=xs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
-        tracking.log_image(_overlay_grid(xs, maps), key="overlays", step=epoch)
-        model.train()
-
-    start = time.perf_counter()
-    with tracking.stage_run(STAGE, name, params, paths, sections=("train_ccam",),
-                            run_id=(state or {}).get("run_id"),
-                            extra_tags={"init": init, "ecs": str(ecs), "per_breed": str(per_breed)}) as run:
-        holder["run_id"] = run.info.run_id
-        with task(f"{STAGE} {name}", epochs * len(train_dl)) as advance:
-            if state is not None:
-                advance(completed=(int(state["epoch"]) + 1) * len(train_dl), info="resumed")
-            result = fit(model, optimizer, scheduler, epochs, ckpt, train_epoch, None, select=None,
-                         scaler=scaler, on_epoch_end=log_overlays,
-                         extra_state=lambda: {"run_id": holder["run_id"]}, state=state,
-                         progress=lambda done, summary: advance(0, info=summary),
-                         generators=[g for g in (train_dl.generator,) if g is not None])
+    with trainer.session(sections=("train_ccam",),
+                         extra_tags={"init": init, "ecs": str(ecs), "per_breed": str(per_breed)}):
+        result = trainer.fit(
+            model, optimizer, scheduler, epochs, len(train_dl),
+            lambda epoch: _train_epoch(trainer, model, optimizer, train_dl, sampler, objective, epoch),
+            overlays=lambda: _map_grid(model, overlay_ds, prec),
+        )
         model.load_state_dict(result.best_state)
-        polarity_ds = ClassificationDataset(train_df, paths.prepared, "breed", False,
-                                            _transform(cfg.input_size, cfg.input_size, train=False))
         if fixed_polarity is not None:
             polarity = fixed_polarity
         else:
+            polarity_ds = ClassificationDataset(train_df, paths.prepared, "breed", False, eval_tf)
             polarity = _decide_polarity(model, polarity_ds, cfg.polarity_images, prec, decide_polarity)
         model.polarity.fill_(polarity)
         meta = {"kind": "ccam", "arch": cfg.arch, "init": init, "ecs": ecs, "per_breed": per_breed,
                 "polarity": polarity, "polarity_source": polarity_source, "input_size": cfg.input_size,
                 "epochs": epochs}
-        save_model(paths.model_dir(name), model, meta)
         final = {"final_loss": result.history[-1]["loss"] if result.history else float("nan"),
                  "polarity": polarity, "polarity_source": polarity_source, "epochs": epochs,
-                 "train_seconds": time.perf_counter() - start,
-                 "n_train": len(train_df)}
-        write_json(paths.training_report(name), final)
-        tracking.log_metrics(final)
-    ckpt.clear()
+                 "train_seconds": trainer.seconds, "n_train": len(train_df)}
+        trainer.save(model, meta, final, logged=final)
     console.print(f"saved {paths.model_dir(name)} (polarity {polarity:+.0f})")
     return final
+
+
+def _train_loader(trainer: Trainer, ds: ClassificationDataset, per_breed: bool
+                  ) -> tuple[DataLoader, BreedBatchSampler | None]:
+    """(loader, its breed sampler): batches of ``breeds_per_batch`` breeds for per-breed fine-tuning, else
+    the trainer's shuffled loader."""
+    cfg, params = trainer.params.train_ccam, trainer.params
+    if not per_breed:
+        return trainer.loader(ds, cfg.batch_size), None
+    sampler = BreedBatchSampler(ds.targets, cfg.batch_size, cfg.breeds_per_batch, seed=params.base.seed)
+    return DataLoader(ds, batch_sampler=sampler, num_workers=params.base.num_workers), sampler
+
+
+def _ecs_teacher(params: Params, paths: Paths, prec: Precision) -> EcsTarget:
+    """The ECS target of ``train_ccam.ecs_classifier``: its single-scale ECS map, pooled to the map size."""
+    from wsss.device import prepare_model
+    from wsss.methods import METHODS
+
+    classifier, meta = load_trained_model(paths, f"classifier-{params.train_ccam.ecs_classifier}")
+    classifier = prepare_model(classifier, prec).eval()
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    cams = dataclasses.replace(params.make_cams, scales=(1.0,), flip=False)
+    labels = meta["labels"]
+
+    def target(x: torch.Tensor, breeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        t = breeds if labels == "breed" else torch.tensor(BREED_SPECIES, device=breeds.device)[breeds]
+        with torch.no_grad():
+            maps = METHODS.get("ecs").compute(classifier, x, t, cams).float()
+        return F.adaptive_avg_pool2d(maps[:, None], size)
+
+    return target
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The CCAM loss of a batch, plus the ECS target term and the per-breed term where the variant has them."""
+
+    cfg: CcamConfig
+    polarity: float | None  # fixed before training (see polarity_rule), None: decided after it
+    ecs_target: EcsTarget | None
+    per_breed: bool
+
+    def __call__(self, x: torch.Tensor, breeds: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
+                 p: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, its terms as floats) from the model's ``(fg, bg, P)`` on images ``x`` of ``breeds``."""
+        from wsss.models.ccam import breed_contrastive_loss, ccam_loss
+
+        cfg = self.cfg
+        loss, parts = ccam_loss(fg, bg, cfg.alpha)
+        terms = {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+        pet, pet_map = pet_side(fg, bg, p, self.polarity)
+        if self.ecs_target is not None:
+            ecs_loss = F.mse_loss(pet_map, self.ecs_target(x, breeds, tuple(p.shape[-2:])))
+            loss = loss + cfg.ecs_weight * ecs_loss
+            terms["loss_ecs"] = float(ecs_loss.detach())
+        if self.per_breed:
+            breed_loss = breed_contrastive_loss(pet, breeds, cfg.alpha)
+            loss = loss + cfg.breed_weight * breed_loss
+            terms["loss_breed"] = float(breed_loss.detach())
+        return loss, terms
+
+
+def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dl: DataLoader,
+                 sampler: BreedBatchSampler | None, objective: _Objective, epoch: int) -> dict[str, float]:
+    """One epoch; the metrics are the per-image means of the loss and its terms."""
+    from wsss.device import autocast, to_device
+
+    prec = trainer.prec
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    sums: dict[str, float] = {}
+    n, t0 = 0, time.perf_counter()
+    for x, breeds in dl:
+        x, breeds = to_device(x, prec), breeds.to(prec.device)
+        with autocast(prec):
+            fg, bg, p = model(x)
+        loss, terms = objective(x, breeds, fg.float(), bg.float(), p.float())
+        trainer.step(loss, optimizer)
+        terms["loss"] = float(loss.detach())
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * len(x)
+        n += len(x)
+        trainer.advance(1)
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out["train_images_per_s"] = n / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+def _map_grid(model: torch.nn.Module, ds: ClassificationDataset, prec: Precision) -> np.ndarray | None:
+    """The overlay images with their current P maps (sign of the head as-is: polarity is decided at the end)."""
+    from wsss.device import autocast, to_device
+
+    if len(ds) == 0:
+        return None
+    xs = torch.stack([ds[i][0] for i in range(len(ds))])
+    with autocast(prec):
+        logits = model.logits(to_device(xs, prec)).float()
+    maps = torch.sigmoid(logits)
+    maps = F.interpolate(maps, size=xs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].cpu()
+    return heat_grid(xs, maps)
 
 
 def _decide_polarity(model: torch.nn.Module, ds: ClassificationDataset, n: int, prec: Any,
@@ -277,14 +295,3 @@ def _decide_polarity(model: torch.nn.Module, ds: ClassificationDataset, n: int, 
             with autocast(prec):
                 maps.append(torch.sigmoid(model.logits(to_device(xs, prec)).float()).cpu())
     return float(decide(torch.cat(maps)))
-
-
-def _overlay_grid(images: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
-    """A row per image: the image and a red heat overlay of its map."""
-    rows = []
-    for img, m in zip(images, maps, strict=True):
-        rgb = denormalize_uint8(img).astype(np.float32)
-        heat = np.zeros_like(rgb)
-        heat[..., 0] = 255.0 * m.numpy()
-        rows.append(np.concatenate([rgb, 0.5 * rgb + 0.5 * heat], axis=1))
-    return np.concatenate(rows, axis=0).clip(0, 255).astype(np.uint8)

@@ -16,20 +16,23 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from wsss import tracking
 from wsss.config import Params, to_dict
-from wsss.data.datasets import SegmentationDataset, denormalize_uint8
-from wsss.data.manifest import load_manifest
+from wsss.data.datasets import SegmentationDataset, denormalize_uint8, loader
+from wsss.data.manifest import load_manifest, pets
+from wsss.device import Precision
 from wsss.errors import DataError
-from wsss.io import read_json, write_json
+from wsss.evaluation import IGNORE
+from wsss.io import read_json
 from wsss.paths import Paths
-from wsss.stages.common import loader, require_rows, resolve_weights
-from wsss.ui import console, task
+from wsss.stages.common import require_rows, resolve_weights
+from wsss.training.trainer import Trainer
+from wsss.ui import console
+from wsss.viz import colorize, overlay_ids, overlay_row  # noqa: F401 - colorize: report.py imports it from here
 
 STAGE = "train-unet"
-IGNORE = 255
-N_OVERLAYS = 8
 
 
 def best_pseudo_variant(paths: Paths) -> str:
@@ -54,14 +57,14 @@ def resolve_source(paths: Paths, masks: str) -> str:
 
 def training_rows(df: pd.DataFrame, paths: Paths, source: str) -> tuple[pd.DataFrame, Path | None]:
     """Training images and the mask folder (None = GT masks from the manifest)."""
-    pets = df[~df["is_background"] & (df["split"] == "train")]
+    train = pets(df, "train")
     if source == "gt":
-        return pets[pets["has_mask"]], None
+        return train[train["has_mask"]], None
     masks_dir = paths.masks_dir(source)
     if not masks_dir.exists():
         raise DataError(f"{masks_dir}: pseudo-masks not found; run `wsss make-pseudo --method {source}`")
     have = {p.stem for p in masks_dir.glob("*.png")}
-    return pets[pets["id"].isin(have)], masks_dir
+    return train[train["id"].isin(have)], masks_dir
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,11 +78,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> dict[str, Any]:
     """Train ``models/unet-<source>/`` on GT or pseudo-masks."""
-    from wsss.device import autocast, precision_for, prepare_model, resolve_device, seed_everything, to_device
-    from wsss.evaluation import SegMeter
+    from wsss.device import precision_from, prepare_model, seed_everything
     from wsss.models.unet import build_unet
-    from wsss.training.checkpoint import CheckpointManager, fingerprint, save_model
-    from wsss.training.loop import fit
+    from wsss.training.checkpoint import fingerprint
 
     cfg = params.train_unet
     source = resolve_source(paths, masks)
@@ -87,105 +88,99 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
     df = load_manifest(paths.manifest)
     train_df, masks_dir = training_rows(df, paths, source)
     require_rows(len(train_df), "training images with masks", f"check masks for source '{source}'", paths.manifest)
-    val_df = df[~df["is_background"] & (df["split"] == "val") & df["has_mask"]].sort_values("id")
+    val_df = pets(df, "val", with_mask=True).sort_values("id")
 
     seed_everything(params.base.seed)
-    prec = precision_for(resolve_device(device or params.base.device))
+    prec = precision_from(device, params)
     weights_path = None
     if cfg.encoder_weights not in ("imagenet", "none"):  # pretrain:<name> or a state_dict file
         weights_path = resolve_weights(cfg.encoder_weights, paths)
     model = prepare_model(build_unet(cfg, num_classes=2, weights_path=weights_path), prec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    scaler = torch.amp.GradScaler(prec.device.type, enabled=prec.use_grad_scaler)
+    mask_fp = None if masks_dir is None else sorted((p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
+    trainer = Trainer(STAGE, name, name, params, paths, prec,
+                      fingerprint(to_dict(cfg), source, params.base.seed, tracking.data_hash(paths), mask_fp))
     train_ds = SegmentationDataset(train_df, paths.prepared, cfg.input_size, train=True, masks_dir=masks_dir)
     val_ds = SegmentationDataset(val_df, paths.prepared, cfg.input_size, train=False)
-    train_dl = loader(train_ds, cfg.batch_size, params, shuffle=True, seed=params.base.seed, drop_last=True)
+    train_dl = trainer.loader(train_ds, cfg.batch_size)
     val_dl = loader(val_ds, cfg.batch_size, params, shuffle=False)
 
-    mask_fp = None if masks_dir is None else sorted(
-        (p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
-    ckpt = CheckpointManager(paths.state_dir(STAGE, name),
-                             fingerprint(to_dict(cfg), source, params.base.seed, tracking.data_hash(paths), mask_fp))
-    state = ckpt.load()
-    holder: dict[str, str] = {}
-
-    def train_epoch(epoch: int) -> dict[str, float]:
-        loss_sum, n, t0 = 0.0, 0, time.perf_counter()
-        for x, y in train_dl:
-            x, y = to_device(x, prec), y.to(prec.device)
-            with autocast(prec):
-                logits = model(x)
-            logits = logits.float()
-            loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
-            if cfg.dice_weight > 0:
-                loss = loss + cfg.dice_weight * soft_dice_loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += float(loss.detach()) * len(x)
-            n += len(x)
-            advance(1)
-        return {"train_loss": loss_sum / max(n, 1), "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9)}
-
-    def validate(epoch: int) -> dict[str, float]:
-        meter = SegMeter()
-        for x, y in val_dl:
-            with autocast(prec):
-                pred = model(to_device(x, prec)).float().argmax(1).cpu().numpy()
-            for p, g in zip(pred, y.numpy(), strict=True):
-                meter.add(p.astype(np.uint8), g.astype(np.uint8))
-        s = meter.result()
-        return {"val_iou_mean": s.iou_mean, "val_dice_mean": s.dice_mean, "val_iou_dataset": s.iou_dataset}
-
-    def log_overlays(epoch: int, _: dict[str, float]) -> None:
-        n = min(N_OVERLAYS, len(val_ds))
-        if n == 0:
-            return
-        model.eval()
-        rows = []
-        with torch.no_grad():
-            for i in range(n):
-                x, gt = val_ds[i]
-                with autocast(prec):
-                    pred = model(to_device(x[None], prec)).float().argmax(1)[0].cpu().numpy()
-                train_mask = _mask_for_overlay(val_df.iloc[i], masks_dir, paths, gt.shape)
-                rows.append(overlay_row(denormalize_uint8(x), train_mask, pred, gt.numpy()))
-        tracking.log_image(np.concatenate(rows, 0), key="overlays", step=epoch)
-        model.train()
-
-    start = time.perf_counter()
-    with tracking.stage_run(STAGE, name, params, paths, sections=("train_unet",),
-                            run_id=(state or {}).get("run_id"), extra_tags={"masks": source}) as run:
-        holder["run_id"] = run.info.run_id
-        with task(f"{STAGE} {name}", cfg.epochs * len(train_dl)) as advance:
-            if state is not None:
-                advance(completed=(int(state["epoch"]) + 1) * len(train_dl), info="resumed")
-            result = fit(model, optimizer, scheduler, cfg.epochs, ckpt, train_epoch,
-                         validate if len(val_ds) else None, select=None, scaler=scaler,
-                         on_epoch_end=log_overlays, extra_state=lambda: {"run_id": holder["run_id"]},
-                         state=state, progress=lambda done, summary: advance(0, info=summary),
-                         generators=[train_dl.generator])
+    with trainer.session(sections=("train_unet",), extra_tags={"masks": source}):
+        result = trainer.fit(
+            model, optimizer, scheduler, cfg.epochs, len(train_dl),
+            lambda epoch: _train_epoch(trainer, model, optimizer, train_dl, cfg.dice_weight),
+            validate=(lambda epoch: _validate(model, val_dl, prec)) if len(val_ds) else None,
+            overlays=lambda: _overlay_grid(model, val_ds, val_df, masks_dir, paths, prec),
+        )
         model.load_state_dict(result.best_state)
         meta = {"kind": "unet", "architecture": cfg.architecture, "encoder": cfg.encoder,
                 "input_size": cfg.input_size, "masks": source, "num_classes": 2,
                 "plain_filters": list(cfg.plain_filters)}
-        save_model(paths.model_dir(name), model, meta)
         last = result.history[-1] if result.history else {}
         final = {
             "masks": source, "epochs": cfg.epochs, "n_train": len(train_df),
-            "train_seconds": time.perf_counter() - start,
-            "seconds_per_epoch": (time.perf_counter() - start) / max(cfg.epochs - result.resumed_from, 1),
+            "train_seconds": trainer.seconds,
+            "seconds_per_epoch": trainer.seconds / max(cfg.epochs - result.resumed_from, 1),
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
         }
-        write_json(paths.training_report(name), final)
-        tracking.log_metrics({k: v for k, v in final.items() if not isinstance(v, str)})
+        trainer.save(model, meta, final, logged=final)
         tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
-    ckpt.clear()
     console.print(f"saved {paths.model_dir(name)} ({source}; last val IoU {final['last_val_iou_mean']:.3f})")
     return final
+
+
+def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dl: DataLoader,
+                 dice_weight: float) -> dict[str, float]:
+    """One epoch of cross-entropy (ignoring 255) + ``dice_weight`` x soft Dice of the pet class."""
+    from wsss.device import autocast, to_device
+
+    prec = trainer.prec
+    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    for x, y in dl:
+        x, y = to_device(x, prec), y.to(prec.device)
+        with autocast(prec):
+            logits = model(x)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
+        if dice_weight > 0:
+            loss = loss + dice_weight * soft_dice_loss(logits, y)
+        trainer.step(loss, optimizer)
+        loss_sum += float(loss.detach()) * len(x)
+        n += len(x)
+        trainer.advance(1)
+    return {"train_loss": loss_sum / max(n, 1), "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9)}
+
+
+def _validate(model: torch.nn.Module, dl: DataLoader, prec: Precision) -> dict[str, float]:
+    """Validation IoU / Dice against GT (logged for information: never used to select an epoch)."""
+    from wsss.device import autocast, to_device
+    from wsss.evaluation import SegMeter
+
+    meter = SegMeter()
+    for x, y in dl:
+        with autocast(prec):
+            pred = model(to_device(x, prec)).float().argmax(1).cpu().numpy()
+        for p, g in zip(pred, y.numpy(), strict=True):
+            meter.add(p.astype(np.uint8), g.astype(np.uint8))
+    s = meter.result()
+    return {"val_iou_mean": s.iou_mean, "val_dice_mean": s.dice_mean, "val_iou_dataset": s.iou_dataset}
+
+
+def _overlay_grid(model: torch.nn.Module, val_ds: SegmentationDataset, val_df: pd.DataFrame,
+                  masks_dir: Path | None, paths: Paths, prec: Precision) -> np.ndarray | None:
+    """A row per fixed overlay image: image | its training mask | prediction | GT."""
+    from wsss.device import autocast, to_device
+
+    rows = []
+    for i in overlay_ids(len(val_ds)):
+        x, gt = val_ds[i]
+        with autocast(prec):
+            pred = model(to_device(x[None], prec)).float().argmax(1)[0].cpu().numpy()
+        train_mask = _mask_for_overlay(val_df.iloc[i], masks_dir, paths, gt.shape)
+        rows.append(overlay_row(denormalize_uint8(x), train_mask, pred, gt.numpy()))
+    return np.concatenate(rows, 0) if rows else None
 
 
 def _mask_for_overlay(row: pd.Series, masks_dir: Path | None, paths: Paths, shape: tuple[int, ...]) -> np.ndarray:
@@ -197,19 +192,6 @@ def _mask_for_overlay(row: pd.Series, masks_dir: Path | None, paths: Paths, shap
         return np.full(shape, IGNORE, np.uint8)
     with Image.open(path) as im:
         return np.asarray(im.resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
-
-
-def colorize(mask: np.ndarray) -> np.ndarray:
-    """0 -> black, 1 -> white, 255 -> grey."""
-    out = np.zeros((*mask.shape, 3), np.uint8)
-    out[mask == 1] = 255
-    out[mask == IGNORE] = 128
-    return out
-
-
-def overlay_row(image: np.ndarray, train_mask: np.ndarray, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """image | training mask | prediction | GT, side by side."""
-    return np.concatenate([image, colorize(train_mask), colorize(pred.astype(np.uint8)), colorize(gt)], axis=1)
 
 
 def log_mlflow_model(model: torch.nn.Module, size: int) -> None:
