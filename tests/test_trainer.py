@@ -38,6 +38,19 @@ def test_step_without_a_scaler_equals_a_disabled_grad_scaler(tmp_path: Path) -> 
     assert torch.equal(_two_steps(tmp_path, None), _two_steps(tmp_path, torch.amp.GradScaler("cpu", enabled=False)))
 
 
+def test_step_with_an_enabled_scaler_scales_unscales_and_updates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for _ in range(2):  # the stages' sequence before the trainer
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(model(torch.ones(2, 4)).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert torch.equal(_two_steps(tmp_path, torch.amp.GradScaler("cpu", init_scale=2.0**10)), model.weight.detach())
+
+
 def test_a_scaler_only_where_the_precision_needs_one() -> None:
     cpu = Precision(torch.device("cpu"), torch.bfloat16, channels_last=True, use_grad_scaler=False)
     assert grad_scaler(cpu) is None

@@ -280,8 +280,8 @@ def _map_grid(model: torch.nn.Module, ds: ClassificationDataset, prec: Precision
     return heat_grid(xs, maps)
 
 
-def _decide_polarity(model: torch.nn.Module, ds: ClassificationDataset, n: int, prec: Any,
-                     decide: Any) -> float:
+def _decide_polarity(model: torch.nn.Module, ds: ClassificationDataset, n: int, prec: Precision,
+                     decide: Callable[[torch.Tensor], float]) -> float:
     """P maps of up to ``n`` training images (``ds`` uses the eval transform) -> +1 / -1."""
     from wsss.device import autocast, to_device
 

@@ -57,13 +57,13 @@ def resolve_source(paths: Paths, masks: str) -> str:
 
 def training_rows(df: pd.DataFrame, paths: Paths, source: str) -> tuple[pd.DataFrame, Path | None]:
     """Training images and the mask folder (None = GT masks from the manifest)."""
-    train = pets(df, "train")
     if source == "gt":
-        return train[train["has_mask"]], None
+        return pets(df, "train", with_mask=True), None
     masks_dir = paths.masks_dir(source)
     if not masks_dir.exists():
         raise DataError(f"{masks_dir}: pseudo-masks not found; run `wsss make-pseudo --method {source}`")
     have = {p.stem for p in masks_dir.glob("*.png")}
+    train = pets(df, "train")
     return train[train["id"].isin(have)], masks_dir
 
 
