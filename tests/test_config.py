@@ -47,6 +47,14 @@ def test_defaults_when_sections_missing(tmp_path: Path) -> None:
         ({"make_cams": {"ensemble_members": ["cam"], "ensemble_weights": [1, 2]}}, "one weight per entry"),
         ({"pseudo": {"grabcut": {"bg_threshold": 0.9}}}, "bg_threshold <= pfg_threshold"),
         ({"prepare": None}, "'prepare' must be a mapping"),
+        ({"make_cams": {"ensemble_members": ["cam_classifier-species", "../cams/x"]}},
+         "'make_cams.ensemble_members[1]': map variant '../cams/x'"),
+        ({"pretrain": {"name": "a..b"}}, "'pretrain.name'"),
+        ({"train_unet": {"encoder_weights": "pretrain:../x"}}, "'train_unet.encoder_weights'"),
+        ({"tune": {"refiners": ["crf", "magic"]}}, "'tune.refiners' entry 'magic'"),
+        ({"prepare": {"val_fraction": True}}, "'prepare.val_fraction' must be a number"),
+        ({"make_cams": {"threshold": float("nan")}}, "'make_cams.threshold' must be a finite number"),
+        ({"base": {"background_root": 3}}, "'base.background_root' must be str or NoneType"),
     ],
 )
 def test_invalid_params_name_key_and_file(tmp_path: Path, data: dict, fragment: str) -> None:
@@ -55,6 +63,12 @@ def test_invalid_params_name_key_and_file(tmp_path: Path, data: dict, fragment: 
         load_params(path)
     assert fragment in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_empty_file_yields_the_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    assert load_params(empty) == Params()
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
