@@ -22,6 +22,8 @@ def _write(tmp_path: Path, data: object) -> Path:
 def test_repository_params_yaml_loads() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.base.dataset == "synthetic"
+    paper = load_params(REPO / "pipelines" / "paper-tables" / "params.yaml")  # names checked through the types
+    assert paper.train_ccam.ecs_classifier == "breed" and len(paper.make_cams.ensemble_members) == 3
 
 
 def test_defaults_when_sections_missing(tmp_path: Path) -> None:
@@ -50,6 +52,7 @@ def test_defaults_when_sections_missing(tmp_path: Path) -> None:
         ({"make_cams": {"ensemble_members": ["cam_classifier-species", "../cams/x"]}},
          "'make_cams.ensemble_members[1]': map variant '../cams/x'"),
         ({"pretrain": {"name": "a..b"}}, "'pretrain.name'"),
+        ({"train_ccam": {"ecs_classifier": "../species"}}, "'train_ccam.ecs_classifier'"),
         ({"train_unet": {"encoder_weights": "pretrain:../x"}}, "'train_unet.encoder_weights'"),
         ({"tune": {"refiners": ["crf", "magic"]}}, "'tune.refiners' entry 'magic'"),
         ({"prepare": {"val_fraction": True}}, "'prepare.val_fraction' must be a number"),

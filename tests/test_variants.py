@@ -81,7 +81,7 @@ def test_parsed_parts() -> None:
     assert str(ccam.parent) == "ccam-cls-breed-bg-ecs"
     variant = MapVariant.parse("ccam_ccam-none-perbreed")
     assert variant.method == "ccam" and variant.model == CcamId(CcamInit("none"), per_breed=True)
-    assert MapVariant.parse("cam_imagenet").model is IMAGENET or MapVariant.parse("cam_imagenet").model == IMAGENET
+    assert MapVariant.parse("cam_imagenet").model == IMAGENET
     assert UnetId.parse("unet-ensemble").source == MaskSource("pseudo", MapVariant("ensemble"))
     assert WeightSpec.parse("pretrain:tiny").pretrain_id == PretrainId("tiny")
     assert WeightSpec.parse("imagenet").pretrain_id is None

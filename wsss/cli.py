@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,7 +17,7 @@ import typer
 
 from wsss.errors import ConfigError, WsssError
 from wsss.methods import MethodName
-from wsss.variants import CcamInit, MapVariant, MaskSource, UnetId, parse_model, safe_name
+from wsss.variants import CcamInit, Labels, MapVariant, MaskSource, UnetId, parse_model, safe_name
 
 app = typer.Typer(
     help="Weakly-supervised semantic segmentation: CAM / ECS / CCAM maps -> CRF pseudo-masks -> U-Net.",
@@ -39,13 +38,6 @@ DeviceOpt = Annotated[
 ]
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
-
-
-class Labels(str, Enum):
-    """Image-level label spaces."""
-
-    species = "species"
-    breed = "breed"
 
 
 def _user_errors(fn: F) -> F:

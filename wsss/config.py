@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import ConfigError
-from wsss.variants import MapVariant, WeightSpec, safe_name
+from wsss.variants import ClassifierId, MapVariant, WeightSpec, safe_name
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 REFINERS = ("crf", "grabcut", "grabcut+crf", "none")
@@ -175,7 +175,7 @@ class CcamConfig:
     momentum: float = _f(0.0, 0.0, 1.0)  # the official code effectively trains without momentum
     poly_power: float = _f(0.9, 0.0)
     ecs_weight: float = _f(1.0, 0.0)  # weight of the ECS target term for ccam-ecs
-    ecs_classifier: str = "species"  # classifier variant giving the ECS target
+    ecs_classifier: str = "species"  # classifier variant (species | breed, optionally -bg) giving the ECS target
     breed_weight: float = _f(1.0, 0.0)  # weight of the per-breed contrastive term
     breeds_per_batch: int = _f(4, 2)
     per_breed_epochs: int = _f(3, 1)
@@ -421,6 +421,7 @@ def _validate_cross_fields(p: Params, source: str) -> None:
         ("pretrain.name", p.pretrain.name, safe_name),
         ("train_classifier.weights", p.train_classifier.weights, WeightSpec.parse),
         ("train_unet.encoder_weights", p.train_unet.encoder_weights, WeightSpec.parse),
+        ("train_ccam.ecs_classifier", p.train_ccam.ecs_classifier, ClassifierId.from_variant),
         *((f"make_cams.ensemble_members[{i}]", v, MapVariant.parse) for i, v in enumerate(m.ensemble_members)),
     ]
     for key, value, parse in names:

@@ -20,12 +20,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Literal
 
 from wsss.errors import ConfigError
 from wsss.methods import MethodName
 
-LABELS = ("species", "breed")
+
+class Labels(str, Enum):
+    """Image-level label spaces of a classifier (also the CLI's ``--labels`` choices)."""
+
+    species = "species"
+    breed = "breed"
+
+
+LABELS = tuple(label.value for label in Labels)
 ENSEMBLE = MethodName.ensemble.value
 # Map methods that compute maps with a model; ``ensemble`` fuses stored maps instead.
 MODEL_METHODS = tuple(m.value for m in MethodName if m is not MethodName.ensemble)
@@ -145,8 +154,8 @@ class CcamInit:
                 (self.kind == "pretrain") != (self.pretrain is not None)):
             raise ConfigError(f"CCAM init {self.kind!r}: give exactly the classifier or the backbone it names")
         if self.pretrain is not None and self.pretrain.name.endswith(_CCAM_SUFFIXES):
-            raise ConfigError(f"CCAM init pretrain:{self.pretrain.name}: a backbone name used as a CCAM init must "
-                              f"not end in {' or '.join(_CCAM_SUFFIXES)} (the model id would be ambiguous)")
+            raise ConfigError(f"CCAM init 'pretrain:{self.pretrain.name}': a backbone name used as a CCAM init "
+                              f"must not end in {' or '.join(_CCAM_SUFFIXES)} (the model id would be ambiguous)")
 
     @classmethod
     def parse(cls, text: str) -> CcamInit:
@@ -154,14 +163,13 @@ class CcamInit:
         if text in ("none", "imagenet"):
             return cls(text)  # type: ignore[arg-type]
         kind, sep, arg = text.partition(":")
+        if not sep or kind not in ("classifier", "pretrain"):
+            raise _bad("CCAM init", text, INIT_FORMS)
         try:
-            if sep and kind == "classifier":
-                return cls("classifier", classifier=ClassifierId.from_variant(arg))
-            if sep and kind == "pretrain":
-                return cls("pretrain", pretrain=PretrainId(arg))
+            part = ClassifierId.from_variant(arg) if kind == "classifier" else PretrainId(arg)
         except ConfigError as exc:
             raise ConfigError(f"CCAM init {text!r}: {exc}") from None
-        raise _bad("CCAM init", text, INIT_FORMS)
+        return cls("classifier", classifier=part) if kind == "classifier" else cls("pretrain", pretrain=part)
 
     @classmethod
     def from_tag(cls, tag: str) -> CcamInit:
