@@ -7,26 +7,27 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from wsss.config import Params, is_weights_file
+from wsss.config import Params
 from wsss.errors import DataError
 from wsss.paths import Paths
+from wsss.variants import WeightSpec
 
 
-def resolve_weights(spec: str, paths: Paths) -> str:
+def resolve_weights(spec: WeightSpec | str, paths: Paths) -> str:
     """``imagenet`` / ``none`` pass through; ``pretrain:<name>`` becomes the pretrained backbone's path; a
     ``.pt``/``.pth`` file (relative to the project root) must exist."""
-    if spec.startswith("pretrain:"):
-        name = spec.split(":", 1)[1]
-        path = paths.model_dir(f"pretrain-{name}") / "model.pt"
+    spec = WeightSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.pretrain_id is not None:
+        path = paths.model_dir(spec.pretrain_id) / "model.pt"
         if not path.exists():
-            raise DataError(f"{path}: self-supervised backbone '{name}' not found; run `wsss pretrain` first")
+            raise DataError(f"{path}: self-supervised backbone '{spec.value}' not found; run `wsss pretrain` first")
         return str(path)
-    if is_weights_file(spec):
-        path = Path(spec) if Path(spec).is_absolute() else paths.root / spec
+    if spec.kind == "file":
+        path = Path(spec.value) if Path(spec.value).is_absolute() else paths.root / spec.value
         if not path.is_file():
             raise DataError(f"{path}: backbone weights file not found")
         return str(path)
-    return spec
+    return str(spec)
 
 
 def loader(ds: Dataset, batch_size: int, params: Params, shuffle: bool, seed: int = 0,
@@ -108,16 +109,19 @@ def load_trained_model(paths: Paths, name: str) -> tuple[torch.nn.Module, dict]:
 
 def reset_if_stale(out_dir: Path, fp: str) -> None:
     """Prepare a resumable output folder: files of another configuration (fingerprint) are removed,
-    files of this one are kept, and the completion stamp ``_done.json`` is cleared until the run ends."""
-    import shutil
+    files of this one are kept, and the completion stamp ``_done.json`` is cleared until the run ends.
 
-    from wsss.io import read_json, write_json
+    ``out_dir`` is a variant's folder (``cams/<variant>``, ``masks/<variant>``): a symlink or a path with
+    ``..`` is refused before anything is read or written (:func:`wsss.io.require_inside`).
+    """
+    from wsss.io import read_json, remove_tree, require_inside, write_json
 
+    require_inside(out_dir, out_dir.parent)  # before reading or writing anything in it
     stamp = out_dir / "_fingerprint.json"
     if out_dir.exists():
         old = read_json(stamp).get("fingerprint") if stamp.exists() else None
         if old != fp:
-            shutil.rmtree(out_dir)
+            remove_tree(out_dir, out_dir.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"fingerprint": fp})
     done = out_dir / "_done.json"

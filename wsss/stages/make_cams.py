@@ -26,6 +26,7 @@ from wsss.io import read_json, write_json, write_text
 from wsss.paths import Paths
 from wsss.stages.common import load_trained_model, loader, reset_if_stale
 from wsss.ui import console, task
+from wsss.variants import MapVariant
 
 STAGE = "make-cams"
 CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
@@ -33,7 +34,7 @@ CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
 
 def variant_name(method: str, model: str | None) -> str:
     """``<method>_<model>`` (e.g. ``cam_classifier-species``); ``ensemble`` has no model."""
-    return method if model is None else f"{method}_{model}"
+    return str(MapVariant.of(method, model))
 
 
 def map_rows(df: pd.DataFrame) -> pd.DataFrame:

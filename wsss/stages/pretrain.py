@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from wsss import tracking
-from wsss.config import PRETRAIN_NAME, Params, PretrainConfig, to_dict
+from wsss.config import Params, PretrainConfig, to_dict
 from wsss.data.breeds import NUM_BREEDS
 from wsss.data.datasets import InferenceDataset, denormalize_uint8
 from wsss.data.manifest import load_manifest
@@ -39,6 +39,7 @@ from wsss.paths import Paths
 from wsss.stages.common import loader, require_rows
 from wsss.training.distributed import DistContext
 from wsss.ui import console, task
+from wsss.variants import PretrainId, safe_name
 
 STAGE = "pretrain"
 N_OVERLAYS = 8
@@ -46,7 +47,7 @@ N_OVERLAYS = 8
 
 def model_name(name: str) -> str:
     """``pretrain-<name>``, the folder under ``models/`` (what ``pretrain:<name>`` resolves to)."""
-    return f"pretrain-{name}"
+    return str(PretrainId(name))
 
 
 def select_rows(df: pd.DataFrame, include_background: bool) -> pd.DataFrame:
@@ -82,8 +83,7 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
 
     cfg = params.pretrain
     if name is not None:
-        if not PRETRAIN_NAME.fullmatch(name):
-            raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-', '.' (at most 64 characters)")
+        safe_name(name, "--name")
         cfg = dataclasses.replace(cfg, name=name)
     df = load_manifest(paths.manifest)
     train_df = select_rows(df, cfg.include_background)

@@ -39,22 +39,15 @@ from wsss.io import write_json
 from wsss.paths import Paths
 from wsss.stages.common import load_trained_model, loader, require_rows, resolve_weights
 from wsss.ui import console, task
+from wsss.variants import CcamId, CcamInit
 
 STAGE = "train-ccam"
 N_OVERLAYS = 8
 
 
 def model_name(init: str, ecs: bool = False, per_breed: bool = False) -> str:
-    """Folder name under ``models/`` for a CCAM variant."""
-    if init in ("none", "imagenet"):
-        base = init
-    elif init.startswith("classifier:"):
-        base = "cls-" + init.split(":", 1)[1]
-    elif init.startswith("pretrain:"):
-        base = "pre-" + init.split(":", 1)[1]
-    else:
-        raise ConfigError(f"--init {init!r}: valid: none, imagenet, classifier:<variant>, pretrain:<name>")
-    return f"ccam-{base}" + ("-ecs" if ecs else "") + ("-perbreed" if per_breed else "")
+    """Folder name under ``models/`` for a CCAM variant (``--init`` as ``train-ccam`` takes it)."""
+    return str(CcamId(CcamInit.parse(init), ecs, per_breed))
 
 
 def _transform(size: int, crop: int, train: bool) -> v2.Compose:

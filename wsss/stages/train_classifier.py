@@ -22,13 +22,14 @@ from wsss.io import write_json
 from wsss.paths import Paths
 from wsss.stages.common import loader, require_rows, resolve_weights
 from wsss.ui import console, task
+from wsss.variants import ClassifierId
 
 STAGE = "train-classifier"
 
 
 def model_name(labels: str, bg: bool) -> str:
     """``classifier-<variant>``, the folder under ``models/``."""
-    return f"classifier-{variant_name(labels, bg)}"
+    return str(ClassifierId(labels, bg))
 
 
 def select_rows(df, labels: str, bg: bool):  # noqa: ANN001, ANN201 - pandas in, pandas out

@@ -26,6 +26,7 @@ from wsss.io import read_json, write_json
 from wsss.paths import Paths
 from wsss.stages.common import loader, require_rows, resolve_weights
 from wsss.ui import console, task
+from wsss.variants import MapVariant, MaskSource
 
 STAGE = "train-unet"
 IGNORE = 255
@@ -49,7 +50,8 @@ def best_pseudo_variant(paths: Paths) -> str:
 
 def resolve_source(paths: Paths, masks: str) -> str:
     """``gt``, a pseudo-mask variant, or ``best`` (resolved from the pseudo-mask reports)."""
-    return best_pseudo_variant(paths) if masks == "best" else masks
+    source = MaskSource.parse(masks)
+    return str(MapVariant.parse(best_pseudo_variant(paths)) if source.kind == "best" else source)
 
 
 def training_rows(df: pd.DataFrame, paths: Paths, source: str) -> tuple[pd.DataFrame, Path | None]:
