@@ -13,6 +13,9 @@ One *run* of a refiner turns the map into a {0, 1} mask around a decision thresh
 
 The confident-region variant (IRN) does two runs, at ``fg_threshold`` and at ``bg_threshold``; pixels
 where both runs agree keep that label and the rest become 255.
+
+:class:`Refiner` dispatches through the registry :data:`wsss.refiners.REGISTRY`, where each refiner is
+declared once (its run, CRF needs, deciding threshold and search space).
 """
 
 from __future__ import annotations

@@ -103,6 +103,8 @@ def load_model_dir(model_dir: Path, kind: str) -> tuple[nn.Module, ModelMeta]:
     """
     from wsss.training.checkpoint import load_model_state, load_weights
 
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r}; valid: {', '.join(_BUILDERS)}")
     state, meta = load_model_state(model_dir, {"kind": kind})
     model, described = _BUILDERS[kind](meta, Path(model_dir))
     load_weights(model, state, model_dir, described)

@@ -17,7 +17,7 @@ import pandas as pd
 from wsss import tracking
 from wsss.cams import iter_maps, load_maps, plan_shards, shard_path, write_shard
 from wsss.config import Params, to_dict
-from wsss.data.manifest import load_manifest, pets
+from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, write_json, write_text
@@ -37,8 +37,7 @@ def variant_name(method: str, model: str | None) -> str:
 
 def map_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Images that get maps: every trainval pet (main and label-only roots), never test."""
-    sel = pets(df)
-    return sel[sel["split"].isin(["train", "val"])].sort_values("id")
+    return pets(df, TRAINVAL).sort_values("id")
 
 
 def run(params: Params, paths: Paths, method: str, model: str | None, device: str | None = None) -> dict[str, Any]:

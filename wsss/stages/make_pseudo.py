@@ -32,7 +32,7 @@ from wsss import tracking
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.cams import SHARD_GLOB, iter_maps
 from wsss.config import Params, PseudoConfig, to_dict
-from wsss.data.manifest import load_manifest, pets
+from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import DataError
 from wsss.evaluation import SegMeter
@@ -73,7 +73,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         raise DataError(f"{cams_dir}: maps of {len(unknown)} image(s) not in the manifest (e.g. {unknown[0]}); "
                         "the maps are stale, rerun `wsss make-cams`")
     # Pseudo-masks are training labels: never make one for a test image, whatever the shards hold.
-    ids = [i for i in map_ids if rows.at[i, "split"] in ("train", "val")]
+    ids = [i for i in map_ids if rows.at[i, "split"] in TRAINVAL]
     if not ids:
         raise DataError(f"{cams_dir}: no map of a trainval image")
     out_dir = paths.masks_dir(variant)
@@ -200,8 +200,8 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
 
     plain = plain_threshold_config(cfg)
 
-    gt_rows = pets(df, with_mask=True)
-    gt_rows = gt_rows[gt_rows["split"].isin(["train", "val"]) & gt_rows["id"].isin(ids)]
+    gt_rows = pets(df, TRAINVAL, with_mask=True)
+    gt_rows = gt_rows[gt_rows["id"].isin(ids)]
     gt_rows = gt_rows.sort_values("id")
     if gt_rows.empty:
         raise DataError(f"{paths.manifest}: no trainval image with maps has a GT mask to score against")
