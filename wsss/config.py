@@ -23,6 +23,7 @@ from wsss.errors import ConfigError
 from wsss.variants import ClassifierId, MapVariant, WeightSpec, safe_name
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# The registered refiners' names (wsss.refiners.REGISTRY, which imports cv2; a test keeps them equal).
 REFINERS = ("crf", "grabcut", "grabcut+crf", "none")
 
 
@@ -233,7 +234,7 @@ class GrabCutConfig:
 class PseudoConfig:
     """Map -> pseudo-mask: threshold, refiner and the confident-region (ignore) variant."""
 
-    refiner: Literal["crf", "grabcut", "grabcut+crf", "none"] = "crf"
+    refiner: Literal[REFINERS] = "crf"  # type: ignore[valid-type]
     threshold: float = _f(0.3, 0.0, 1.0)
     confident: bool = False  # IRN dual threshold: disagreement -> 255
     fg_threshold: float = _f(0.3, 0.0, 1.0)

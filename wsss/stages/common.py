@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from wsss.config import Params
+from wsss.data.loaders import loader
 from wsss.errors import DataError
 from wsss.paths import Paths
 from wsss.variants import WeightSpec
+
+__all__ = ["load_trained_model", "loader", "require_rows", "reset_if_stale", "resolve_weights"]
 
 
 def resolve_weights(spec: WeightSpec | str, paths: Paths) -> str:
@@ -30,19 +31,6 @@ def resolve_weights(spec: WeightSpec | str, paths: Paths) -> str:
     return str(spec)
 
 
-def loader(ds: Dataset, batch_size: int, params: Params, shuffle: bool, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A DataLoader seeded for reproducible shuffling."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    workers = params.base.num_workers
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
-        num_workers=workers, generator=gen, persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
 def require_rows(n: int, what: str, hint: str, source: Path) -> None:
     """Fail clearly when a selection of the manifest is empty."""
     if n == 0:
@@ -50,61 +38,14 @@ def require_rows(n: int, what: str, hint: str, source: Path) -> None:
 
 
 def load_trained_model(paths: Paths, name: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from ``models/<name>/`` (state_dict + meta.json), on the CPU, eval mode.
+    """TRANSITIONAL (issue 15): :func:`wsss.models.loading.load_model` with the meta as a dict.
 
-    ``imagenet`` is the paper's "Pretrained" setting: the ImageNet classifier with its own head.
+    Kept only for ``train_ccam`` until it calls ``load_model`` (then ``meta.arch``); delete at the merge.
     """
-    from wsss.training.checkpoint import load_model_state
+    from wsss.models.loading import load_model
 
-    if name == "imagenet":
-        from wsss.models.classifier import ImageNetSpeciesClassifier
-
-        model = ImageNetSpeciesClassifier()
-        return model.eval(), {"kind": "classifier", "labels": "species", "bg": False, "input_size": 224,
-                              "arch": "resnet50", "num_classes": 2}
-    src = paths.model_dir(name)
-    meta_path = Path(src) / "meta.json"
-    if not meta_path.exists():
-        raise DataError(f"{meta_path}: model '{name}' not found; train it first (see `wsss --help`)")
-    from wsss.io import read_json
-
-    try:
-        kind = read_json(meta_path).get("kind")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise DataError(f"{meta_path} is not a JSON object ({exc}); retrain the model") from None
-    if kind not in ("classifier", "ccam"):
-        raise DataError(f"{meta_path}: unknown model kind {kind!r}")
-    state, meta = load_model_state(src, {"kind": kind})
-    # meta.json decides what is built: check it describes a model these weights can fill.
-    from wsss.config import ARCHS
-    from wsss.training.checkpoint import load_weights, require_meta
-
-    require_meta(meta, ("arch",) + (("num_classes", "labels", "bg") if kind == "classifier" else ()), src)
-    if meta["arch"] not in ARCHS:
-        raise DataError(f"{meta_path}: arch {meta['arch']!r} is not one of {', '.join(ARCHS)}; retrain the model")
-    if kind == "classifier":
-        from wsss.data.breeds import num_classes
-        from wsss.models.classifier import Classifier
-
-        try:
-            k = int(meta["num_classes"])
-            expected = num_classes(str(meta["labels"]), bool(meta["bg"]))
-        except (TypeError, ValueError, KeyError) as exc:
-            raise DataError(f"{meta_path}: invalid label space ({exc}); retrain the model") from None
-        if k != expected:
-            raise DataError(
-                f"{meta_path}: num_classes {k} does not match the label space labels={meta['labels']!r} "
-                f"bg={meta['bg']} ({expected} classes); retrain the model"
-            )
-        model: torch.nn.Module = Classifier(meta["arch"], k, weights="none")
-        described = f"classifier {meta['arch']}, {k} classes"
-    else:
-        from wsss.models.ccam import CCAM
-
-        model = CCAM(meta["arch"], weights="none")
-        described = f"ccam {meta['arch']}"
-    load_weights(model, state, src, described)
-    return model.eval(), meta
+    model, meta = load_model(paths, name)
+    return model, dict(meta.raw)
 
 
 def reset_if_stale(out_dir: Path, fp: str) -> None:
