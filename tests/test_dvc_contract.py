@@ -613,7 +613,7 @@ def test_checks_catch_a_broken_stage(case: str) -> None:
 
 def test_allowances_stay_narrow() -> None:
     """Device-only base reads and a flag-gated section pass; the same section without the gate does not."""
-    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams"]})
+    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams", "evaluate.ellipse_scale"]})
     assert undeclared_reads(make_cams) == []
     plain = {"cmd": "wsss train-ccam --init none", "params": ["base.seed", "train_ccam"]}
     assert undeclared_reads(Stage(ROOT / "dvc.yaml", "c", plain)) == []
