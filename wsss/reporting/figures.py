@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from wsss.io import atomic_path, read_json
 from wsss.paths import Paths
 from wsss.reporting.inputs import Reports, get, num
 from wsss.ui import console
+
+if TYPE_CHECKING:
+    from wsss.models.loading import ModelMeta
 
 N_FIGURE_IMAGES = 6  # validation pets per map grid
 
@@ -56,18 +59,18 @@ def threshold_figure(rep: Reports, dest: Path) -> Path | None:
 
 def figure_rows(paths: Paths) -> list[Any]:
     """Up to ``N_FIGURE_IMAGES`` validation pets with GT (sorted ids: the same images in every grid)."""
-    from wsss.data.manifest import load_manifest
+    from wsss.data.manifest import load_manifest, pets
 
     if not paths.manifest.is_file():
         return []
     df = load_manifest(paths.manifest)
-    val = df[(df["split"] == "val") & df["has_mask"].astype(bool) & ~df["is_background"]].sort_values("id")
+    val = pets(df, "val", with_mask=True).sort_values("id")
     return list(val.head(N_FIGURE_IMAGES).itertuples())
 
 
-def _unet_for(paths: Paths, variant: str, cache: dict[str, Any]) -> tuple[str, Any, dict[str, Any]] | None:
+def _unet_for(paths: Paths, variant: str, cache: dict[str, Any]) -> tuple[str, Any, ModelMeta] | None:
     """(name, model, meta) of a U-Net trained on ``variant``'s masks (``unet-<variant>``, ``unet-best``)."""
-    from wsss.inference import load_unet  # lead: switch to wsss.models.loading at merge
+    from wsss.models.loading import load_model_dir
 
     for name in (f"unet-{variant}", "unet-best"):
         meta_path = paths.model_dir(name) / "meta.json"
@@ -77,7 +80,7 @@ def _unet_for(paths: Paths, variant: str, cache: dict[str, Any]) -> tuple[str, A
             if read_json(meta_path).get("masks") != variant:
                 continue
             if name not in cache:
-                cache[name] = (name, *load_unet(paths.model_dir(name)))
+                cache[name] = (name, *load_model_dir(paths.model_dir(name), "unet"))
             return cache[name]
         except Exception as exc:  # a figure is not worth failing the report for
             console.print(f"[yellow]report: cannot load {paths.model_dir(name)} for figures ({exc})[/]")
@@ -120,7 +123,7 @@ def map_grid_figure(paths: Paths, variant: str, rows: Sequence[Any], unets: dict
             mask_path = masks_dir / f"{r.id}.png"
             panels.append((colorize(load_mask(mask_path)) if mask_path.is_file() else np.full_like(image, 64), None))
         if unet is not None:
-            prob = predict_probs(unet[1], [image], int(unet[2]["input_size"]), prec)[0]
+            prob = predict_probs(unet[1], [image], unet[2].input_size, prec)[0]
             panels.append((colorize((prob >= 0.5).astype(np.uint8)), None))
         panels.append((colorize(gt), None))
         for j, (ax, (picture, heat)) in enumerate(zip(axes[i], panels, strict=True)):

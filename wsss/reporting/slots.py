@@ -1,7 +1,6 @@
 """Which cell of the paper's tables a map variant's numbers fill.
 
-Map variants are ``<method>_<model>`` (see ``make_cams.variant_name``). ``map_slot`` is the only place
-here that reads that grammar.
+Map variants are parsed by :class:`wsss.variants.MapVariant`; ``map_slot`` maps the parsed name to a cell.
 
 ===============================  ======================  ==============================================
 variant                          paper row               paper column
@@ -20,7 +19,6 @@ variant                          paper row               paper column
 ``ccam-ecs_ccam-cls-breed-ecs``  CCAM+ECS                37-Class (any ``-ecs`` model or the
                                                          ``ccam-ecs`` method gives a CCAM+ECS row)
 ``ccam*_ccam-*-perbreed``        Table 3 CCAM / +dCRF    37-Class (class-specific)
-``ccam*_ccam-*-perspecies``      Table 3 CCAM / +dCRF    2-Class (class-specific; no stage makes one yet)
 ``ensemble``                     own table               (no paper counterpart; ``docs/seed-paper.md``,
                                                          B10)
 ===============================  ======================  ==============================================
@@ -31,7 +29,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from wsss.errors import ConfigError
 from wsss.reporting.paper import LABEL_COLUMNS
+from wsss.variants import CcamId, ClassifierId, ImagenetId, MapVariant
 
 
 @dataclass(frozen=True)
@@ -47,39 +47,31 @@ class Slot:
 
 def map_slot(variant: str) -> Slot | None:
     """The paper cell a map variant stands for (see the module docstring), or None."""
-    # lead: parse with wsss.variants at merge
-    method, sep, model = variant.partition("_")
-    if not sep:
+    try:
+        parsed = MapVariant.parse(variant)
+    except ConfigError:
         return None
-    if method in ("cam", "ecs"):
-        row = "CAM" if method == "cam" else "CAM+ECS"
-        if model == "imagenet":
+    model = parsed.model
+    if parsed.method in ("cam", "ecs"):
+        row = "CAM" if parsed.method == "cam" else "CAM+ECS"
+        if isinstance(model, ImagenetId):
             return Slot("maps", row, "Pretrained")
-        column = LABEL_COLUMNS.get(model.removeprefix("classifier-")) if model.startswith("classifier-") else None
-        return Slot("maps", row, column) if column else None
-    if method not in ("ccam", "ccam-ecs") or not model.startswith("ccam-"):
+        return Slot("maps", row, LABEL_COLUMNS[model.variant]) if isinstance(model, ClassifierId) else None
+    if not isinstance(model, CcamId):
         return None
-    rest = model.removeprefix("ccam-")
-    specific = ""
-    for suffix in ("-perbreed", "-perspecies"):
-        if rest.endswith(suffix):
-            specific, rest = suffix, rest.removesuffix(suffix)
-    ecs = rest.endswith("-ecs") or method == "ccam-ecs"
-    rest = rest.removesuffix("-ecs")
-    if rest == "imagenet":
+    init = model.init
+    ecs = model.ecs or parsed.method == "ccam-ecs"
+    if init.kind == "imagenet":
         column, rank, note = "Pretrained", 0, ""
-    elif rest.startswith("pre-"):
-        column, rank, note = "Pretrained", 1, f"self-supervised init {rest.removeprefix('pre-')}, not ImageNet"
-    elif rest == "none":
+    elif init.pretrain is not None:
+        column, rank, note = "Pretrained", 1, f"self-supervised init {init.pretrain.name}, not ImageNet"
+    elif init.kind == "none":
         column, rank, note = "Pretrained", 2, "random init, not ImageNet"
-    elif rest.startswith("cls-") and rest.removeprefix("cls-") in LABEL_COLUMNS:
-        column, rank, note = LABEL_COLUMNS[rest.removeprefix("cls-")], 0, ""
     else:
-        return None
-    if specific:
-        # Table 3's class-specific columns; ECS and init only order the candidates.
-        col = "37-Class" if specific == "-perbreed" else "2-Class"
-        return Slot("class-specific", "CCAM", col, rank + (10 if ecs else 0), note)
+        column, rank, note = LABEL_COLUMNS[init.classifier.variant], 0, ""
+    if model.per_breed:
+        # Table 3's class-specific 37-Class column; ECS and init only order the candidates.
+        return Slot("class-specific", "CCAM", "37-Class", rank + (10 if ecs else 0), note)
     return Slot("maps", "CCAM+ECS" if ecs else "CCAM", column, rank, note)
 
 

@@ -19,6 +19,7 @@ from wsss.data.readers import read_mask, read_rgb
 from wsss.io import write_json
 from wsss.paths import Paths
 from wsss.ui import console, task
+from wsss.variants import UnetId
 
 STAGE = "evaluate"
 BASELINES = ("whole_image", "ellipse", "grabcut_rect")
@@ -50,7 +51,7 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     scores = meter.result().to_dict()
     report = {"model": model, "masks": meta.masks, "split": "test", **scores,
               "seconds": round(seconds, 2), "images_per_s": len(rows) / max(seconds, 1e-9)}
-    source = model.removeprefix("unet-")
+    source = str(UnetId.parse(model).source)
     write_json(paths.eval_report(source), report)
     with tracking.stage_run(STAGE, source, params, paths, sections=("evaluate",)):
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})

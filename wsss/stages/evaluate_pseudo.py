@@ -23,6 +23,7 @@ from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, l
 from wsss.paths import Paths
 from wsss.pseudo import effective_config, plain_threshold_config
 from wsss.ui import console, task
+from wsss.variants import MapVariant
 
 STAGE = "evaluate"  # the command's stage: its MLflow runs sit beside the U-Net evaluations
 
@@ -46,19 +47,19 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     cfg, source = effective_config(params, paths, variant, use_tuned)
     prec = precision_for(resolve_device(device or params.base.device))
     cams = params.make_cams
-    if variant == "ensemble":
+    if MapVariant.parse(variant).model is None:
         members, weights = ensemble_members(cams)
     else:
         members, weights = [variant], [1.0]
     start = time.perf_counter()
     member_maps: list[dict[str, np.ndarray]] = []
     for member in members:
-        method_name, sep, model_name = member.partition("_")
-        if not sep or method_name not in METHODS.names() or not METHODS.get(method_name).needs_model:
-            raise ConfigError(f"cannot rebuild maps of '{member}' for test images: expected <method>_<model>, "
-                            "e.g. cam_classifier-species")
-        method = METHODS.get(method_name)
-        model, meta = load_method_model(paths, method, model_name)
+        parsed = MapVariant.parse(member)
+        if parsed.model is None:
+            raise ConfigError(f"cannot rebuild maps of '{member}' for test images: an ensemble member must be "
+                              "<method>_<model>, e.g. cam_classifier-species")
+        method = METHODS.get(parsed.method)
+        model, meta = load_method_model(paths, method, str(parsed.model))
         model = prepare_model(model, prec)
         with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
             member_maps.append({i: m for i, m, _, _ in compute_maps(params, paths, method, model, meta, test,

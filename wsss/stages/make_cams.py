@@ -25,7 +25,7 @@ from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, l
 from wsss.paths import Paths
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
-from wsss.variants import MapVariant
+from wsss.variants import ENSEMBLE, IMAGENET, MapVariant
 
 STAGE = "make-cams"
 CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
@@ -58,7 +58,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     fp = _fingerprint(params, method, model, paths)
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
-    loaded = load_method_model(paths, m, model) if m.needs_model and model != "imagenet" else None
+    loaded = load_method_model(paths, m, model) if m.needs_model and model != str(IMAGENET) else None
     reset_if_stale(out_dir, fp)
 
     start = time.perf_counter()
@@ -98,11 +98,11 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
     from wsss.training.checkpoint import fingerprint
 
     model_meta: Any = None
-    if model and model != "imagenet":
+    if model and model != str(IMAGENET):
         meta_path = paths.model_dir(model) / "meta.json"
         model_meta = read_json(meta_path) if meta_path.exists() else None
     members = None
-    if method == "ensemble":
+    if method == ENSEMBLE:
         members = [read_json(paths.cams_dir(v) / "_done.json") if (paths.cams_dir(v) / "_done.json").exists()
                    else None for v in params.make_cams.ensemble_members]
     return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
