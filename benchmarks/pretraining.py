@@ -40,6 +40,8 @@ from quality import (
     machine,
     pct,
     read_json,
+    shown,
+    shown_params,
     write_params,
 )
 
@@ -195,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
-        "profile": args.profile, "profile_file": profile["source"], "train_root": str(args.train_root),
-        "extra_train_roots": [str(r) for r in args.extra_train_root], "workdir": str(work), "out": str(out),
-        "machine": machine(), "methods": methods, "params": plan.params, "routes": [],
+        "profile": args.profile, "profile_file": shown(profile["source"]), "train_root": shown(args.train_root),
+        "extra_train_roots": [shown(r) for r in args.extra_train_root], "workdir": shown(work), "out": shown(out),
+        "machine": machine(), "methods": methods, "params": shown_params(plan.params), "routes": [],
     }
     start = time.perf_counter()
     steps: list[dict[str, Any]] = []

@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 PROFILES = HERE / "profiles"
 SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_iou", "grabcut_iou")
 
@@ -82,6 +83,27 @@ def load_profile(name: str) -> dict[str, Any]:
     steps.setdefault("tune_trials", 8)
     data["source"] = str(path)
     return data
+
+
+def shown(path: str | Path | None) -> str | None:
+    """``path`` as a result file records it: relative to the repository root when it lies inside the
+    repository or beside it (``../shared/data/...``), else as given, so results name no checkout path."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return os.path.relpath(resolved, REPO) if resolved.is_relative_to(REPO.parent) else str(path)
+
+
+def shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with the data roots of ``base`` passed through :func:`shown` (the copy a result keeps)."""
+    out = copy.deepcopy(params)
+    base = out.get("base", {})
+    for key in ("data_root", "background_root"):
+        if key in base:
+            base[key] = shown(base[key])
+    if "extra_roots" in base:
+        base["extra_roots"] = [shown(r) for r in base["extra_roots"]]
+    return out
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -434,12 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     used = [k for k, v in plan.imagenet.items() if v]
     result: dict[str, Any] = {
-        "profile": args.profile, "profile_file": profile["source"], "train_root": str(args.train_root),
-        "extra_train_roots": [str(r) for r in args.extra_train_root],
-        "eval_root": str(args.eval_root) if args.eval_root else None, "workdir": str(work), "out": str(out),
+        "profile": args.profile, "profile_file": shown(profile["source"]), "train_root": shown(args.train_root),
+        "extra_train_roots": [shown(r) for r in args.extra_train_root],
+        "eval_root": shown(args.eval_root), "workdir": shown(work), "out": shown(out),
         "machine": machine(), "imagenet": plan.imagenet,
         "imagenet_summary": ("yes: " + ", ".join(used)) if used else "no (random init; none cached or profile says never)",
-        "params": plan.params, "maps": plan.variants,
+        "params": shown_params(plan.params), "maps": plan.variants,
     }
     print(f"work project {work}; ImageNet weights: {result['imagenet_summary']}", flush=True)
     runner = Runner(work, work / "quality.log")

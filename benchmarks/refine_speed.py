@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 import wsss.refine as R
+from wsss import parallel
 from wsss.config import PseudoConfig
 
 
@@ -58,22 +59,22 @@ def main() -> None:
     args = ap.parse_args()
 
     load = os.getloadavg()[0]
-    workers = args.workers or R.cpu_count()
+    workers = args.workers or parallel.cpu_count()
     methods = [m for m in ("forkserver", "spawn") if m in mp.get_all_start_methods()]
-    default_ctx = R._mp_context
+    default_ctx = parallel.process_context
 
     # Pool start-up cost: 8 tiny items (the pool threshold), twice per start method. Measured first, so the
     # forkserver's first call includes starting the server.
     tiny = make_pairs(8, 32, 32, seed=1)
     startup = []
     for method in methods:
-        R._mp_context = lambda method=method: mp.get_context(method)  # noqa: B023 (benchmark only)
+        parallel.process_context = lambda preload=(), method=method: mp.get_context(method)  # noqa: B023
         if method == "forkserver":
             mp.get_context("forkserver").set_forkserver_preload(["wsss.refine"])
         for call in ("first", "second"):
             dt, _ = timed(tiny, PseudoConfig(refiner="grabcut"), workers=workers)
             startup.append({"start_method": method, "call": call, "seconds": dt})
-    R._mp_context = default_ctx
+    parallel.process_context = default_ctx
 
     pairs = make_pairs(args.n)
     rows = []
@@ -88,7 +89,7 @@ def main() -> None:
                      "images_per_s": args.n / dt, "equals_serial": same})
 
     result = {
-        "n_images": args.n, "size": "320x240", "workers": workers, "cpu_count": R.cpu_count(),
+        "n_images": args.n, "size": "320x240", "workers": workers, "cpu_count": parallel.cpu_count(),
         "loadavg_1m_before": load, "python": platform.python_version(),
         "opencv": cv2.__version__, "default_start_method": default_ctx().get_start_method(),
         "pool_startup": startup, "rows": rows,
@@ -96,7 +97,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2))
-    print(f"{args.n} images 320x240, {workers} workers, {R.cpu_count()} cores, load {result['loadavg_1m_before']:.1f}\n")
+    print(f"{args.n} images 320x240, {workers} workers, {parallel.cpu_count()} cores, load {result['loadavg_1m_before']:.1f}\n")
     print("| refiner | mode | images/s | s | = serial |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['refiner']} | {r['mode']} | {r['images_per_s']:.1f} | {r['seconds']:.2f} | {r.get('equals_serial', '')} |")

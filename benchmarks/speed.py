@@ -171,7 +171,8 @@ def bench_crf(n_images: int, width: int, height: int, workers: int) -> dict[str,
     import numpy as np
 
     from wsss.config import PseudoConfig
-    from wsss.refine import cpu_count, require_crf
+    from wsss.parallel import cpu_count
+    from wsss.refine import require_crf
 
     require_crf()
     workers = workers or cpu_count()

@@ -24,19 +24,8 @@ def test_ellipse_area(h: int, w: int, scale: float) -> None:
     assert (m == m[::-1]).all() and (m == m[:, ::-1]).all()
 
 
-def test_prior_map() -> None:
-    h, w = 60, 90
-    p = baselines.ellipse_prior_map(h, w)
-    assert p.dtype == np.float32 and p.shape == (h, w)
-    assert p.max() == 1.0 and p.min() > 0
-    assert p[h // 2, w // 2] == 1.0
-    # thresholding at 0.5 gives (almost) the hard ellipse
-    agree = ((p >= 0.5) == baselines.centred_ellipse(h, w).astype(bool)).mean()
-    assert agree > 0.98
-
-
 def test_bad_sizes() -> None:
     with pytest.raises(ValueError):
-        baselines.centred_ellipse(0, 5)
+        baselines.centred_ellipse(0, 5, 0.8)
     with pytest.raises(ValueError):
-        baselines.ellipse_prior_map(5, 5, scale=0)
+        baselines.centred_ellipse(5, 5, scale=0)

@@ -22,6 +22,8 @@ def _write(tmp_path: Path, data: object) -> Path:
 def test_repository_params_yaml_loads() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.base.dataset == "synthetic"
+    paper = load_params(REPO / "pipelines" / "paper-tables" / "params.yaml")  # names checked through the types
+    assert paper.train_ccam.ecs_classifier == "breed" and len(paper.make_cams.ensemble_members) == 3
 
 
 def test_defaults_when_sections_missing(tmp_path: Path) -> None:
@@ -47,6 +49,15 @@ def test_defaults_when_sections_missing(tmp_path: Path) -> None:
         ({"make_cams": {"ensemble_members": ["cam"], "ensemble_weights": [1, 2]}}, "one weight per entry"),
         ({"pseudo": {"grabcut": {"bg_threshold": 0.9}}}, "bg_threshold <= pfg_threshold"),
         ({"prepare": None}, "'prepare' must be a mapping"),
+        ({"make_cams": {"ensemble_members": ["cam_classifier-species", "../cams/x"]}},
+         "'make_cams.ensemble_members[1]': map variant '../cams/x'"),
+        ({"pretrain": {"name": "a..b"}}, "'pretrain.name'"),
+        ({"train_ccam": {"ecs_classifier": "../species"}}, "'train_ccam.ecs_classifier'"),
+        ({"train_unet": {"encoder_weights": "pretrain:../x"}}, "'train_unet.encoder_weights'"),
+        ({"tune": {"refiners": ["crf", "magic"]}}, "'tune.refiners' entry 'magic'"),
+        ({"prepare": {"val_fraction": True}}, "'prepare.val_fraction' must be a number"),
+        ({"make_cams": {"threshold": float("nan")}}, "'make_cams.threshold' must be a finite number"),
+        ({"base": {"background_root": 3}}, "'base.background_root' must be str or NoneType"),
     ],
 )
 def test_invalid_params_name_key_and_file(tmp_path: Path, data: dict, fragment: str) -> None:
@@ -55,6 +66,12 @@ def test_invalid_params_name_key_and_file(tmp_path: Path, data: dict, fragment: 
         load_params(path)
     assert fragment in str(err.value)
     assert str(path) in str(err.value)
+
+
+def test_empty_file_yields_the_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "params.yaml"
+    empty.write_text("")
+    assert load_params(empty) == Params()
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

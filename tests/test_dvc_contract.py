@@ -8,6 +8,10 @@ values of the ``params.yaml`` next to the file):
 * every stage's ``cmd`` is ``wsss <command> [options]``: the (sub)command and each option exist in the Typer app;
 * every params entry (``section`` or dotted ``section.key``) is a field path of :class:`wsss.config.Params`;
 * every code dep (a path with a ``wsss`` component) points at an existing file or folder of the package;
+* the code deps cover every package file the command runs: the transitive ``wsss`` imports of the command's
+  function in ``wsss/cli.py`` and of the stage module, found with ``ast`` (module level and inside functions,
+  by name: ``from wsss.x import f`` reaches ``f`` and what it uses). A failure prints the lines to paste under
+  the stage's ``deps:`` and the import chain behind each. ``STEERING_MODULES`` lists the few modules exempt;
 * the stage module behind each command (``wsss/stages/<x>.py``, found from the ``from wsss.stages import x``
   inside the command in ``wsss/cli.py``) reads only params sections the stage declares. Found statically with
   ``ast``: ``params.<section>`` accesses. A section counts as declared when the stage lists it or any of its
@@ -25,6 +29,7 @@ import ast
 import dataclasses
 import functools
 import itertools
+import os
 import re
 import shlex
 import typing
@@ -206,8 +211,9 @@ def _find_command(tokens: list[str]) -> tuple[Any, list[str], list[str]]:
     return cmd, path, rest
 
 
-def _cli_stage_modules() -> dict[tuple[str, ...], str]:
-    """Command path (e.g. ``("tune", "crf")``) -> the ``wsss.stages`` module its function imports."""
+def _cli_commands() -> dict[tuple[str, ...], tuple[str, str | None]]:
+    """Command path (e.g. ``("tune", "crf")``) -> (its function in ``wsss/cli.py``, the ``wsss.stages``
+    module that function imports, or None)."""
     tree = ast.parse(CLI_FILE.read_text(encoding="utf-8"))
     groups: dict[str, tuple[str, ...]] = {"app": ()}
     for node in ast.walk(tree):  # app.add_typer(tune_app, name="tune")
@@ -215,7 +221,7 @@ def _cli_stage_modules() -> dict[tuple[str, ...], str]:
                 and node.args and isinstance(node.args[0], ast.Name)):
             name = next(k.value.value for k in node.keywords if k.arg == "name")
             groups[node.args[0].id] = (name,)
-    out: dict[tuple[str, ...], str] = {}
+    out: dict[tuple[str, ...], tuple[str, str | None]] = {}
     for fn in tree.body:
         if not isinstance(fn, ast.FunctionDef):
             continue
@@ -228,12 +234,12 @@ def _cli_stage_modules() -> dict[tuple[str, ...], str]:
                        and node.module == "wsss.stages" for alias in node.names]
             modules += [node.module.rsplit(".", 1)[1] for node in ast.walk(fn) if isinstance(node, ast.ImportFrom)
                         and node.module and node.module.startswith("wsss.stages.")]
-            if modules:
-                out[(*groups[deco.func.value.id], name)] = modules[0]
+            out[(*groups[deco.func.value.id], name)] = (fn.name, modules[0] if modules else None)
     return out
 
 
-STAGE_MODULES = _cli_stage_modules()
+CLI_COMMANDS = {path: fn for path, (fn, _) in _cli_commands().items()}
+STAGE_MODULES = {path: module for path, (_, module) in _cli_commands().items() if module}
 
 
 @functools.cache
@@ -250,6 +256,197 @@ def _params_reads(module: str) -> dict[str, set[str]]:
             key = parent.attr if isinstance(parent, ast.Attribute) and parent.value is node else "*"
             reads.setdefault(node.attr, set()).add(key)
     return reads
+
+
+# --------------------------------------------------------------------------------------------------
+# the import graph: which package files a stage executes
+
+# Package modules that only steer execution and cannot change what a stage writes, so a stage need not
+# depend on them (an edit to them must not rerun the pipeline). Keep this short.
+STEERING_MODULES: dict[str, str] = {
+    # Typer wiring: parses the command line and calls the stage; values it passes on come from params.
+    "wsss/cli.py": "argument parsing only",
+    # `python -m wsss`: the same app as the console script.
+    "wsss/__main__.py": "entry point only",
+    # The package docstring and __version__ (read by no stage).
+    "wsss/__init__.py": "version string only",
+    # Rich console and progress bars: what the user sees, never what is written.
+    "wsss/ui.py": "console output only",
+    # Exception types: they decide how a failure is reported, not what a success writes.
+    "wsss/errors.py": "error types only",
+}
+
+
+def _module_file(module: str) -> Path | None:
+    """The file behind ``wsss.x.y`` (``wsss/x/y.py`` or ``wsss/x/y/__init__.py``), None if none."""
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _with_packages(module: str) -> list[str]:
+    """``wsss.a.b`` -> [``wsss``, ``wsss.a``, ``wsss.a.b``]: importing a module runs each package's __init__."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(root: ast.AST) -> Iterator[ast.AST]:
+    """Every node under ``root`` (function bodies included) except ``if TYPE_CHECKING:`` blocks."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
+Unit = tuple[str, str]  # (module, a top-level def or class of it; "" = its top-level statements)
+
+
+@functools.cache
+def _units(module: str) -> dict[str, ast.AST]:
+    """A module's import-time code (``""``) and each top-level function and class, apart.
+
+    Import-time code is the top-level statements plus what a definition runs when it is defined:
+    decorators, class bases and keywords, and the class body outside its methods."""
+    path = _module_file(module)
+    assert path is not None, module
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    at_import: list[ast.AST] = [n for n in tree.body if n not in defs.values()]
+    for node in defs.values():
+        at_import += node.decorator_list
+        if isinstance(node, ast.ClassDef):
+            at_import += [*node.bases, *node.keywords]
+            at_import += [n for n in node.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    body = ast.Module(body=[n if isinstance(n, ast.stmt) else ast.Expr(n) for n in at_import], type_ignores=[])
+    return {"": body, **defs}
+
+
+def _imported(module: str, name: str | None) -> set[Unit]:
+    """What ``import module`` (name None) or ``from module import name`` runs and can call."""
+    reached = {(m, "") for m in _with_packages(module) if _module_file(m)}
+    if name is None or _module_file(f"{module}.{name}"):  # a module object: any of its code may be called
+        target = module if name is None else f"{module}.{name}"
+        reached |= {(m, "") for m in _with_packages(target)} | {(target, u) for u in _units(target)}
+    elif name in _units(module):
+        reached.add((module, name))
+    elif "__getattr__" in _units(module):  # PEP 562: the name is made on first access
+        reached.add((module, "__getattr__"))
+    return reached
+
+
+@functools.cache
+def _edges(unit: Unit) -> frozenset[Unit]:
+    """Units that running ``unit`` can run: its imports (module level and inside functions, not under
+    ``if TYPE_CHECKING:``) and the top-level defs of its own module it names."""
+    module, name = unit
+    units = _units(module)
+    out: set[Unit] = {(module, "")}
+    for node in _runtime_nodes(units[name]):
+        if isinstance(node, ast.Name) and node.id in units and node.id != name:
+            out.add((module, node.id))
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "wsss":
+                    out |= _imported(alias.name, None)
+        elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+              and node.module.split(".")[0] == "wsss"):
+            for alias in node.names:
+                out |= _imported(node.module, alias.name)
+    out.discard(unit)
+    return frozenset(out)
+
+
+def import_chains(path: tuple[str, ...]) -> dict[str, list[str]]:
+    """Every ``wsss`` module ``wsss <path>`` runs code of -> the shortest chain that reaches it, from the
+    command's function in ``wsss/cli.py`` (other commands' imports are not followed).
+
+    Reachability is by name: ``from wsss.x import f`` reaches ``f`` (and what it names and imports), not
+    the rest of ``wsss.x`` beyond its top-level statements; importing a module object reaches all of it."""
+    start: list[Unit] = [("wsss.cli", CLI_COMMANDS[path]), ("wsss.cli", "")]
+    via: dict[Unit, Unit | None] = dict.fromkeys(start)
+    queue = list(start)
+    for unit in queue:  # breadth first: the queue grows while it is walked
+        for nxt in sorted(_edges(unit)):
+            if nxt not in via:
+                via[nxt] = unit
+                queue.append(nxt)
+    chains: dict[str, list[str]] = {}
+    for unit in queue:
+        if unit[0] in chains:
+            continue
+        steps: list[str] = []
+        cur: Unit | None = unit
+        while cur is not None:
+            steps.insert(0, f"{cur[0]}:{cur[1]}" if cur[1] else cur[0])
+            cur = via[cur]
+        chains[unit[0]] = steps
+    return chains
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _only_docstring(path: Path) -> bool:
+    """A module whose whole body is its docstring (an empty package ``__init__``) computes nothing."""
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def missing_code_deps(stage: Stage) -> dict[str, list[str]]:
+    """Package files the stage's command executes that its deps do not cover -> their import chain."""
+    _, path, _ = _find_command(_tokens(stage)[1:])
+    covered = [(stage.folder / dep).resolve() for dep in _entries(stage.spec.get("deps"))]
+    missing = {}
+    for module, chain in import_chains(tuple(path)).items():
+        file = _module_file(module)
+        assert file is not None
+        if _rel(file) in STEERING_MODULES or _only_docstring(file):
+            continue
+        if not any(file == dep or file.is_relative_to(dep) for dep in covered):
+            missing[_rel(file)] = chain
+    return dict(sorted(missing.items()))
+
+
+def _deps_indent(stage: Stage, group: str) -> int:
+    """Indentation of the entries under ``group``'s ``deps:`` in its dvc.yaml (6 when not found)."""
+    lines = stage.dvc_file.read_text(encoding="utf-8").splitlines() if stage.dvc_file.is_file() else []
+    start = next((i for i, line in enumerate(lines) if line.strip() == f"{group}:"), None)
+    for line in lines[start + 1:] if start is not None else []:
+        if line.strip() == "deps:":
+            return len(line) - len(line.lstrip()) + 2
+    return 6
+
+
+def import_dep_problems(stage: Stage) -> list[str]:
+    """Every package file the stage's command imports (transitively) is covered by a dep.
+
+    The message is per stage group (``group@key`` stages share one ``deps:`` block) and holds the exact
+    lines to paste, then the import chain that pulls each file in."""
+    missing = missing_code_deps(stage)
+    if not missing:
+        return []
+    group = stage.name.split("@", 1)[0]
+    prefix = Path(os.path.relpath(ROOT, stage.folder.resolve()))
+    pad = " " * _deps_indent(stage, group)
+    paste = [f"{pad}- {(prefix / file).as_posix() if prefix != Path('.') else file}" for file in missing]
+    why = [f"    {file}: {' -> '.join(chain)}" for file, chain in missing.items()]
+    where = stage.dvc_file.relative_to(ROOT).as_posix() if stage.dvc_file.is_relative_to(ROOT) else stage.dvc_file
+    return [f"{where}: stage `{group}` imports package code its deps do not cover; add under its `deps:`\n"
+            + "\n".join(paste) + "\n  because (import chain):\n" + "\n".join(why)]
 
 
 def _resolves(dotted: str) -> bool:
@@ -346,7 +543,8 @@ def ensemble_problems(stage: Stage) -> list[str]:
     return [f"{stage.id}: make_cams.ensemble_members {missing} are not deps (cams/<member>)"] if missing else []
 
 
-CHECKS = (cmd_problems, params_problems, code_dep_problems, undeclared_reads, ensemble_problems)
+CHECKS = (cmd_problems, params_problems, code_dep_problems, undeclared_reads, ensemble_problems,
+          import_dep_problems)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,7 +581,8 @@ def test_params_file_loads(dvc_file: Path) -> None:
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: p.parent.relative_to(ROOT).as_posix() or ".")
 def test_contract(dvc_file: Path, check: Any) -> None:
-    problems = [p for stage in ALL_STAGES if stage.dvc_file == dvc_file for p in check(stage)]
+    # dict.fromkeys: the stages of one foreach / matrix group report a shared deps block once
+    problems = list(dict.fromkeys(p for stage in ALL_STAGES if stage.dvc_file == dvc_file for p in check(stage)))
     assert not problems, "\n".join(problems)
 
 
@@ -399,6 +598,8 @@ BROKEN = {
     "undeclared-base": ({"cmd": "wsss prepare", "params": ["prepare"]}, undeclared_reads, "base."),
     "conditional-read": ({"cmd": "wsss train-ccam --ecs", "params": ["base.seed", "train_ccam"]},
                          undeclared_reads, "make_cams"),
+    "uncovered-import": ({"cmd": "wsss validate", "deps": ["../wsss/stages/validate.py", "../wsss/config.py"]},
+                         import_dep_problems, "      - ../wsss/data/validation.py\n"),
 }
 
 
@@ -412,10 +613,41 @@ def test_checks_catch_a_broken_stage(case: str) -> None:
 
 def test_allowances_stay_narrow() -> None:
     """Device-only base reads and a flag-gated section pass; the same section without the gate does not."""
-    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams"]})
+    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams", "evaluate.ellipse_scale"]})
     assert undeclared_reads(make_cams) == []
     plain = {"cmd": "wsss train-ccam --init none", "params": ["base.seed", "train_ccam"]}
     assert undeclared_reads(Stage(ROOT / "dvc.yaml", "c", plain)) == []
+
+
+def test_steering_modules_exist() -> None:
+    """Every allow-listed module is a file of the package (a renamed one must leave the list)."""
+    assert all((ROOT / module).is_file() for module in STEERING_MODULES), sorted(STEERING_MODULES)
+    assert "wsss/config.py" not in STEERING_MODULES  # the defaults: every stage depends on them
+
+
+def test_import_graph_follows_what_runs() -> None:
+    """Function-level imports, submodules named in ``from wsss.x import y``, PEP 562 names and package
+    ``__init__`` files are followed; a name imported from a module does not pull in the rest of it."""
+    make_cams = import_chains(("make-cams",))
+    assert {"wsss.stages.make_cams", "wsss.cams", "wsss.methods", "wsss.methods.ecs",
+            "wsss.models"} <= set(make_cams)
+    assert make_cams["wsss.methods.ecs"][-2:] == ["wsss.methods:_build", "wsss.methods.ecs"]
+    # `wsss validate` imports wsss.methods (cli.py's MethodName) but never builds the registry.
+    validate = import_chains(("validate",))
+    assert "wsss.methods" in validate and "wsss.methods.cam" not in validate
+    assert "wsss.data.validation" in validate and "wsss.stages.make_cams" not in validate
+
+
+def test_missing_deps_message_is_pasteable() -> None:
+    """The failure names the group once and gives deps lines indented like the file's own."""
+    stage = next(s for s in ALL_STAGES if s.name == "make-pseudo@ensemble" and s.dvc_file == ROOT / "dvc.yaml")
+    broken = Stage(stage.dvc_file, stage.name, {**stage.spec, "deps": ["wsss/stages/make_pseudo.py"]})
+    (message,) = import_dep_problems(broken)
+    assert message.startswith("dvc.yaml: stage `make-pseudo`")
+    assert "\n      - wsss/cams.py\n" in message and "wsss/cams.py: wsss.cli:" in message
+    paper = next(s for s in ALL_STAGES if s.name == "evaluate-baselines" and s.dvc_file != ROOT / "dvc.yaml")
+    (message,) = import_dep_problems(Stage(paper.dvc_file, paper.name, {**paper.spec, "deps": []}))
+    assert "\n      - ../../wsss/evaluation.py\n" in message
 
 
 def test_templates_expand_like_dvc(tmp_path: Path) -> None:

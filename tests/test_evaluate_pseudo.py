@@ -60,8 +60,9 @@ def _check_compute_maps_matches_stored(project: Path) -> None:
     from wsss.config import load_params
     from wsss.device import precision_for, prepare_model
     from wsss.methods import METHODS
+    from wsss.methods.extract import compute_maps, load_method_model
     from wsss.paths import Paths
-    from wsss.stages.make_cams import compute_maps, load_method_model, map_rows
+    from wsss.stages.make_cams import map_rows
 
     params, paths = load_params(project / "params.yaml"), Paths(project)
     rows = map_rows(pd.read_parquet(paths.manifest)).head(5)

@@ -210,7 +210,7 @@ def test_grabcut_baseline_pool_matches_serial(project: Path) -> None:
 )
 def test_before_refinement_uses_the_threshold_that_decides(refiner: str, confident: bool, expected: float) -> None:
     from wsss.config import GrabCutConfig, PseudoConfig
-    from wsss.stages.make_pseudo import plain_threshold_config
+    from wsss.pseudo import plain_threshold_config
 
     cfg = PseudoConfig(refiner=refiner, threshold=0.6, confident=confident, fg_threshold=0.6, bg_threshold=0.1,
                        grabcut=GrabCutConfig(pfg_threshold=0.2, fg_threshold=0.7, bg_threshold=0.05))

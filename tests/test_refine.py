@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import wsss.refine as R
+from wsss import parallel
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
 
@@ -220,7 +221,7 @@ def test_grabcut_rect_baseline():
 @pytest.mark.parametrize("start_method", ["default", "spawn"])
 def test_refine_many_pool_equals_serial(monkeypatch, start_method):
     if start_method == "spawn":
-        monkeypatch.setattr(R, "_mp_context", lambda: mp.get_context("spawn"))
+        monkeypatch.setattr(parallel, "process_context", lambda preload=(): mp.get_context("spawn"))
     used_pool: list[bool] = []
     real_pooled = R._pooled
     monkeypatch.setattr(R, "_pooled", lambda *a: (used_pool.append(True), real_pooled(*a))[1])

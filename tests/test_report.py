@@ -1,4 +1,7 @@
-"""``wsss report``: paper-shaped tables from fabricated reports, figures, and the model registry."""
+"""``wsss report`` end to end: paper-shaped tables from fabricated reports, figures, and the model registry.
+
+The parts alone (paper numbers, slots, sections, figures, registry table): ``tests/test_reporting.py``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from wsss.cli import app
 from wsss.config import UnetConfig, load_params
 from wsss.data.manifest import COLUMNS, save_manifest
 from wsss.paths import Paths
+from wsss.reporting.registry import REGISTERED_MODEL, register_all
 from wsss.stages import report
 from wsss.stages.make_cams import CURVE_THRESHOLDS
 
@@ -104,21 +108,6 @@ def _table(md: str, heading: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def test_variant_mapping() -> None:
-    assert report.map_slot("cam_classifier-species") == report.Slot("maps", "CAM", "2-Class")
-    assert report.map_slot("ecs_classifier-breed") == report.Slot("maps", "CAM+ECS", "37-Class")
-    assert report.map_slot("cam_imagenet") == report.Slot("maps", "CAM", "Pretrained")
-    assert report.map_slot("cam_classifier-breed-bg").column == "37/bg"
-    assert report.map_slot("ccam_ccam-imagenet") == report.Slot("maps", "CCAM", "Pretrained")
-    assert report.map_slot("ccam_ccam-cls-species").column == "2-Class"
-    assert report.map_slot("ccam-ecs_ccam-cls-breed-ecs") == report.Slot("maps", "CCAM+ECS", "37-Class")
-    assert report.map_slot("ccam_ccam-cls-breed-ecs").row == "CCAM+ECS"
-    assert report.map_slot(PERBREED).table == "class-specific"
-    assert report.map_slot("ccam_ccam-none").rank > report.map_slot("ccam_ccam-imagenet").rank
-    assert report.map_slot("ensemble") is None
-    assert report.map_slot("cam_something-else") is None
-
-
 def test_report_tables_and_figures(project: Path) -> None:
     paths = Paths(project)
     _fabricate(paths)
@@ -163,8 +152,10 @@ def test_report_tables_and_figures(project: Path) -> None:
     assert t3["WSSS / supervised"]["Pretrained IoU"] == "87.5 (90.2)"
     assert "67.89" in _table(md, "## Ensemble of maps")["Ensemble"]["val IoU"]
 
-    for bug in ("B3", "B4", "B5", "B6"):
+    for bug in ("B3", "B4", "B5", "B6"):  # the seed paper's defects, defined in docs/seed-paper.md
         assert bug in md
+    assert "(`docs/seed-paper.md`, B3)" in md and "see `docs/seed-paper.md`" in md
+    assert "research/" not in md and "algorithms.md" not in md
     figures = paths.figures
     assert (figures / "iou_vs_threshold.png").is_file()
     assert (figures / "maps_cam_classifier-species.png").is_file()
@@ -222,10 +213,10 @@ def test_registry_champion_and_supervised(project: Path) -> None:
     assert summary["registered"] == {"champion": "1", "supervised": "2"}
 
     client = MlflowClient()
-    champion = client.get_model_version_by_alias(report.REGISTERED_MODEL, "champion")
+    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert champion.tags["wsss.masks"] == PERBREED
     assert champion.tags["input_size"] == "64"
-    model = mlflow.pytorch.load_model(f"models:/{report.REGISTERED_MODEL}@champion")
+    model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}@champion")
     with torch.no_grad():
         out = model(torch.rand(1, 3, 40, 56))
     assert out.shape == (1, 2, 40, 56)
@@ -234,7 +225,7 @@ def test_registry_champion_and_supervised(project: Path) -> None:
 
     # Rerunning the report reuses the registered versions.
     report.run(params, paths, register=True)
-    assert len(client.search_model_versions(f"name = '{report.REGISTERED_MODEL}'")) == 2
+    assert len(client.search_model_versions(f"name = '{REGISTERED_MODEL}'")) == 2
 
     # predict through the registry: the input size comes from the version's tag
     img = project / "pet.png"
@@ -255,7 +246,7 @@ def test_registry_skips_a_model_that_mlflow_never_saw(project: Path) -> None:
     # models/unet-best replaced without a logged model: the alias must not point at other weights.
     meta = json.loads((paths.model_dir("unet-best") / "meta.json").read_text())
     save_model(paths.model_dir("unet-best"), _tiny_unet().apply(_perturb), meta)
-    regs = report.register_all(paths, _experiment_id(params, paths))
+    regs = register_all(paths, _experiment_id(params, paths))
     assert regs[0].version is None and "not registered" in regs[0].note
 
 

@@ -196,15 +196,16 @@ def test_predict_with_a_unet_whose_meta_lies(proj: Path, tmp_path: Path) -> None
 
 
 def test_intact_models_still_load(proj: Path) -> None:
-    from wsss.inference import load_unet
+    from wsss.models.loading import ModelMeta, load_model, load_model_dir
     from wsss.paths import Paths
-    from wsss.stages.common import load_trained_model
 
     _save_classifier(proj)
-    model, meta = load_trained_model(Paths(proj), "classifier-species")
-    assert meta["arch"] == "resnet18"
-    net, meta = load_unet(_save_unet(proj))
-    assert meta["architecture"] == "plain"
+    model, meta = load_model(Paths(proj), "classifier-species")
+    assert isinstance(meta, ModelMeta) and meta.kind == "classifier" and meta.arch == "resnet18"
+    assert meta.labels == "species" and meta.num_classes == 2 and not meta.bg
+    net, meta = load_model_dir(_save_unet(proj), "unet")
+    assert meta.kind == "unet" and meta.arch is None and meta.num_classes == 2
+    assert meta.raw["architecture"] == "plain"  # every key of meta.json stays readable
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,21 +35,11 @@ def whole_image(h: int, w: int) -> np.ndarray:
     return np.ones((h, w), dtype=np.uint8)
 
 
-def centred_ellipse(h: int, w: int, scale: float = 0.8) -> np.ndarray:
+def centred_ellipse(h: int, w: int, scale: float) -> np.ndarray:
     """A centred ellipse with semi-axes ``scale·w/2`` and ``scale·h/2``: uint8 (h, w) in {0, 1}.
 
-    Its area is about ``π/4 · scale²`` of the image.
+    Its area is about ``π/4 · scale²`` of the image. Every report takes ``scale`` from
+    ``params.evaluate.ellipse_scale``, so the val, trainval and test baselines are the same ellipse.
     """
     _check(h, w, scale)
     return (_radius_sq(h, w, scale) <= 1.0).astype(np.uint8)
-
-
-def ellipse_prior_map(h: int, w: int, scale: float = 0.8) -> np.ndarray:
-    """A soft centred-ellipse "map" for refiners: float32 (h, w) in (0, 1], 1 at the centre.
-
-    The value is ``2^(-r²)`` with ``r`` the elliptical radius of :func:`centred_ellipse`, max-normalised like
-    every method's map, so it is about 0.5 on that ellipse and never exactly 0 (safe for a CRF's log-unary).
-    """
-    _check(h, w, scale)
-    prior = np.exp2(-_radius_sq(h, w, scale))
-    return (prior / prior.max()).astype(np.float32)

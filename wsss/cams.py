@@ -8,7 +8,11 @@ maps       (N, Hmax, Wmax) f16    foreground maps max-normalised to [0, 1] at th
                                   size; image i occupies ``maps[i, :h_i, :w_i]`` (the rest is 0)
 sizes      (N, 2) int32           (h_i, w_i)
 targets    (N,) int32             class index the map was computed for (-1: class-agnostic)
-raw_max    (N,) float32           max of the raw (un-normalised) map: raw = maps * raw_max
+raw_max    (N,) float32           max of the map the method computed, before this file's
+                                  max-normalisation: the raw multi-scale sum for CAM and
+                                  CCAM (then ``maps * raw_max`` is that sum, up to resizing
+                                  and float16); just under 1 for ECS, whose maps are
+                                  already normalised; 1.0 for the ensemble (fused maps)
 =========  =====================  ===========================================================
 
 ``_done.json`` (written last) records the fingerprint of the params and model that produced the

@@ -1,6 +1,7 @@
 """The ``wsss`` command line: one command per pipeline stage.
 
-Commands stay thin: they load params, call ``wsss.stages.<stage>.run`` and turn user errors into a
+Commands stay thin: they parse the names they are given (:mod:`wsss.variants`; a bad one fails with exit 2
+before any path is built), load params, call ``wsss.stages.<stage>.run`` and turn user errors into a
 one-line message. Heavy libraries (torch, mlflow, great-expectations) are imported inside commands so
 ``wsss --help`` stays fast.
 """
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from wsss.errors import WsssError
+from wsss.errors import ConfigError, WsssError
 from wsss.methods import MethodName
+from wsss.variants import CcamInit, Labels, MapVariant, MaskSource, UnetId, parse_model, safe_name
 
 app = typer.Typer(
     help="Weakly-supervised semantic segmentation: CAM / ECS / CCAM maps -> CRF pseudo-masks -> U-Net.",
@@ -36,13 +37,7 @@ DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (overrides base.device).")
 ]
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Labels(str, Enum):
-    """Image-level label spaces."""
-
-    species = "species"
-    breed = "breed"
+T = TypeVar("T")
 
 
 def _user_errors(fn: F) -> F:
@@ -59,6 +54,14 @@ def _user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _parse(parse: Callable[[str], T], value: str, option: str) -> T:
+    """``parse(value)``; a bad value is a :class:`ConfigError` naming the option (one line, exit 2)."""
+    try:
+        return parse(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def _load(params_path: Path, track: bool = True) -> tuple[Any, Any]:
@@ -125,6 +128,8 @@ def pretrain(
     """
     from wsss.stages import pretrain as stage
 
+    if name is not None:
+        _parse(safe_name, name, "--name")
     params, paths = _load(params_path)
     stage.run(params, paths, name=name, device=device)
 
@@ -148,7 +153,7 @@ def train_classifier(
 @_user_errors
 def train_ccam(
     init: Annotated[
-        str, typer.Option(help="Backbone start: none, imagenet, classifier:<variant>, pretrain:<name>.")
+        str, typer.Option(help="Backbone start: none, imagenet, classifier:<labels>[-bg], pretrain:<name>.")
     ] = "none",
     ecs: Annotated[bool, typer.Option("--ecs/--no-ecs", help="Add the ECS target term (CCAM+ECS).")] = False,
     per_breed: Annotated[
@@ -160,6 +165,7 @@ def train_ccam(
     """Train class-agnostic CCAM (optionally with the ECS term, or per-breed fine-tuning). Resumes after a kill."""
     from wsss.stages import train_ccam as stage
 
+    _parse(CcamInit.parse, init, "--init")
     params, paths = _load(params_path)
     stage.run(params, paths, init, ecs=ecs, per_breed=per_breed, device=device)
 
@@ -177,6 +183,10 @@ def make_cams(
     """Extract maps for every trainval pet into cams/<method>_<model>/ (resumable) and score them on val."""
     from wsss.stages import make_cams as stage
 
+    if model is not None:  # ensemble ignores --model, but a bad name is still refused
+        _parse(parse_model, model, "--model")
+        if method is not MethodName.ensemble:
+            _parse(lambda m: MapVariant.of(method.value, m), model, "--model")
     params, paths = _load(params_path)
     stage.run(params, paths, method.value, model, device=device)
 
@@ -193,6 +203,7 @@ def train_unet(
     """Train a U-Net on pseudo-masks or GT masks (fixed schedule, last epoch kept). Resumes after a kill."""
     from wsss.stages import train_unet as stage
 
+    _parse(MaskSource.parse, masks, "--masks")
     params, paths = _load(params_path)
     stage.run(params, paths, masks, device=device)
 
@@ -217,6 +228,10 @@ def evaluate(
     """Score a U-Net (or the label-free baselines, or a pseudo-mask method) on the official test split -> reports/eval/."""
     from wsss.stages import evaluate as stage
 
+    if pseudo:
+        _parse(MapVariant.parse, pseudo, "--pseudo")
+    elif model and not baselines:
+        _parse(UnetId.parse, model, "--model")
     params, paths = _load(params_path)
     if pseudo:
         from wsss.stages.evaluate_pseudo import run_pseudo
@@ -257,6 +272,7 @@ def tune_crf(
     """
     from wsss.stages import tune_crf as stage
 
+    _parse(MapVariant.parse, method, "--method")
     params, paths = _load(params_path)
     stage.run(params, paths, method, trials=trials, timeout_s=timeout, storage=storage, study=study)
 
@@ -276,6 +292,7 @@ def make_pseudo(
     """
     from wsss.stages import make_pseudo as stage
 
+    _parse(MapVariant.parse, method, "--method")
     params, paths = _load(params_path)
     stage.run(params, paths, method, use_tuned=tuned)
 

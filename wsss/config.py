@@ -7,11 +7,12 @@ that names the key and the file. Ranges are declared in field metadata (``_r(lo,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,11 @@ from typing import Any, Literal
 import yaml
 
 from wsss.errors import ConfigError
+from wsss.variants import ClassifierId, MapVariant, WeightSpec, safe_name
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# The registered refiners' names (wsss.refiners.REGISTRY, which imports cv2; a test keeps them equal).
 REFINERS = ("crf", "grabcut", "grabcut+crf", "none")
-# Names of pretrained backbones (models/pretrain-<name>/): one path component, no spaces.
-PRETRAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _r(lo: float | None = None, hi: float | None = None, **kw: Any) -> dict[str, Any]:
@@ -107,11 +108,6 @@ class MocoV2Config:
     bn_splits: int = _f(2, 1, 64)  # keys encoded in this many shuffled sub-batches (one-device shuffle BN)
 
 
-def is_weights_file(spec: str) -> bool:
-    """Whether a ``weights`` value names a state_dict file (``.pt`` / ``.pth``) rather than a keyword."""
-    return spec.lower().endswith((".pt", ".pth")) and ":" not in spec.split("/", 1)[0]
-
-
 @dataclass(frozen=True)
 class PretrainConfig:
     """Self-supervised backbone pretraining on the project's own non-test images (no labels)."""
@@ -180,7 +176,7 @@ class CcamConfig:
     momentum: float = _f(0.0, 0.0, 1.0)  # the official code effectively trains without momentum
     poly_power: float = _f(0.9, 0.0)
     ecs_weight: float = _f(1.0, 0.0)  # weight of the ECS target term for ccam-ecs
-    ecs_classifier: str = "species"  # classifier variant giving the ECS target
+    ecs_classifier: str = "species"  # classifier variant (species | breed, optionally -bg) giving the ECS target
     breed_weight: float = _f(1.0, 0.0)  # weight of the per-breed contrastive term
     breeds_per_batch: int = _f(4, 2)
     per_breed_epochs: int = _f(3, 1)
@@ -238,7 +234,7 @@ class GrabCutConfig:
 class PseudoConfig:
     """Map -> pseudo-mask: threshold, refiner and the confident-region (ignore) variant."""
 
-    refiner: Literal["crf", "grabcut", "grabcut+crf", "none"] = "crf"
+    refiner: Literal[REFINERS] = "crf"  # type: ignore[valid-type]
     threshold: float = _f(0.3, 0.0, 1.0)
     confident: bool = False  # IRN dual threshold: disagreement -> 255
     fg_threshold: float = _f(0.3, 0.0, 1.0)
@@ -330,14 +326,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for alt in args:
             if alt is type(None):
                 continue
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, alt, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
         raise bad(" or ".join(_type_name(a) for a in args))
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -399,8 +392,6 @@ def _validate_cross_fields(p: Params, source: str) -> None:
             raise ConfigError(f"{source}: '{arch_key}' = {arch!r}; valid: {', '.join(ARCHS)}")
     if p.pretrain.arch not in ARCHS:
         raise ConfigError(f"{source}: 'pretrain.arch' = {p.pretrain.arch!r}; valid: {', '.join(ARCHS)}")
-    if not PRETRAIN_NAME.fullmatch(p.pretrain.name):
-        raise ConfigError(f"{source}: 'pretrain.name' = {p.pretrain.name!r}; use letters, digits, '_', '-', '.'")
     if p.pretrain.warmup_epochs >= p.pretrain.epochs:
         raise ConfigError(f"{source}: 'pretrain.warmup_epochs' must be smaller than 'pretrain.epochs'")
     if p.pretrain.method == "mocov2" and p.pretrain.mocov2.queue_size < 2 * p.pretrain.batch_size:
@@ -427,14 +418,21 @@ def _validate_cross_fields(p: Params, source: str) -> None:
     filters = p.train_unet.plain_filters
     if len(filters) < 2 or any(f < 1 for f in filters):
         raise ConfigError(f"{source}: 'train_unet.plain_filters' must list at least 2 positive channel counts")
+    names: list[tuple[str, str, Callable[[str], object]]] = [
+        ("pretrain.name", p.pretrain.name, safe_name),
+        ("train_classifier.weights", p.train_classifier.weights, WeightSpec.parse),
+        ("train_unet.encoder_weights", p.train_unet.encoder_weights, WeightSpec.parse),
+        ("train_ccam.ecs_classifier", p.train_ccam.ecs_classifier, ClassifierId.from_variant),
+        *((f"make_cams.ensemble_members[{i}]", v, MapVariant.parse) for i, v in enumerate(m.ensemble_members)),
+    ]
+    for key, value, parse in names:
+        try:
+            parse(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: '{key}': {exc}") from None
     for r in p.tune.refiners:
         if r not in REFINERS:
             raise ConfigError(f"{source}: 'tune.refiners' entry {r!r}; valid: {', '.join(REFINERS)}")
-    for key, w in (("train_classifier.weights", p.train_classifier.weights),
-                   ("train_unet.encoder_weights", p.train_unet.encoder_weights)):
-        if w not in ("imagenet", "none") and not w.startswith("pretrain:") and not is_weights_file(w):
-            raise ConfigError(f"{source}: '{key}' = {w!r}; valid: imagenet, none, pretrain:<name>, "
-                              "or a .pt/.pth state_dict file")
 
 
 def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Params:
@@ -445,7 +443,8 @@ def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Par
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``; a missing file yields the defaults."""
+    """Load and validate ``params.yaml``: a missing file is an error, an empty one (or a missing section) yields
+    the defaults."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found (run from the project root or pass --params)")

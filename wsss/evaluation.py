@@ -70,12 +70,6 @@ def _counts(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, int]:
     return inter, int(np.count_nonzero(p)), int(np.count_nonzero(g)), int(np.count_nonzero(valid))
 
 
-def fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Pet IoU of one image (1.0 when prediction and GT are both empty)."""
-    inter, n_pred, n_gt, _ = _counts(pred, gt)
-    return _ratio(inter, n_pred + n_gt - inter)
-
-
 class SegMeter:
     """Streaming accumulator: add one image at a time (at its own resolution), then read :meth:`result`."""
 

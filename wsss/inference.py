@@ -1,4 +1,7 @@
-"""U-Net inference on images of any size: resize, forward, upsample the logits back, argmax."""
+"""U-Net inference on images of any size: resize, forward, upsample the logits back, softmax.
+
+Models are loaded with :func:`wsss.models.loading.load_model_dir`.
+"""
 
 from __future__ import annotations
 
@@ -13,28 +16,15 @@ from wsss.data.datasets import normalize
 
 
 def load_unet(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a U-Net from ``models/unet-*/`` (state_dict + meta.json), eval mode, CPU."""
-    from wsss.config import UnetConfig
-    from wsss.errors import DataError, WsssError
-    from wsss.models.unet import build_unet
-    from wsss.training.checkpoint import load_model_state, load_weights, require_meta
+    """TRANSITIONAL (issue 15): ``load_model_dir(model_dir, "unet")`` with the meta as a dict.
 
-    state, meta = load_model_state(model_dir, {"kind": "unet"})
-    require_meta(meta, ("architecture", "encoder", "input_size"), model_dir)
-    try:
-        cfg = UnetConfig(architecture=meta["architecture"], encoder=meta["encoder"], encoder_weights="none",
-                         input_size=int(meta["input_size"]), plain_filters=tuple(
-                             int(f) for f in meta.get("plain_filters", ())) or UnetConfig().plain_filters)
-        classes = int(meta.get("num_classes", 2))
-        if cfg.architecture not in ("smp", "plain"):
-            raise ValueError(f"architecture {cfg.architecture!r}")
-        model = build_unet(cfg, num_classes=classes)
-    except (WsssError, TypeError, ValueError) as exc:
-        raise DataError(f"{model_dir}/meta.json does not describe a U-Net wsss can build ({exc}); "
-                        "retrain the model") from None
-    described = f"{cfg.architecture} U-Net, encoder {cfg.encoder}, filters {list(cfg.plain_filters)}, {classes} classes"
-    load_weights(model, state, model_dir, described)
-    return model.eval(), meta
+    Kept only for ``report`` and ``predict`` until they call :func:`wsss.models.loading.load_model_dir`
+    (then ``meta.input_size`` / ``meta.masks``); delete at the merge.
+    """
+    from wsss.models.loading import load_model_dir
+
+    model, meta = load_model_dir(model_dir, "unet")
+    return model, dict(meta.raw)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""Atomic file writes and small I/O helpers.
+"""Atomic file writes, guarded deletion and small I/O helpers.
 
 Every artefact is written to a temporary file in the destination folder and then moved into place with
-``os.replace``, so a killed process never leaves a half-written file under an output path.
+``os.replace``, so a killed process never leaves a half-written file under an output path. Folders are
+deleted only through :func:`remove_tree`, which refuses anything outside its owner's folder.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from wsss.errors import DataError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -25,7 +29,8 @@ _TMP_SUFFIX = ".tmp"
 _swept: set[str] = set()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -33,6 +38,48 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # e.g. EPERM: the process exists but belongs to someone else
         return True
     return True
+
+
+def require_inside(path: str | Path, owner_root: str | Path) -> None:
+    """Check that ``path`` lies strictly inside ``owner_root`` (a stage's own output root), so it may be emptied.
+
+    Refused: a path with a ``..`` component, one that is not below ``owner_root`` (lexically and, when it
+    exists, once resolved), ``owner_root`` itself, and a path that is a symlink or passes through one below
+    ``owner_root`` (a symlinked variant folder must not empty the folder it points at). ``owner_root``
+    itself may lie under a symlink.
+
+    Raises:
+        DataError: the path is refused.
+    """
+    path, owner = Path(path), Path(owner_root)
+    if ".." in path.parts or ".." in owner.parts:
+        raise DataError(f"{path}: refusing to delete a path with '..' in it")
+    try:
+        rel = path.relative_to(owner)
+    except ValueError:
+        raise DataError(f"{path}: refusing to delete outside {owner}") from None
+    if not rel.parts:
+        raise DataError(f"{path}: refusing to delete the output root {owner} itself")
+    cur = owner
+    for part in rel.parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise DataError(f"{path}: refusing to delete through the symlink {cur}")
+    if path.exists() and (not path.resolve().is_relative_to(owner.resolve()) or path.resolve() == owner.resolve()):
+        raise DataError(f"{path}: refusing to delete outside {owner}")
+
+
+def remove_tree(path: str | Path, owner_root: str | Path, ignore_errors: bool = False) -> None:
+    """Delete the folder ``path`` if :func:`require_inside` allows it (a missing ``path`` is nothing to do).
+
+    ``ignore_errors`` ignores errors of the deletion itself, never a refusal.
+
+    Raises:
+        DataError: the deletion is refused (nothing is deleted).
+    """
+    require_inside(path, owner_root)
+    if Path(path).exists():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def sweep_stale_temps(folder: str | Path) -> list[Path]:
@@ -55,7 +102,7 @@ def sweep_stale_temps(folder: str | Path) -> list[Path]:
         if len(parts) != 3 or not parts[1].isdigit():
             continue
         pid = int(parts[1])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             os.unlink(entry.path)

@@ -1,9 +1,33 @@
-"""Every artefact path in one place, relative to the project root (the folder holding params.yaml)."""
+"""Every artefact path in one place, relative to the project root (the folder holding params.yaml).
+
+A path that holds a name is built only from a parsed name (:mod:`wsss.variants`): a plain string is parsed
+first and refused (:class:`~wsss.errors.ConfigError`) when it is not a valid name, so no name can climb out
+of its folder.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from wsss.variants import MapVariant, MaskSource, ModelId, UnetId, parse_model, safe_name
+
+# ``reports/eval/<key>.json`` holds a U-Net's score under its mask source, or the baselines'.
+EVAL_BASELINES = "baselines"
+
+
+def _model(name: ModelId | str) -> str:
+    return str(parse_model(name) if isinstance(name, str) else _typed(name, ModelId))
+
+
+def _variant(variant: MapVariant | str) -> str:
+    return str(MapVariant.parse(variant) if isinstance(variant, str) else _typed(variant, MapVariant))
+
+
+def _typed(value: object, kind: object) -> object:
+    if not isinstance(value, kind):  # type: ignore[arg-type]
+        raise TypeError(f"expected a name of {kind}, got {type(value).__name__} {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -39,46 +63,65 @@ class Paths:
         return self.reports / "validation.json"
 
     # --- models -----------------------------------------------------------------------------------
-    def model_dir(self, name: str) -> Path:
+    def model_dir(self, name: ModelId | str) -> Path:
         """``models/<name>/`` holding ``model.pt`` (state_dict) and ``meta.json``."""
-        return self.root / "models" / name
+        return self.root / "models" / _model(name)
 
-    def training_report(self, name: str) -> Path:
+    def training_report(self, name: ModelId | str) -> Path:
         """``reports/training/<model name>.json``: final metrics of a training stage (DVC metrics)."""
-        return self.reports / "training" / f"{name}.json"
+        return self.reports / "training" / f"{_model(name)}.json"
 
-    def state_dir(self, stage: str, variant: str) -> Path:
-        """Resume state of a running stage (outside DVC outs, which DVC deletes before a rerun)."""
-        return self.root / ".wsss" / "state" / stage / variant
+    def state_dir(self, stage: str, key: str) -> Path:
+        """Resume state of a running stage (outside DVC outs, which DVC deletes before a rerun).
+
+        ``key`` (a model, variant or backbone name) must be a safe name (:func:`wsss.variants.safe_name`).
+        """
+        return self.root / ".wsss" / "state" / safe_name(stage, "stage") / safe_name(str(key), "state key")
 
     # --- maps, masks, reports ---------------------------------------------------------------------
-    def cams_dir(self, variant: str) -> Path:
-        return self.root / "cams" / variant
+    @property
+    def cams_root(self) -> Path:
+        """``cams/``: the folder every map variant's folder lives in (what make-cams may delete inside)."""
+        return self.root / "cams"
 
-    def cams_report(self, variant: str) -> Path:
-        return self.reports / "cams" / f"{variant}.json"
+    @property
+    def masks_root(self) -> Path:
+        """``masks/``: the folder every pseudo-mask variant's folder lives in."""
+        return self.root / "masks"
 
-    def cams_curve(self, variant: str) -> Path:
-        return self.reports / "cams" / "curves" / f"{variant}.csv"
+    def cams_dir(self, variant: MapVariant | str) -> Path:
+        return self.cams_root / _variant(variant)
 
-    def crf_params(self, variant: str) -> Path:
-        return self.reports / "crf" / f"{variant}.yaml"
+    def cams_report(self, variant: MapVariant | str) -> Path:
+        return self.reports / "cams" / f"{_variant(variant)}.json"
 
-    def study_dir(self, variant: str) -> Path:
-        return self.root / "studies" / variant
+    def cams_curve(self, variant: MapVariant | str) -> Path:
+        return self.reports / "cams" / "curves" / f"{_variant(variant)}.csv"
 
-    def masks_dir(self, variant: str) -> Path:
-        return self.root / "masks" / variant
+    def crf_params(self, variant: MapVariant | str) -> Path:
+        return self.reports / "crf" / f"{_variant(variant)}.yaml"
 
-    def pseudo_report(self, variant: str) -> Path:
-        return self.reports / "pseudo" / f"{variant}.json"
+    def study_dir(self, variant: MapVariant | str) -> Path:
+        return self.root / "studies" / _variant(variant)
 
-    def eval_report(self, source: str) -> Path:
-        return self.reports / "eval" / f"{source}.json"
+    def masks_dir(self, variant: MapVariant | str) -> Path:
+        return self.masks_root / _variant(variant)
 
-    def eval_pseudo_report(self, variant: str) -> Path:
+    def pseudo_report(self, variant: MapVariant | str) -> Path:
+        return self.reports / "pseudo" / f"{_variant(variant)}.json"
+
+    def eval_report(self, source: MaskSource | UnetId | str) -> Path:
+        """``reports/eval/<source>.json``: a U-Net's test scores under its mask source (``unet-<source>``), or
+        ``baselines``."""
+        if isinstance(source, UnetId):
+            source = source.source
+        key = source if source == EVAL_BASELINES else str(
+            MaskSource.parse(source) if isinstance(source, str) else _typed(source, MaskSource))
+        return self.reports / "eval" / f"{key}.json"
+
+    def eval_pseudo_report(self, variant: MapVariant | str) -> Path:
         """``reports/eval-pseudo/<variant>.json``: a pseudo-mask method scored on the test split."""
-        return self.reports / "eval-pseudo" / f"{variant}.json"
+        return self.reports / "eval-pseudo" / f"{_variant(variant)}.json"
 
     @property
     def report_md(self) -> Path:

@@ -13,25 +13,30 @@ One *run* of a refiner turns the map into a {0, 1} mask around a decision thresh
 
 The confident-region variant (IRN) does two runs, at ``fg_threshold`` and at ``bg_threshold``; pixels
 where both runs agree keep that label and the rest become 255.
+
+:class:`Refiner` dispatches through the registry :data:`wsss.refiners.REGISTRY`, where each refiner is
+declared once (its run, CRF needs, deciding threshold and search space).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import multiprocessing as mp
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
+from wsss import parallel
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from wsss.refiners import RefinerSpec
 
 IGNORE = 255
 _CLIP = 1e-5
@@ -106,7 +111,8 @@ def _check_pair(image: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.nda
     return image, prob
 
 
-def _fg(prob: np.ndarray, threshold: float) -> np.ndarray:
+def fg_at(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """``prob >= threshold`` as bool, compared in float32 (how every refiner decides)."""
     # Compare in float32 everywhere so every refiner agrees on which pixels sit exactly at the threshold.
     return prob >= np.float32(threshold)
 
@@ -128,10 +134,10 @@ def threshold_mask(prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
     """
     prob = _check_prob(prob)
     if not cfg.confident:
-        return _fg(prob, cfg.threshold).astype(np.uint8)
+        return fg_at(prob, cfg.threshold).astype(np.uint8)
     out = np.full(prob.shape, IGNORE, dtype=np.uint8)
-    out[~_fg(prob, cfg.bg_threshold)] = 0
-    out[_fg(prob, cfg.fg_threshold)] = 1
+    out[~fg_at(prob, cfg.bg_threshold)] = 0
+    out[fg_at(prob, cfg.fg_threshold)] = 1
     return out
 
 
@@ -163,7 +169,7 @@ def soft_unary_prob(prob: np.ndarray, threshold: float, scale: float = 1.0) -> n
     t = float(np.clip(threshold, _CLIP, 1.0 - _CLIP))
     z = (np.log(m) - np.log1p(-m) - (np.log(t) - np.log1p(-t))) / scale
     p = 0.5 * (1.0 + np.tanh(0.5 * z))  # a sigmoid that cannot overflow
-    fg = _fg(prob, threshold)
+    fg = fg_at(prob, threshold)
     p = np.where(fg, np.maximum(p, 0.5 + _TIE), np.minimum(p, 0.5 - _TIE))
     return np.clip(p, _CLIP, 1.0 - _CLIP).astype(np.float32)
 
@@ -217,7 +223,7 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, crf: CrfConfig, threshold: fl
     image, prob = _check_pair(image, prob)
     require_crf()
     if crf.unary == "label":
-        unary = _label_unary(_fg(prob, threshold), crf.gt_prob)
+        unary = _label_unary(fg_at(prob, threshold), crf.gt_prob)
     else:
         unary = _soft_unary(soft_unary_prob(prob, threshold, crf.scale))
     return _crf_infer(image, unary, crf)
@@ -234,9 +240,9 @@ def grabcut_seeds(prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
     the map says (the prior of the centred-rectangle baseline, here combined with the map inside it).
     """
     seeds = np.full(prob.shape, cv2.GC_PR_BGD, dtype=np.uint8)
-    seeds[~_fg(prob, g.bg_threshold)] = cv2.GC_BGD
-    seeds[_fg(prob, g.pfg_threshold)] = cv2.GC_PR_FGD
-    seeds[_fg(prob, g.fg_threshold)] = cv2.GC_FGD
+    seeds[~fg_at(prob, g.bg_threshold)] = cv2.GC_BGD
+    seeds[fg_at(prob, g.pfg_threshold)] = cv2.GC_PR_FGD
+    seeds[fg_at(prob, g.fg_threshold)] = cv2.GC_FGD
     if g.border > 0:
         h, w = prob.shape
         by, bx = round(h * g.border), round(w * g.border)
@@ -281,7 +287,7 @@ def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray
     """
     image, prob = _check_pair(image, prob)
     out = _run_grabcut(image, grabcut_seeds(prob, g), g.iterations)
-    return _fg(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
+    return fg_at(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
 
 
 def grabcut_rect_baseline(image: np.ndarray, frac: float = RECT_BASELINE_FRAC,
@@ -372,12 +378,16 @@ class Refiner:
     cfg: PseudoConfig
 
     @property
+    def spec(self) -> RefinerSpec:
+        """The registered refiner actually run (a CRF refiner's fallback when ``crf.enabled`` is false)."""
+        from wsss.refiners import REGISTRY  # the registry's entries call this module's refiners
+
+        return REGISTRY.effective(self.cfg)
+
+    @property
     def kind(self) -> str:
-        """The refiner actually run: ``crf`` with ``crf.enabled: false`` is ``none``, ``grabcut+crf`` is ``grabcut``."""
-        r = self.cfg.refiner
-        if not self.cfg.crf.enabled:
-            return {"crf": "none", "grabcut+crf": "grabcut"}.get(r, r)
-        return r
+        """The name of the refiner actually run (see :attr:`spec`)."""
+        return self.spec.name
 
     def run(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """One run at a decision threshold; returns {0, 1}.
@@ -391,19 +401,12 @@ class Refiner:
         Returns:
             uint8 (H, W) labels in {0, 1}.
         """
-        cfg, kind = self.cfg, self.kind
+        spec = self.spec
         image, prob = _check_pair(image, prob)
-        t = cfg.threshold if threshold is None else threshold
-        g = cfg.grabcut if threshold is None else _grabcut_at(cfg.grabcut, threshold)
-        if kind == "none":
-            return _fg(prob, t).astype(np.uint8)
-        if kind == "crf":
-            return dense_crf(image, prob, cfg.crf, t)
-        if kind == "grabcut":
-            return grabcut(image, prob, g)
-        if kind == "grabcut+crf":
-            return grabcut_crf(image, prob, g, cfg.crf, t)
-        raise ValueError(f"unknown refiner {cfg.refiner!r}")
+        cfg = self.cfg
+        if threshold is not None:
+            cfg = dataclasses.replace(cfg, threshold=threshold, grabcut=_grabcut_at(cfg.grabcut, threshold))
+        return spec.run(image, prob, cfg)
 
     def __call__(self, image: np.ndarray, prob: np.ndarray) -> np.ndarray:
         """Refine one map; with ``cfg.confident`` combine the fg- and bg-threshold runs (disagreement -> 255)."""
@@ -451,25 +454,6 @@ def _work(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
     return [_WORKER_REFINER(image, prob) for image, prob in chunk]
 
 
-def cpu_count() -> int:
-    """CPU cores usable by this process (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
-def _mp_context() -> Any:
-    # Never fork: the parent may hold torch/OpenMP threads, and a forked child can deadlock on their locks.
-    # A forkserver is started once per parent and forks workers from a clean process that has already
-    # imported this module, so later pools (one per Optuna trial, say) start fast.
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["wsss.refine"])
-        return ctx
-    return mp.get_context("spawn")
-
-
 def refine_many(
     pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     cfg: PseudoConfig,
@@ -494,16 +478,17 @@ def refine_many(
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     refiner = Refiner(cfg)
-    if refiner.kind in ("crf", "grabcut+crf"):
+    spec = refiner.spec
+    if spec.uses_crf:
         require_crf()  # fail in the caller, before any worker starts
-    n_workers = workers or cpu_count()
+    n_workers = workers or parallel.cpu_count()
     it = iter(pairs)
     head: list[tuple[np.ndarray, np.ndarray]] = []
     for pair in it:
         head.append(pair)
         if len(head) >= _MIN_POOL_ITEMS:
             break
-    if n_workers <= 1 or refiner.kind == "none" or len(head) < _MIN_POOL_ITEMS:
+    if n_workers <= 1 or not spec.pooled or len(head) < _MIN_POOL_ITEMS:
         for image, prob in _chain(head, it):
             out = refiner(image, prob)
             if progress is not None:
@@ -539,7 +524,7 @@ def _pooled(
     chunks = _chunks(pairs, 2)
     max_in_flight = 4 * n_workers
     pool = cf.ProcessPoolExecutor(
-        max_workers=n_workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(cfg,)
+        max_workers=n_workers, mp_context=parallel.process_context(preload=(__name__,)), initializer=_init_worker, initargs=(cfg,)
     )
     try:
         pending: deque[cf.Future[list[np.ndarray]]] = deque()

@@ -387,15 +387,9 @@ def process_tags() -> dict[str, str]:
 
 def _process_gone(host: str | None, pid: str | None) -> bool:
     """True only when ``pid`` ran on this host and no such process exists any more."""
-    if host != socket.gethostname() or not (pid or "").isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists (e.g. EPERM: another user's process)
-        return False
-    return False
+    from wsss.io import pid_alive
+
+    return host == socket.gethostname() and (pid or "").isdigit() and not pid_alive(int(pid))
 
 
 def close_orphaned_runs(experiment_id: str, stage: str, variant: str, keep: str | None = None) -> list[str]:

@@ -6,16 +6,10 @@ refines those images in a process pool (:func:`wsss.refine.refine_many`) chunk b
 running mean after every chunk and stops early when the pruner says so.
 
 Search space (conditional on the refiner; parameters a refiner does not use are not sampled and keep
-their ``params.yaml`` values):
-
-- ``refiner`` from ``tune.refiners`` (CRF-based ones dropped when ``pseudo.crf.enabled`` is false);
-- ``threshold`` (refiners other than ``grabcut``), or with ``pseudo.confident`` ``fg_threshold`` and
-  ``bg_ratio`` (``bg_threshold = bg_ratio * fg_threshold``, so ``bg <= fg`` by construction);
-- CRF: ``crf.unary``, ``crf.scale`` (soft unary), ``crf.gt_prob`` (label unary, or GrabCut+CRF's blend
-  weight), ``crf.iterations``, the Gaussian and bilateral kernels;
-- GrabCut: ``grabcut.iterations``, ``grabcut.pfg_threshold``, ``grabcut.fg_gap`` and ``grabcut.bg_ratio``
-  (``fg = pfg + fg_gap * (1 - pfg)``, ``bg = bg_ratio * pfg``: ``bg <= pfg <= fg`` always holds, so the
-  sampler never wastes a trial on an invalid configuration).
+their ``params.yaml`` values): ``refiner`` from ``tune.refiners`` (CRF-based ones dropped when
+``pseudo.crf.enabled`` is false); with ``pseudo.confident`` ``fg_threshold`` and ``bg_ratio``
+(``bg_threshold = bg_ratio * fg_threshold``, so ``bg <= fg`` by construction); then the chosen refiner's
+own part, declared with its registration in :mod:`wsss.refiners`.
 
 With ``pseudo.confident`` ignore pixels (255) count as background in the objective, as in every
 evaluation, so the study favours a narrow ignore band.
@@ -33,7 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,24 +35,15 @@ import yaml
 
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
+from wsss.data.manifest import pets
+from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import ConfigError, DataError
+from wsss.refiners import REGISTRY, Suggest
 
 # Bump when the search space changes: it is part of the default study name, so an old study (whose
 # trials used another space) is never continued by mistake.
 SPACE_VERSION = 1
-CRF_REFINERS = ("crf", "grabcut+crf")
-GRABCUT_REFINERS = ("grabcut", "grabcut+crf")
 STUDY_DB = "optuna.db"
-
-
-class Suggest(Protocol):
-    """The part of :class:`optuna.trial.Trial` the search space uses (``FrozenTrial`` replays it)."""
-
-    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
-
-    def suggest_int(self, name: str, low: int, high: int) -> int: ...
-
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,26 +80,6 @@ class ObjectiveData:
         return h.hexdigest()
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """A prepared image as a writable uint8 (H, W, 3) RGB array.
-
-    Unlike :mod:`wsss.data.datasets` this does not import torch, so worker processes start fast.
-    """
-    from PIL import Image
-
-    with Image.open(path) as im:
-        # np.array copies: arrays over PIL buffers are read-only, and pydensecrf rejects those.
-        return np.array(im.convert("RGB"), dtype=np.uint8)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """A mask PNG (0 bg, 1 pet, 255 ignore) as uint8 (H, W)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.array(im, dtype=np.uint8)
-
-
 def tuning_rows(df: pd.DataFrame, max_images: int = 0, seed: int = 0) -> pd.DataFrame:
     """The manifest rows the study evaluates: validation pets with a GT mask, in a seeded random order.
 
@@ -126,8 +91,7 @@ def tuning_rows(df: pd.DataFrame, max_images: int = 0, seed: int = 0) -> pd.Data
     Returns:
         The selected rows; never a ``train`` or ``test`` row.
     """
-    sel = df[(df["split"] == "val") & df["has_mask"].astype(bool) & ~df["is_background"].astype(bool)]
-    sel = sel.sort_values("id", kind="stable")
+    sel = pets(df, "val", with_mask=True).sort_values("id", kind="stable")
     order = np.random.default_rng(seed).permutation(len(sel))
     sel = sel.iloc[order]
     if max_images:
@@ -196,7 +160,7 @@ def search_refiners(base: PseudoConfig, refiners: Sequence[str]) -> tuple[str, .
     Raises:
         ConfigError: nothing is left to choose from.
     """
-    out = tuple(r for r in refiners if base.crf.enabled or r not in CRF_REFINERS)
+    out = tuple(r for r in refiners if base.crf.enabled or not REGISTRY.get(r).uses_crf)
     if not out:
         raise ConfigError(
             "params.yaml: 'tune.refiners' has no refiner left to tune ('pseudo.crf.enabled' is false and "
@@ -241,39 +205,8 @@ def suggest_pseudo(trial: Suggest, base: PseudoConfig, refiners: Sequence[str]) 
         fg = trial.suggest_float("fg_threshold", 0.1, 0.95)
         changes["fg_threshold"] = fg
         changes["bg_threshold"] = fg * trial.suggest_float("bg_ratio", 0.05, 1.0)
-    elif refiner in ("none", "crf"):  # GrabCut decides with its own pfg threshold
-        changes["threshold"] = trial.suggest_float("threshold", 0.05, 0.95)
-    crf = base.crf
-    if refiner in CRF_REFINERS:
-        unary = trial.suggest_categorical("crf.unary", ["soft", "label"])
-        crf_changes: dict[str, Any] = {"unary": unary}
-        if unary == "soft":
-            if refiner == "grabcut+crf" and not base.confident:  # the map's soft unary is centred on it
-                changes["threshold"] = trial.suggest_float("threshold", 0.05, 0.95)
-            crf_changes["scale"] = trial.suggest_float("crf.scale", 0.25, 4.0, log=True)
-        if unary == "label" or refiner == "grabcut+crf":
-            crf_changes["gt_prob"] = trial.suggest_float("crf.gt_prob", 0.5, 0.95)
-        crf_changes.update(
-            iterations=trial.suggest_int("crf.iterations", 2, 10),
-            gaussian_sxy=trial.suggest_float("crf.gaussian_sxy", 1.0, 10.0, log=True),
-            gaussian_compat=trial.suggest_float("crf.gaussian_compat", 0.5, 10.0, log=True),
-            bilateral_sxy=trial.suggest_float("crf.bilateral_sxy", 5.0, 120.0, log=True),
-            bilateral_srgb=trial.suggest_float("crf.bilateral_srgb", 2.0, 30.0, log=True),
-            bilateral_compat=trial.suggest_float("crf.bilateral_compat", 1.0, 20.0, log=True),
-        )
-        crf = dataclasses.replace(crf, **crf_changes)
-    grab = base.grabcut
-    if refiner in GRABCUT_REFINERS:
-        pfg = trial.suggest_float("grabcut.pfg_threshold", 0.05, 0.9)
-        grab = dataclasses.replace(
-            grab,
-            iterations=trial.suggest_int("grabcut.iterations", 1, 10),
-            pfg_threshold=pfg,
-            fg_threshold=min(1.0, pfg + trial.suggest_float("grabcut.fg_gap", 0.0, 1.0) * (1.0 - pfg)),
-            bg_threshold=pfg * trial.suggest_float("grabcut.bg_ratio", 0.0, 1.0),
-            border=trial.suggest_float("grabcut.border", 0.0, 0.15),
-        )
-    return dataclasses.replace(base, crf=crf, grabcut=grab, **changes)
+    changes.update(REGISTRY.get(refiner).suggest(trial, base))
+    return dataclasses.replace(base, **changes)
 
 
 # --------------------------------------------------------------------------------------------------

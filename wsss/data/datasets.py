@@ -1,4 +1,4 @@
-"""Torch datasets over the prepared manifest (classification, segmentation, inference) and a seeded loader."""
+"""Torch datasets over the prepared manifest: classification, segmentation and inference."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from wsss.config import Params
 from wsss.data.breeds import NUM_BREEDS, SPECIES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -149,15 +148,3 @@ class SegmentationDataset(Dataset):
         mask = tv_tensors.Mask(torch.from_numpy(load_mask(self.mask_path(i)))[None])
         img, mask = self.transform(img, mask)
         return normalize(img.as_subclass(torch.Tensor)), mask.as_subclass(torch.Tensor)[0].long()
-
-def loader(ds: Dataset, batch_size: int, params: Params, shuffle: bool, seed: int = 0,
-           drop_last: bool = False) -> DataLoader:
-    """A DataLoader seeded for reproducible shuffling (``drop_last`` only when more than one batch)."""
-    gen = torch.Generator()
-    gen.manual_seed(seed)
-    workers = params.base.num_workers
-    return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
-        num_workers=workers, generator=gen, persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from wsss.errors import DataError
-from wsss.io import atomic_path
+from wsss.io import atomic_path, remove_tree
 
 STANFORD_BACKGROUND_URL = "http://dags.stanford.edu/data/iccv09Data.tar.gz"
 # URLError, socket timeouts and connection resets are all OSErrors; HTTPException covers broken responses.
@@ -123,6 +123,6 @@ def fetch_stanford_background(dest: Path, url: str = STANFORD_BACKGROUND_URL, ti
         if not (extracted / "images").is_dir():
             raise DataError(f"{archive}: the archive has no iccv09Data/images/ folder; delete it and retry")
         if root.exists():
-            shutil.rmtree(root)
+            remove_tree(root, dest)
         extracted.rename(root)
     return root

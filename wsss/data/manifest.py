@@ -22,6 +22,7 @@ mask_values         str       sorted unique mask values, e.g. ``0,1,255``; '' wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +49,7 @@ COLUMNS: dict[str, str] = {
     "mask_values": "str",
 }
 SPLITS = ("train", "val", "test")
+TRAINVAL = ("train", "val")
 SOURCES = ("pets", "extra", "background")
 
 
@@ -91,11 +93,27 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def pets(df: pd.DataFrame, split: str | None = None, with_mask: bool | None = None) -> pd.DataFrame:
-    """Pet rows (no background images), optionally one split / only rows with masks."""
-    sel = ~df["is_background"]
+def pets(df: pd.DataFrame, split: str | Sequence[str] | None = None,
+         with_mask: bool | None = None) -> pd.DataFrame:
+    """Pet rows (no background images), optionally of one split or several (e.g. :data:`TRAINVAL`) and only
+    rows with (or without) masks. Row order is kept.
+    """
+    # astype(bool): a hand-built frame may hold the flags as objects, where ``~`` would not negate.
+    sel = ~df["is_background"].astype(bool)
     if split is not None:
-        sel &= df["split"] == split
+        sel &= df["split"].isin([split] if isinstance(split, str) else list(split))
     if with_mask is not None:
-        sel &= df["has_mask"] == with_mask
+        sel &= df["has_mask"].astype(bool) == with_mask
     return df[sel]
+
+
+def official_test_rows(path: str | Path) -> pd.DataFrame:
+    """The official test split's pet images with masks (what every test score is computed on), sorted by id.
+
+    Raises:
+        DataError: the manifest is missing, or its test split has no image with a mask.
+    """
+    test = pets(load_manifest(path), "test", with_mask=True).sort_values("id")
+    if test.empty:
+        raise DataError(f"{path}: no test images with masks in the manifest; the test split is scored only with GT")
+    return test

@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import secrets
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from wsss.data.manifest import SOURCES, SPLITS, empty_manifest, normalise, save_
 from wsss.data.oxford_pet import check_root, read_split_files, trimap_to_mask
 from wsss.data.stanford_background import list_background_images
 from wsss.errors import DataError
+from wsss.io import pid_alive, remove_tree
 
 JPEG_QUALITY = 95
 _TMP_TAG = ".tmp-"
@@ -165,19 +165,9 @@ def random_val_mask(n: int, fraction: float, rng: np.random.Generator) -> np.nda
 # the temporary build folder
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path, path.parent, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -199,10 +189,10 @@ def _cleanup_stale(out_dir: Path) -> None:
     """Remove build folders of killed runs; restore the previous output if a swap was cut short."""
     me = os.getpid()
     for path, pid in _siblings(out_dir, _TMP_TAG):
-        if pid != me and pid > 0 and _pid_alive(pid):
+        if pid != me and pid > 0 and pid_alive(pid):
             continue  # another live process is building; leave it alone
         _remove(path)
-    olds = [p for p, pid in _siblings(out_dir, _OLD_TAG) if pid == me or pid <= 0 or not _pid_alive(pid)]
+    olds = [p for p, pid in _siblings(out_dir, _OLD_TAG) if pid == me or pid <= 0 or not pid_alive(pid)]
     if olds and not out_dir.exists():
         # killed between "move old away" and "move new in": the old output is still complete
         restore = max(olds, key=lambda p: p.stat().st_mtime)

@@ -25,7 +25,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from PIL import Image
 from wsss.config import SyntheticConfig
 from wsss.data.breeds import BREED_SPECIES, BREEDS
 from wsss.errors import DataError
-from wsss.io import read_json, write_json
+from wsss.io import read_json, remove_tree, write_json
 
 # Bump when the drawing changes: a stamp written by another version is regenerated.
 GENERATOR_VERSION = 1
@@ -209,7 +208,7 @@ def generate(
         })
         _swap_into_place(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp, out_dir.parent, ignore_errors=True)
         raise
     return counts
 
@@ -236,7 +235,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
             os.replace(old, out_dir)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old, out_dir.parent, ignore_errors=True)
 
 
 def _breed_id_in_species(breed: int) -> int:

@@ -1,7 +1,7 @@
 """The template every map method follows: multi-scale + flip inference, upsampling, normalisation.
 
 A subclass supplies only :meth:`MapMethod.raw_map` (one forward pass at one scale); :meth:`MapMethod.compute`
-does the rest the same way for every method (IRN / official CCAM inference convention, algorithms.md §3.1).
+does the rest the same way for every method (IRN / official CCAM inference convention, docs/methods.md#map-inference).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,13 +30,6 @@ def normalise(maps: Tensor, eps: float = 1e-5) -> Tensor:
     """
     peak = maps.amax(dim=(-2, -1), keepdim=True)
     return maps / (peak + eps)
-
-
-def normalise_np(maps: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """NumPy twin of :func:`normalise` (float32 result)."""
-    maps = np.asarray(maps, dtype=np.float32)
-    peak = maps.max(axis=(-2, -1), keepdims=True)
-    return maps / (peak + np.float32(eps))
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:

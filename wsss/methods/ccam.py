@@ -11,7 +11,7 @@ class CCAM(MapMethod):
     """Foreground logits of a CCAM model; ``targets`` are ignored.
 
     The model applies its polarity flip to the logit itself, so the ReLU of the template comes after it
-    (flipping after the ReLU would flatten the foreground into a plateau: the AUTH bug, algorithms.md §2.4).
+    (flipping after the ReLU would flatten the foreground into a plateau: the AUTH bug, docs/methods.md#polarity).
     """
 
     name = "ccam"

@@ -1,4 +1,4 @@
-"""ECS as the paper describes it (algorithms.md §2.3 (a)): erase the top region, re-run, fuse by max.
+"""ECS as the paper describes it (docs/methods.md#ecs): erase the top region, re-run, fuse by max.
 
 Inference only: the region where the current map exceeds ``ecs_delta`` is removed from the input (strong
 Gaussian blur, or the ImageNet mean), the base method is re-run on the erased image for the *same* class,

@@ -1,4 +1,4 @@
-"""Ensemble of stored maps (algorithms.md §2.6): weighted mean, pixel max or weighted geometric mean.
+"""Ensemble of stored maps (docs/methods.md#ensemble): weighted mean, pixel max or weighted geometric mean.
 
 Members are max-normalised maps of the same image from different methods (e.g. CAM, ECS, CCAM). The paper
 claims an ensemble but its code has none; these fusions are our spec. Mean is the default; max is a union
@@ -91,29 +91,3 @@ class Ensemble:
     name = "ensemble"
     needs_model = False
     model_kind = None
-
-    def fuse(self, maps: Sequence[Map], weights: Sequence[float] | None = None, fusion: Fusion = "mean",
-             eps: float = 1e-6) -> Map:
-        """See :func:`fuse`."""
-        return fuse(maps, weights, fusion, eps)
-
-    def fuse_batch(self, members: Sequence[Sequence[Map]], weights: Sequence[float] | None = None,
-                   fusion: Fusion = "mean", eps: float = 1e-6) -> list[Map]:
-        """Fuse N images' maps from K members.
-
-        Args:
-            members: K sequences of N maps each; ``members[k][i]`` is member k's map of image i.
-            weights, fusion, eps: as in :func:`fuse`.
-
-        Returns:
-            N fused maps.
-
-        Raises:
-            ValueError: members hold different numbers of maps, or as :func:`fuse`.
-        """
-        counts = [len(m) for m in members]
-        if not counts:
-            raise ValueError("ensemble needs at least one member")
-        if any(c != counts[0] for c in counts):
-            raise ValueError(f"ensemble members hold different numbers of maps: {counts}")
-        return [fuse([m[i] for m in members], weights, fusion, eps) for i in range(counts[0])]

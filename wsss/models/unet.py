@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsss.config import UnetConfig, is_weights_file
+from wsss.config import UnetConfig
 from wsss.errors import ConfigError, DataError, MissingDependencyError
 from wsss.models.backbone import load_torchvision_resnet, read_state_dict
+from wsss.variants import WeightSpec
 
 
 def _pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
@@ -124,7 +125,11 @@ def build_unet(cfg: UnetConfig, num_classes: int = 2, weights_path: str | Path |
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"train_unet.encoder = {cfg.encoder!r} is not an smp encoder: {exc}") from None
 
-    if w == "imagenet" or w.startswith("pretrain:") or is_weights_file(w):
+    try:
+        spec = WeightSpec.parse(w)
+    except ConfigError as exc:
+        raise ConfigError(f"train_unet.encoder_weights: {exc}") from None
+    if spec.kind != "none":
         if not cfg.encoder.startswith("resnet"):
             raise ConfigError(
                 f"train_unet.encoder_weights = {w!r} needs a torchvision ResNet encoder, got {cfg.encoder!r}"
@@ -140,7 +145,4 @@ def build_unet(cfg: UnetConfig, num_classes: int = 2, weights_path: str | Path |
             model.encoder.load_state_dict(sd, strict=True)
         except RuntimeError as exc:
             raise DataError(f"encoder weights do not fit {cfg.encoder}: {exc}") from None
-    elif w != "none":
-        raise ConfigError(f"train_unet.encoder_weights = {w!r}; valid: imagenet, none, pretrain:<name>, "
-                          "or a .pt/.pth state_dict file")
     return PadCrop(model, 32)

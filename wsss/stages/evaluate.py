@@ -11,37 +11,29 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from wsss import tracking
 from wsss.config import Params
-from wsss.data.datasets import load_mask, load_rgb
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import official_test_rows
+from wsss.data.readers import read_mask, read_rgb
 from wsss.io import write_json
 from wsss.paths import Paths
-from wsss.stages.common import require_rows
 from wsss.ui import console, task
+from wsss.variants import UnetId
 
 STAGE = "evaluate"
 BASELINES = ("whole_image", "ellipse", "grabcut_rect")
-
-
-def official_test_rows(paths: Paths) -> pd.DataFrame:
-    """The official test split's pet images with masks (what every test score is computed on), sorted by id."""
-    df = load_manifest(paths.manifest)
-    test = df[(df["split"] == "test") & df["has_mask"] & ~df["is_background"]].sort_values("id")
-    require_rows(len(test), "test images with masks", "the test split is scored only with GT", paths.manifest)
-    return test
 
 
 def run(params: Params, paths: Paths, model: str, device: str | None = None) -> dict[str, Any]:
     """Evaluate ``models/<model>/`` on the test split."""
     from wsss.device import precision_for, prepare_model, resolve_device
     from wsss.evaluation import SegMeter
-    from wsss.inference import load_unet, predict_probs
+    from wsss.inference import predict_probs
+    from wsss.models.loading import load_model_dir
 
-    test = official_test_rows(paths)
-    net, meta = load_unet(paths.model_dir(model))
+    test = official_test_rows(paths.manifest)
+    net, meta = load_model_dir(paths.model_dir(model), "unet")
     prec = precision_for(resolve_device(device or params.base.device))
     net = prepare_model(net, prec)
     meter = SegMeter()
@@ -51,15 +43,15 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     with task(f"{STAGE} {model}", len(rows)) as advance:
         for i in range(0, len(rows), bs):
             chunk = rows[i : i + bs]
-            images = [np.array(load_rgb(paths.prepared, r.image_path)) for r in chunk]
-            for r, prob in zip(chunk, predict_probs(net, images, int(meta["input_size"]), prec), strict=True):
-                meter.add((prob >= 0.5).astype(np.uint8), load_mask(paths.prepared / r.mask_path))
+            images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
+            for r, prob in zip(chunk, predict_probs(net, images, meta.input_size, prec), strict=True):
+                meter.add((prob >= 0.5).astype(np.uint8), read_mask(paths.prepared / r.mask_path))
             advance(len(chunk))
     seconds = time.perf_counter() - start
     scores = meter.result().to_dict()
-    report = {"model": model, "masks": meta.get("masks"), "split": "test", **scores,
+    report = {"model": model, "masks": meta.masks, "split": "test", **scores,
               "seconds": round(seconds, 2), "images_per_s": len(rows) / max(seconds, 1e-9)}
-    source = model.removeprefix("unet-")
+    source = str(UnetId.parse(model).source)
     write_json(paths.eval_report(source), report)
     with tracking.stage_run(STAGE, source, params, paths, sections=("evaluate",)):
         tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
@@ -74,12 +66,12 @@ def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
     from wsss.evaluation import SegMeter
     from wsss.refine import grabcut_rect_baseline
 
-    test = official_test_rows(paths)
+    test = official_test_rows(paths.manifest)
     meters = {name: SegMeter() for name in BASELINES}
     with task(f"{STAGE} baselines", len(test)) as advance:
         for r in test.itertuples():
-            gt = load_mask(paths.prepared / r.mask_path)
-            image = np.array(load_rgb(paths.prepared, r.image_path))
+            gt = read_mask(paths.prepared / r.mask_path)
+            image = read_rgb(paths.prepared / r.image_path)
             h, w = gt.shape
             meters["whole_image"].add(whole_image(h, w), gt)
             meters["ellipse"].add(centred_ellipse(h, w, params.evaluate.ellipse_scale), gt)

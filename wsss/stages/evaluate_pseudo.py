@@ -1,7 +1,9 @@
 """``wsss evaluate --pseudo VARIANT``: a pseudo-mask method scored on the official test split.
 
 Kept apart from :mod:`wsss.stages.evaluate` (U-Nets and baselines) because it reads ``make_cams`` and
-``pseudo`` params those DVC stages do not depend on.
+``pseudo`` params those DVC stages do not depend on. It shares their map extraction
+(:mod:`wsss.methods.extract`) and refiner configuration (:mod:`wsss.pseudo`) with ``make-cams`` and
+``make-pseudo``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import numpy as np
 
 from wsss import tracking
 from wsss.config import Params
-from wsss.data.datasets import load_mask, load_rgb
+from wsss.data.manifest import official_test_rows
+from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import ConfigError
 from wsss.io import write_json
+from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
 from wsss.paths import Paths
-from wsss.stages.evaluate import STAGE, official_test_rows
+from wsss.pseudo import effective_config, plain_threshold_config
 from wsss.ui import console, task
+from wsss.variants import MapVariant
+
+STAGE = "evaluate"  # the command's stage: its MLflow runs sit beside the U-Net evaluations
 
 
 def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = None,
@@ -35,29 +42,24 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     from wsss.evaluation import SegMeter
     from wsss.methods import METHODS
     from wsss.refine import refine_many, threshold_mask
-    from wsss.stages.make_cams import compute_maps, load_method_model
-    from wsss.stages.make_pseudo import effective_config, plain_threshold_config
 
-    test = official_test_rows(paths)
+    test = official_test_rows(paths.manifest)
     cfg, source = effective_config(params, paths, variant, use_tuned)
     prec = precision_for(resolve_device(device or params.base.device))
     cams = params.make_cams
-    if variant == "ensemble":
-        members, weights = list(cams.ensemble_members), list(cams.ensemble_weights) or [1.0] * len(
-            cams.ensemble_members)
-        if len(members) < 2:
-            raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
+    if MapVariant.parse(variant).model is None:
+        members, weights = ensemble_members(cams)
     else:
         members, weights = [variant], [1.0]
     start = time.perf_counter()
     member_maps: list[dict[str, np.ndarray]] = []
     for member in members:
-        method_name, sep, model_name = member.partition("_")
-        if not sep or method_name not in METHODS.names() or not METHODS.get(method_name).needs_model:
-            raise ConfigError(f"cannot rebuild maps of '{member}' for test images: expected <method>_<model>, "
-                            "e.g. cam_classifier-species")
-        method = METHODS.get(method_name)
-        model, meta = load_method_model(paths, method, model_name)
+        parsed = MapVariant.parse(member)
+        if parsed.model is None:
+            raise ConfigError(f"cannot rebuild maps of '{member}' for test images: an ensemble member must be "
+                              "<method>_<model>, e.g. cam_classifier-species")
+        method = METHODS.get(parsed.method)
+        model, meta = load_method_model(paths, method, str(parsed.model))
         model = prepare_model(model, prec)
         with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
             member_maps.append({i: m for i, m, _, _ in compute_maps(params, paths, method, model, meta, test,
@@ -65,15 +67,12 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     if len(member_maps) == 1:
         maps = member_maps[0]
     else:
-        from wsss.methods.ensemble import fuse
-
-        maps = {i: np.asarray(fuse([m[i] for m in member_maps], weights, cams.ensemble_fusion), dtype=np.float32)
-                for i in member_maps[0]}
+        maps = {i: fuse_members(member_maps, i, weights, cams.ensemble_fusion, members) for i in member_maps[0]}
     rows = list(test.itertuples())
     plain = plain_threshold_config(cfg)
     before, after = SegMeter(), SegMeter()
-    gts = {r.id: load_mask(paths.prepared / r.mask_path) for r in rows}
-    pairs = ((np.array(load_rgb(paths.prepared, r.image_path)), maps[r.id]) for r in rows)
+    gts = {r.id: read_mask(paths.prepared / r.mask_path) for r in rows}
+    pairs = ((read_rgb(paths.prepared / r.image_path), maps[r.id]) for r in rows)
     with task(f"{STAGE} refine {variant} ({cfg.refiner}, test)", len(rows)) as advance:
         for r, mask in zip(rows, refine_many(pairs, cfg, cfg.workers, progress=advance), strict=True):
             after.add(mask, gts[r.id])

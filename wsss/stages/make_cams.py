@@ -8,24 +8,24 @@ only), beside the label-free baselines (whole image, centred ellipse) on the sam
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch.nn.functional as F
 
 from wsss import tracking
 from wsss.cams import iter_maps, load_maps, plan_shards, shard_path, write_shard
 from wsss.config import Params, to_dict
-from wsss.data.datasets import InferenceDataset, image_label, load_mask
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import TRAINVAL, load_manifest, pets
+from wsss.data.readers import read_mask
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, write_json, write_text
+from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
 from wsss.paths import Paths
-from wsss.stages.common import load_trained_model, loader, reset_if_stale
+from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
+from wsss.variants import ENSEMBLE, IMAGENET, MapVariant
 
 STAGE = "make-cams"
 CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
@@ -33,12 +33,12 @@ CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
 
 def variant_name(method: str, model: str | None) -> str:
     """``<method>_<model>`` (e.g. ``cam_classifier-species``); ``ensemble`` has no model."""
-    return method if model is None else f"{method}_{model}"
+    return str(MapVariant.of(method, model))
 
 
 def map_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Images that get maps: every trainval pet (main and label-only roots), never test."""
-    return df[df["split"].isin(["train", "val"]) & ~df["is_background"]].sort_values("id")
+    return pets(df, TRAINVAL).sort_values("id")
 
 
 def run(params: Params, paths: Paths, method: str, model: str | None, device: str | None = None) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     fp = _fingerprint(params, method, model, paths)
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
-    loaded = load_method_model(paths, m, model) if m.needs_model and model != "imagenet" else None
+    loaded = load_method_model(paths, m, model) if m.needs_model and model != str(IMAGENET) else None
     reset_if_stale(out_dir, fp)
 
     start = time.perf_counter()
@@ -77,7 +77,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
             console.print(f"{out_dir}: all {len(shards)} shards already done")
         seconds = time.perf_counter() - start
         write_json(out_dir / "_done.json", {"fingerprint": fp, "n_shards": len(shards), "n_images": len(df)})
-        report = map_report(paths, out_dir, df, params.make_cams.threshold)
+        report = map_report(paths, out_dir, df, params.make_cams.threshold, params.evaluate.ellipse_scale)
         report.update({"method": method, "model": model, "seconds": round(seconds, 2),
                        "images_per_s": n_images / seconds if n_images else None})
         write_json(paths.cams_report(variant), report)
@@ -98,29 +98,19 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
     from wsss.training.checkpoint import fingerprint
 
     model_meta: Any = None
-    if model and model != "imagenet":
+    if model and model != str(IMAGENET):
         meta_path = paths.model_dir(model) / "meta.json"
         model_meta = read_json(meta_path) if meta_path.exists() else None
     members = None
-    if method == "ensemble":
+    if method == ENSEMBLE:
         members = [read_json(paths.cams_dir(v) / "_done.json") if (paths.cams_dir(v) / "_done.json").exists()
                    else None for v in params.make_cams.ensemble_members]
     return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
 
 
-def load_method_model(paths: Paths, method: Any, model_name: str) -> tuple[Any, dict]:
-    """The method's model and its meta, checked to be of the kind the method needs."""
-    model, meta = load_trained_model(paths, model_name)
-    if method.model_kind and meta.get("kind") != method.model_kind:
-        raise ConfigError(
-            f"method '{method.name}' needs a {method.model_kind} model; models/{model_name} is a {meta.get('kind')}"
-        )
-    return model, meta
-
-
 def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
                         shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None,
-                        loaded: tuple[Any, dict] | None = None) -> int:
+                        loaded: tuple[Any, Any] | None = None) -> int:
     from wsss.device import precision_for, prepare_model, resolve_device
 
     model, meta = loaded or load_method_model(paths, method, model_name)
@@ -143,85 +133,47 @@ def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: s
     return n_done
 
 
-def compute_maps(params: Params, paths: Paths, method: Any, model: Any, meta: dict, rows: pd.DataFrame,
-                 prec: Any, progress: Any = None) -> Iterator[tuple[str, np.ndarray, int, float]]:
-    """Maps of ``rows`` (manifest rows) with a prepared model: ``(id, map, target, raw peak)`` per image.
-
-    The map is max-normalised, resized to the prepared image size and clipped to [0, 1]; a classifier's
-    target is the image's own label in the model's label space (image-level labels only).
-    """
-    from wsss.device import autocast, to_device
-
-    cfg = params.make_cams
-    size = int(meta.get("input_size", 224))
-    rows = rows.reset_index(drop=True)
-    targets = None
-    if meta.get("kind") == "classifier":
-        targets = [image_label(r, meta["labels"], bool(meta["bg"])) for _, r in rows.iterrows()]
-    ds = InferenceDataset(rows, paths.prepared, size, targets)
-    for batch in loader(ds, cfg.batch_size, params, shuffle=False):
-        x = to_device(batch["image"], prec)
-        t = batch["target"].to(prec.device) if targets is not None else None
-        with autocast(prec):
-            raw = method.compute(model, x, t, cfg).float()
-        peak = raw.flatten(1).amax(1)
-        norm = raw / (peak.view(-1, 1, 1) + 1e-5)
-        for j in range(len(x)):
-            h, w = (int(v) for v in batch["size"][j])
-            resized = F.interpolate(norm[j][None, None], size=(h, w), mode="bilinear", align_corners=False)
-            yield (batch["id"][j], resized[0, 0].clamp(0, 1).cpu().numpy(), int(batch["target"][j]),
-                   float(peak[j]))
-        if progress is not None:
-            progress(len(x))
-
-
 def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path) -> int:
-    from wsss.methods.ensemble import fuse
-
     cfg = params.make_cams
-    if len(cfg.ensemble_members) < 2:
-        raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
-    weights = list(cfg.ensemble_weights) or [1.0] * len(cfg.ensemble_members)
+    variants, weights = ensemble_members(cfg)
     wanted = {i for index in todo for i in shards[index]}
     members = []
-    for variant in cfg.ensemble_members:
+    for variant in variants:
         if not (paths.cams_dir(variant) / "_done.json").exists():
             raise DataError(f"{paths.cams_dir(variant)}: ensemble member '{variant}' has no finished maps")
-        members.append({i: (m, t) for i, m, t in iter_maps(paths.cams_dir(variant), wanted)})
+        members.append({i: m for i, m, _ in iter_maps(paths.cams_dir(variant), wanted)})
+    sources = [paths.cams_dir(v) for v in variants]
     n = 0
     with task(f"{STAGE} ensemble", len(wanted)) as advance:
         for index in todo:
-            ids, maps = [], []
-            for image_id in shards[index]:
-                parts = []
-                for variant, member in zip(cfg.ensemble_members, members, strict=True):
-                    if image_id not in member:
-                        raise DataError(f"{paths.cams_dir(variant)}: no map for image {image_id}")
-                    parts.append(member[image_id][0])
-                maps.append(np.asarray(fuse(parts, weights, cfg.ensemble_fusion), dtype=np.float32))
-                ids.append(image_id)
+            ids = shards[index]
+            maps = []
+            for image_id in ids:
+                maps.append(fuse_members(members, image_id, weights, cfg.ensemble_fusion, sources))
                 advance(1)
             write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
             n += len(ids)
     return n
 
 
-def map_report(paths: Paths, cams_dir: Path, df: pd.DataFrame, threshold: float) -> dict[str, Any]:
-    """fg IoU of the maps on validation images with GT, at ``threshold`` and over a threshold sweep."""
+def map_report(paths: Paths, cams_dir: Path, df: pd.DataFrame, threshold: float,
+               ellipse_scale: float) -> dict[str, Any]:
+    """fg IoU of the maps on validation images with GT, at ``threshold`` and over a threshold sweep,
+    beside the whole-image and centred-ellipse (``ellipse_scale``) baselines."""
     from wsss.baselines import centred_ellipse, whole_image
     from wsss.evaluation import SegMeter, threshold_curve
 
-    val = df[(df["split"] == "val") & df["has_mask"]]
+    val = pets(df, "val", with_mask=True)
     if val.empty:
         raise DataError(f"{paths.manifest}: the validation split has no images with masks to score maps on")
     maps = load_maps(cams_dir, set(val["id"]))
-    gts = {r.id: load_mask(paths.prepared / r.mask_path) for r in val.itertuples()}
+    gts = {r.id: read_mask(paths.prepared / r.mask_path) for r in val.itertuples()}
     ids = sorted(maps)
     at_t, ellipse, whole = SegMeter(), SegMeter(), SegMeter()
     for i in ids:
         gt = gts[i]
         at_t.add((maps[i] >= threshold).astype(np.uint8), gt)
-        ellipse.add(centred_ellipse(*gt.shape), gt)
+        ellipse.add(centred_ellipse(*gt.shape, ellipse_scale), gt)
         whole.add(whole_image(*gt.shape), gt)
     curve = threshold_curve((maps[i] for i in ids), (gts[i] for i in ids), CURVE_THRESHOLDS)
     best = int(np.argmax(curve["iou_mean"]))

@@ -19,7 +19,6 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
-import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -33,34 +32,19 @@ from wsss import tracking
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.cams import SHARD_GLOB, iter_maps
 from wsss.config import Params, PseudoConfig, to_dict
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import TRAINVAL, load_manifest, pets
+from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import DataError
 from wsss.evaluation import SegMeter
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
+from wsss.pseudo import effective_config, plain_threshold_config
 from wsss.stages.common import reset_if_stale
-from wsss.tuning import load_best_params, read_mask, read_rgb
 from wsss.ui import console, task
 
 STAGE = "make-pseudo"
 FINGERPRINT_FILE = "_fingerprint.json"
 DONE_FILE = "_done.json"
-ELLIPSE_SCALE = 0.8
-
-
-def effective_config(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> tuple[PseudoConfig, str]:
-    """The pseudo-mask configuration to use and where it came from (``tuned`` or ``params``).
-
-    The tuned file replaces the whole ``pseudo`` section except ``workers`` (a machine setting).
-
-    Raises:
-        ConfigError: the tuned file exists but is invalid.
-    """
-    tuned = paths.crf_params(variant)
-    if use_tuned and tuned.exists():
-        cfg = load_best_params(tuned)
-        return dataclasses.replace(cfg, workers=params.pseudo.workers), "tuned"
-    return params.pseudo, "params"
 
 
 def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> dict[str, Any]:
@@ -89,7 +73,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         raise DataError(f"{cams_dir}: maps of {len(unknown)} image(s) not in the manifest (e.g. {unknown[0]}); "
                         "the maps are stale, rerun `wsss make-cams`")
     # Pseudo-masks are training labels: never make one for a test image, whatever the shards hold.
-    ids = [i for i in map_ids if rows.at[i, "split"] in ("train", "val")]
+    ids = [i for i in map_ids if rows.at[i, "split"] in TRAINVAL]
     if not ids:
         raise DataError(f"{cams_dir}: no map of a trainval image")
     out_dir = paths.masks_dir(variant)
@@ -118,7 +102,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         seconds = time.perf_counter() - start
         write_json(out_dir / DONE_FILE, {"fingerprint": fp, "n_images": len(ids), "source": source})
 
-        report = score_masks(paths, df, cams_dir, out_dir, cfg, set(ids))
+        report = score_masks(paths, df, cams_dir, out_dir, cfg, set(ids), params.evaluate.ellipse_scale)
         report.update({
             "variant": variant,
             "params_source": source,
@@ -194,7 +178,7 @@ def _mask_done(out_dir: Path, image_id: str) -> bool:
 
 
 def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path, cfg: PseudoConfig,
-                ids: set[str]) -> dict[str, Any]:
+                ids: set[str], ellipse_scale: float) -> dict[str, Any]:
     """Pet IoU / Dice of the maps (plain threshold), the masks and the baselines on trainval images with GT.
 
     Args:
@@ -202,8 +186,10 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
         df: the manifest.
         cams_dir: the variant's maps.
         masks_dir: its pseudo-masks.
-        cfg: the configuration the masks were made with (see :func:`plain_threshold_config` for "before").
+        cfg: the configuration the masks were made with (see :func:`wsss.pseudo.plain_threshold_config`
+            for "before").
         ids: images that have maps (and masks).
+        ellipse_scale: the centred-ellipse baseline's scale (``evaluate.ellipse_scale``).
 
     Returns:
         ``before``, ``after`` and ``baselines`` (``whole_image``, ``ellipse``, ``grabcut_rect``) score
@@ -214,7 +200,8 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
 
     plain = plain_threshold_config(cfg)
 
-    gt_rows = df[df["split"].isin(["train", "val"]) & df["has_mask"].astype(bool) & df["id"].isin(ids)]
+    gt_rows = pets(df, TRAINVAL, with_mask=True)
+    gt_rows = gt_rows[gt_rows["id"].isin(ids)]
     gt_rows = gt_rows.sort_values("id")
     if gt_rows.empty:
         raise DataError(f"{paths.manifest}: no trainval image with maps has a GT mask to score against")
@@ -226,7 +213,7 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
             before.add(threshold_mask(prob, plain), gt)
             after.add(read_mask(masks_dir / f"{image_id}.png"), gt)
             whole.add(whole_image(*gt.shape), gt)
-            ellipse.add(centred_ellipse(*gt.shape, ELLIPSE_SCALE), gt)
+            ellipse.add(centred_ellipse(*gt.shape, ellipse_scale), gt)
             advance(1)
     ignore, fg, total = 0, 0, 0
     for image_id in sorted(ids):
@@ -249,27 +236,13 @@ def score_masks(paths: Paths, df: pd.DataFrame, cams_dir: Path, masks_dir: Path,
     }
 
 
-def plain_threshold_config(cfg: PseudoConfig) -> PseudoConfig:
-    """The "before refinement" counterpart of ``cfg``: the same decision threshold(s), no refiner.
-
-    GrabCut (alone or followed by the CRF) decides at its probable-foreground threshold, so that is the
-    one it is compared with.
-    """
-    from wsss.refine import Refiner
-
-    threshold = cfg.threshold
-    if Refiner(cfg).kind in ("grabcut", "grabcut+crf") and not cfg.confident:
-        threshold = cfg.grabcut.pfg_threshold
-    return dataclasses.replace(cfg, refiner="none", threshold=threshold)
-
-
 def grabcut_rect_scores(paths: Paths, rows: pd.DataFrame, workers: int = 0) -> dict[str, float]:
     """Scores of GrabCut from a centred rectangle on ``rows``, cached per data and image set (label-free).
 
     It is the same for every map variant, and the slowest part of the report, hence the cache under
     ``.wsss/state`` (outside DVC outs).
     """
-    from wsss.refine import cpu_count
+    from wsss.parallel import cpu_count, process_context
 
     prepared = paths.prepared.resolve()  # workers may not share the caller's cwd
     items = [(str(prepared / r.image_path), str(prepared / r.mask_path)) for r in rows.itertuples()]
@@ -287,9 +260,7 @@ def grabcut_rect_scores(paths: Paths, rows: pd.DataFrame, workers: int = 0) -> d
                 meter.merge(_rect_chunk(chunk))
                 advance(len(chunk))
         else:
-            methods = mp.get_all_start_methods()
-            ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-            with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=process_context()) as pool:
                 # Merged in submission order, so the result does not depend on scheduling.
                 for chunk, part in zip(chunks, pool.map(_rect_chunk, chunks), strict=True):
                     meter.merge(part)

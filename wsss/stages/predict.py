@@ -129,12 +129,12 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
     Raises:
         DataError: the folder or URI does not hold a model.
     """
-    from wsss.inference import load_unet
+    from wsss.models.loading import load_model_dir
 
     path = Path(spec)
     if path.is_dir() and (path / "meta.json").is_file():
-        model, meta = load_unet(path)
-        return model, int(meta["input_size"]), f"{path} (masks {meta.get('masks', '?')})"
+        model, meta = load_model_dir(path, "unet")
+        return model, meta.input_size, f"{path} (masks {meta.masks or '?'})"
     if not (_is_uri(spec) or (path / "MLmodel").is_file()):
         raise DataError(f"--model {spec}: not a model folder (model.pt + meta.json), an MLflow model folder "
                         "or an MLflow model URI (e.g. models:/wsss-unet@champion)")

@@ -28,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsss import tracking
-from wsss.config import PRETRAIN_NAME, Params, PretrainConfig, to_dict
+from wsss.config import Params, PretrainConfig, to_dict
 from wsss.data.breeds import NUM_BREEDS
-from wsss.data.datasets import InferenceDataset, denormalize_uint8, loader
+from wsss.data.datasets import InferenceDataset, denormalize_uint8
+from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
 from wsss.device import Precision
 from wsss.errors import ConfigError, DataError
@@ -42,6 +43,7 @@ from wsss.training.distributed import DistContext
 from wsss.training.loop import Metrics
 from wsss.training.trainer import Trainer
 from wsss.ui import console
+from wsss.variants import PretrainId, safe_name
 from wsss.viz import overlay_ids
 
 STAGE = "pretrain"
@@ -49,7 +51,7 @@ STAGE = "pretrain"
 
 def model_name(name: str) -> str:
     """``pretrain-<name>``, the folder under ``models/`` (what ``pretrain:<name>`` resolves to)."""
-    return f"pretrain-{name}"
+    return str(PretrainId(name))
 
 
 def select_rows(df: pd.DataFrame, include_background: bool) -> pd.DataFrame:
@@ -81,8 +83,7 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
 
     cfg = params.pretrain
     if name is not None:
-        if not PRETRAIN_NAME.fullmatch(name):
-            raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-', '.' (at most 64 characters)")
+        safe_name(name, "--name")
         cfg = dataclasses.replace(cfg, name=name)
     df = load_manifest(paths.manifest)
     train_df = select_rows(df, cfg.include_background)

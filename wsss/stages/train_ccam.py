@@ -39,10 +39,12 @@ from wsss.data.manifest import load_manifest, pets
 from wsss.data.samplers import BreedBatchSampler
 from wsss.device import Precision
 from wsss.errors import ConfigError
+from wsss.models.loading import load_model
 from wsss.paths import Paths
-from wsss.stages.common import load_trained_model, require_rows, resolve_weights
+from wsss.stages.common import require_rows, resolve_weights
 from wsss.training.trainer import Trainer
 from wsss.ui import console
+from wsss.variants import CcamId, CcamInit
 from wsss.viz import heat_grid, overlay_ids
 
 STAGE = "train-ccam"
@@ -51,16 +53,8 @@ EcsTarget = Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor
 
 
 def model_name(init: str, ecs: bool = False, per_breed: bool = False) -> str:
-    """Folder name under ``models/`` for a CCAM variant."""
-    if init in ("none", "imagenet"):
-        base = init
-    elif init.startswith("classifier:"):
-        base = "cls-" + init.split(":", 1)[1]
-    elif init.startswith("pretrain:"):
-        base = "pre-" + init.split(":", 1)[1]
-    else:
-        raise ConfigError(f"--init {init!r}: valid: none, imagenet, classifier:<variant>, pretrain:<name>")
-    return f"ccam-{base}" + ("-ecs" if ecs else "") + ("-perbreed" if per_breed else "")
+    """Folder name under ``models/`` for a CCAM variant (``--init`` as ``train-ccam`` takes it)."""
+    return str(CcamId(CcamInit.parse(init), ecs, per_breed))
 
 
 def _transform(size: int, crop: int, train: bool) -> v2.Compose:
@@ -75,19 +69,19 @@ def _build_model(params: Params, paths: Paths, init: str, per_breed: bool, ecs: 
 
     cfg = params.train_ccam
     if per_breed:
-        base, meta = load_trained_model(paths, model_name(init, ecs))
-        if meta["arch"] != cfg.arch:  # the fine-tuned model's meta.json would claim cfg.arch
+        base, meta = load_model(paths, model_name(init, ecs))
+        if meta.arch != cfg.arch:  # the fine-tuned model's meta.json would claim cfg.arch
             raise ConfigError(
-                f"train_ccam.arch is {cfg.arch} but models/{model_name(init, ecs)} is {meta['arch']}; "
+                f"train_ccam.arch is {cfg.arch} but models/{model_name(init, ecs)} is {meta.arch}; "
                 "per-breed fine-tuning keeps the architecture of the model it starts from"
             )
         return base
     if init.startswith("classifier:"):
         model = CCAM(cfg.arch, weights="none")
-        classifier, meta = load_trained_model(paths, "classifier-" + init.split(":", 1)[1])
-        if meta["arch"] != cfg.arch:
+        classifier, meta = load_model(paths, "classifier-" + init.split(":", 1)[1])
+        if meta.arch != cfg.arch:
             raise ConfigError(
-                f"train_ccam.arch is {cfg.arch} but models/classifier-{init.split(':', 1)[1]} is {meta['arch']}"
+                f"train_ccam.arch is {cfg.arch} but models/classifier-{init.split(':', 1)[1]} is {meta.arch}"
             )
         model.backbone.load_state_dict(classifier.backbone.state_dict())
         return model
@@ -195,12 +189,12 @@ def _ecs_teacher(params: Params, paths: Paths, prec: Precision) -> EcsTarget:
     from wsss.device import prepare_model
     from wsss.methods import METHODS
 
-    classifier, meta = load_trained_model(paths, f"classifier-{params.train_ccam.ecs_classifier}")
+    classifier, meta = load_model(paths, f"classifier-{params.train_ccam.ecs_classifier}")
     classifier = prepare_model(classifier, prec).eval()
     for p in classifier.parameters():
         p.requires_grad_(False)
     cams = dataclasses.replace(params.make_cams, scales=(1.0,), flip=False)
-    labels = meta["labels"]
+    labels = meta.labels
 
     def target(x: torch.Tensor, breeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         t = breeds if labels == "breed" else torch.tensor(BREED_SPECIES, device=breeds.device)[breeds]

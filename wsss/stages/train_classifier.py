@@ -18,20 +18,22 @@ from torch.utils.data import DataLoader
 from wsss import tracking
 from wsss.config import ClassifierConfig, Params
 from wsss.data.breeds import class_names, num_classes, variant_name
-from wsss.data.datasets import ClassificationDataset, classification_transform, loader
+from wsss.data.datasets import ClassificationDataset, classification_transform
+from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest
 from wsss.evaluation import balanced_accuracy
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
 from wsss.training.trainer import Trainer
 from wsss.ui import console
+from wsss.variants import ClassifierId
 
 STAGE = "train-classifier"
 
 
 def model_name(labels: str, bg: bool) -> str:
     """``classifier-<variant>``, the folder under ``models/``."""
-    return f"classifier-{variant_name(labels, bg)}"
+    return str(ClassifierId(labels, bg))
 
 
 def select_rows(df: pd.DataFrame, labels: str, bg: bool) -> pd.DataFrame:

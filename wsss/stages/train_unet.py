@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from wsss import tracking
 from wsss.config import Params, to_dict
-from wsss.data.datasets import SegmentationDataset, denormalize_uint8, loader
+from wsss.data.datasets import SegmentationDataset, denormalize_uint8
+from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
 from wsss.device import Precision
 from wsss.errors import DataError
@@ -30,7 +31,8 @@ from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
 from wsss.training.trainer import Trainer
 from wsss.ui import console
-from wsss.viz import colorize, overlay_ids, overlay_row  # noqa: F401 - colorize: report.py imports it from here
+from wsss.variants import MapVariant, MaskSource
+from wsss.viz import overlay_ids, overlay_row
 
 STAGE = "train-unet"
 
@@ -52,7 +54,8 @@ def best_pseudo_variant(paths: Paths) -> str:
 
 def resolve_source(paths: Paths, masks: str) -> str:
     """``gt``, a pseudo-mask variant, or ``best`` (resolved from the pseudo-mask reports)."""
-    return best_pseudo_variant(paths) if masks == "best" else masks
+    source = MaskSource.parse(masks)
+    return str(MapVariant.parse(best_pseudo_variant(paths)) if source.kind == "best" else source)
 
 
 def training_rows(df: pd.DataFrame, paths: Paths, source: str) -> tuple[pd.DataFrame, Path | None]:

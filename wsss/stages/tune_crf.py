@@ -21,8 +21,8 @@ from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError
 from wsss.paths import Paths
+from wsss.refiners import REGISTRY
 from wsss.tuning import (
-    CRF_REFINERS,
     Objective,
     best_config,
     build_objective_data,
@@ -71,7 +71,7 @@ def run(
     if not (cams_dir / "_done.json").exists():
         raise DataError(f"{cams_dir}: no finished maps for '{variant}'; run `wsss make-cams` first")
     refiners = search_refiners(params.pseudo, cfg.refiners)
-    if any(r in CRF_REFINERS for r in refiners):
+    if any(REGISTRY.get(r).uses_crf for r in refiners):
         from wsss.refine import require_crf
 
         require_crf()

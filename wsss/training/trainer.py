@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from wsss import tracking
 from wsss.config import Params
-from wsss.data.datasets import loader
+from wsss.data.loaders import loader
 from wsss.device import Precision, grad_scaler
 from wsss.io import write_json
 from wsss.paths import Paths

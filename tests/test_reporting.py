@@ -1,0 +1,199 @@
+"""The parts of the report alone (``wsss.reporting``): paper numbers, slots, inputs, cells, sections,
+registry table and figures, on in-memory reports (no project, no MLflow run). End to end: ``test_report.py``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wsss.config import CamsConfig, Params
+from wsss.paths import Paths
+from wsss.reporting import figures, inputs, markdown, paper, registry, slots, tables
+from wsss.reporting.inputs import Reports
+from wsss.reporting.slots import Slot, map_slot
+
+PERBREED = "ccam_ccam-none-perbreed"
+
+
+def _scores(iou: float, dice: float) -> dict:
+    return {"iou_mean": iou, "dice_mean": dice, "iou_dataset": iou, "miou": iou}
+
+
+def _reports() -> Reports:
+    curve = {"threshold": [0.2, 0.3, 0.4], "iou_mean": [0.3, 0.4, 0.35]}
+    cams = {"cam_classifier-species": {**_scores(0.4012, 0.5534), "n_val_images": 2, "threshold": 0.3,
+                                       "best_threshold": 0.3, "best_iou_mean": 0.4, "baseline_ellipse_iou": 0.31,
+                                       "baseline_whole_iou": 0.22, "curve": curve},
+            "ccam_ccam-none": _scores(0.6066, 0.7077), "ccam_ccam-pre-simsiam": _scores(0.6111, 0.7111)}
+    pseudo = {PERBREED: {"n_gt_images": 3, "before": _scores(0.5733, 0.6), "after": _scores(0.6844, 0.7)}}
+    evals = {"gt": {**_scores(0.8, 0.88), "masks": "gt"}, "best": {**_scores(0.7, 0.81), "masks": PERBREED}}
+    return Reports(cams, pseudo, evals)
+
+
+def _table(md: str, heading: str) -> dict[str, dict[str, str]]:
+    """Rows of the first Markdown table after ``heading``: {first cell: {header: cell}}."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    out = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(headers, cells, strict=True))
+    return out
+
+
+# --- paper ------------------------------------------------------------------------------------------------
+def test_paper_tables_agree_with_each_other_and_the_layout() -> None:
+    for row, cols in paper.PAPER_TABLE1.items():
+        assert row in paper.MAP_ROWS and set(cols) <= set(paper.TABLE1_COLUMNS)
+        for column in set(cols) & set(paper.TABLE2_COLUMNS):  # Table 2 repeats Table 1's label columns
+            assert paper.PAPER_TABLE2[row][column] == cols[column]
+    for row, cols in paper.PAPER_TABLE2.items():
+        assert row in paper.MAP_ROWS and set(cols) <= set(paper.TABLE2_COLUMNS)
+    for cols in paper.PAPER_TABLE3.values():
+        assert set(cols) <= set(paper.TABLE3_COLUMNS)
+    assert paper.PAPER_TABLE3["CCAM"]["Pretrained"] == paper.PAPER_TABLE1["CCAM"]["Pretrained"]
+    pairs = [p for t in (paper.PAPER_TABLE1, paper.PAPER_TABLE2, paper.PAPER_TABLE3) for c in t.values()
+             for p in c.values()] + [paper.PAPER_SUPERVISED_UNET]
+    assert all(0 < iou < dice < 100 for iou, dice in pairs)
+    assert set(paper.LABEL_COLUMNS.values()) == set(paper.TABLE2_COLUMNS)
+    # The protocol note's worked example of B3 is the paper's own number.
+    assert f"{2 * paper.PAPER_TABLE1['CAM']['Pretrained'][0]:.1f} for CAM Pretrained" in tables.PROTOCOL_NOTE
+
+
+# --- slots ------------------------------------------------------------------------------------------------
+def test_variant_mapping() -> None:
+    assert map_slot("cam_classifier-species") == Slot("maps", "CAM", "2-Class")
+    assert map_slot("ecs_classifier-breed") == Slot("maps", "CAM+ECS", "37-Class")
+    assert map_slot("cam_imagenet") == Slot("maps", "CAM", "Pretrained")
+    assert map_slot("cam_classifier-breed-bg").column == "37/bg"
+    assert map_slot("ccam_ccam-imagenet") == Slot("maps", "CCAM", "Pretrained")
+    assert map_slot("ccam_ccam-cls-species").column == "2-Class"
+    assert map_slot("ccam_ccam-cls-species-bg") == Slot("maps", "CCAM", "2/bg")
+    assert map_slot("ccam-ecs_ccam-cls-breed-ecs") == Slot("maps", "CCAM+ECS", "37-Class")
+    assert map_slot("ccam_ccam-cls-breed-ecs").row == "CCAM+ECS"
+    assert map_slot(PERBREED) == Slot("class-specific", "CCAM", "37-Class", 2, "random init, not ImageNet")
+    assert map_slot("ccam_ccam-imagenet-perspecies") is None  # not a model id (no stage makes one)
+    assert map_slot("ccam_ccam-cls-breed-ecs-perbreed").rank == 10  # ECS only orders the candidates
+    assert map_slot("ccam_ccam-pre-simsiam").note == "self-supervised init simsiam, not ImageNet"
+    assert map_slot("ccam_ccam-none").rank > map_slot("ccam_ccam-imagenet").rank
+    for name in ("ensemble", "cam_something-else", "ccam_ccam-cls-colour", "ccam_classifier-breed", "gradcam_imagenet"):
+        assert map_slot(name) is None, name
+
+
+def test_pick_prefers_imagenet_then_self_supervised_then_random_init() -> None:
+    names = ["ccam_ccam-none", "ccam_ccam-pre-simsiam", "ccam_ccam-pre-moco", "cam_imagenet"]
+    assert slots.pick(names, "maps", "CCAM", "Pretrained") == "ccam_ccam-pre-moco"  # ties: alphabetical
+    assert slots.pick([*names, "ccam_ccam-imagenet"], "maps", "CCAM", "Pretrained") == "ccam_ccam-imagenet"
+    assert slots.pick(["ccam_ccam-none"], "maps", "CCAM", "Pretrained") == "ccam_ccam-none"
+    assert slots.pick(names, "maps", "CCAM+ECS", "Pretrained") is None
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+def test_numbers_are_finite_floats_or_none() -> None:
+    assert inputs.num(np.float32(0.5)) == 0.5 and inputs.num(3) == 3.0
+    assert inputs.num(True) is None and inputs.num(float("nan")) is None and inputs.num("0.5") is None
+    data = {"after": {"iou_mean": 0.25, "bad": float("inf")}}
+    assert inputs.get(data, "after", "iou_mean") == 0.25
+    assert inputs.get(data, "after", "bad") is None and inputs.get(data, "before", "iou_mean") is None
+    assert inputs.get(None, "x") is None and inputs.get({"after": 1}, "after", "iou_mean") is None
+    assert inputs.ratio(0.7, 0.8) == 0.7 / 0.8
+    assert inputs.ratio(0.7, 0.0) is None and inputs.ratio(None, 0.8) is None
+
+
+def test_load_reports_skips_unreadable_and_non_objects(tmp_path: Path) -> None:
+    assert inputs.load_reports(tmp_path / "missing") == {}
+    (tmp_path / "a.json").write_text(json.dumps({"iou_mean": 0.5}))
+    (tmp_path / "broken.json").write_text("{broken")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "notes.txt").write_text("{}")
+    assert inputs.load_reports(tmp_path) == {"a": {"iou_mean": 0.5}}
+    rep = Reports({}, {}, {"baselines": {}, "gt": {"iou_mean": 0.8}})
+    assert list(rep.unet_evals) == ["gt"]
+
+
+# --- markdown ---------------------------------------------------------------------------------------------
+def test_cells_and_tables() -> None:
+    assert markdown.pct(0.40123) == "40.12" and markdown.pct(0.875, 1) == "87.5"
+    assert markdown.pct(None) == markdown.DASH == "—"
+    assert markdown.cell(0.4012, 12.73) == "40.12 (12.73)"
+    assert markdown.cell(None, None) == "— (—)"
+    assert markdown.md_table(["a", "b|c"], [["1", "x|y"]]).splitlines() == [
+        "| a | b\\|c |", "|---|---|", "| 1 | x\\|y |"]
+
+
+# --- tables -----------------------------------------------------------------------------------------------
+def test_sections_from_in_memory_reports() -> None:
+    rep = _reports()
+    md = tables.render(Params(), rep, "exp-x", "## Model registry\n\nREG", "## Figures\n\nFIG")
+    assert md.startswith("# wsss report — synthetic\n\nExperiment `exp-x`.")
+    order = ["## Label-free baselines", "## Table 1", "## Table 2", "## Table 3", "## U-Nets on the official",
+             "## All map variants", "## All pseudo-mask variants", "## Model registry", "## Figures",
+             "## Protocol differences"]
+    assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
+    assert "## Ensemble of maps" not in md  # no ensemble report
+    assert "(`docs/seed-paper.md#the-papers-numbers`)" in md
+    t1 = _table(md, "## Table 1")
+    assert t1["CAM"]["2-Class IoU"] == "40.12 (12.73)"
+    assert t1["CCAM"]["Pretrained IoU"] == "61.11 (68.21)"  # self-supervised init beats random init
+    assert "Pretrained ← `ccam_ccam-pre-simsiam` — self-supervised init simsiam, not ImageNet" in md
+    t3 = _table(md, "## Table 3")
+    assert t3["CCAM+dCRF"]["37-Class IoU"] == "68.44 (59.79)"
+    assert t3["CCAM+dCRF"]["37-Class/U-Net IoU"] == "70.00 (61.58)"  # unet-best was trained on PERBREED
+    assert t3["WSSS / supervised"]["Pretrained IoU"] == "87.5 (90.2)"
+    assert _table(md, "## U-Nets on the official")["`unet-best`"]["IoU / supervised"] == "87.5"
+
+
+def test_empty_reports_are_dashes_and_ensemble_uses_params() -> None:
+    empty = Reports({}, {}, {})
+    assert _table(tables.table1_section(empty), "## Table 1")["CCAM+ECS"]["37-Class IoU"] == "— (24.59)"
+    assert "_No report filled any cell of this table yet._" in tables.table2_section(empty)
+    assert _table(tables.unets_section(empty), "## U-Nets")["—"]["IoU"] == "—"
+    params = replace(Params(), make_cams=CamsConfig(ensemble_members=("a", "b"), ensemble_weights=(2.0, 1.0)))
+    ens = tables.ensemble_section(Reports({"ensemble": _scores(0.6789, 0.7)}, {}, {}), params)
+    row = _table(ens, "## Ensemble of maps")["Ensemble"]
+    assert row["members"] == "`a`, `b`" and row["fusion (weights)"] == "mean (2, 1)" and row["val IoU"] == "67.89"
+    assert tables.ensemble_section(empty, params) is None
+
+
+def test_sections_import_neither_torch_nor_mlflow() -> None:
+    code = ("import sys, wsss.reporting.tables, wsss.reporting.registry; "
+            "print(sorted(m for m in ('torch', 'mlflow', 'matplotlib', 'wsss.stages') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- registry ---------------------------------------------------------------------------------------------
+def test_registry_section() -> None:
+    assert registry.ALIASES == {"unet-best": registry.CHAMPION, "unet-gt": registry.SUPERVISED}
+    regs = [registry.Registration("unet-best", registry.CHAMPION, "3", "abc", "models:/m-1", PERBREED),
+            registry.Registration("unet-gt", registry.SUPERVISED, note="no finished run")]
+    md = registry.registry_section(regs, {PERBREED: {"after": {"iou_mean": 0.6844}}})
+    rows = _table(md, "## Model registry")
+    assert rows["`unet-best`"]["URI"] == "`models:/wsss-unet@champion` (v3)"
+    assert rows["`unet-best`"]["chosen by"] == f"`{PERBREED}`: pseudo-mask IoU 68.44 (non-test)"
+    assert rows["`unet-best`"]["status"] == "registered"
+    assert rows["`unet-gt`"]["URI"] == "—" and rows["`unet-gt`"]["status"] == "no finished run"
+    assert "wsss predict IMAGES --model models:/wsss-unet@champion" in md
+    assert registry.registry_section(None, {}) == "## Model registry\n\nSkipped (`--no-register`)."
+
+
+# --- figures ----------------------------------------------------------------------------------------------
+def test_threshold_figure_and_section(tmp_path: Path) -> None:
+    paths = Paths(tmp_path)
+    assert figures.threshold_figure(Reports({"x": {"curve": {}}}, {}, {}), tmp_path / "none.png") is None
+    dest = figures.threshold_figure(_reports(), paths.figures / "iou_vs_threshold.png")
+    with Image.open(dest) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert not list(paths.figures.glob(".*.tmp"))
+    assert figures.figures_section([dest], paths) == "## Figures\n\n![iou_vs_threshold](figures/iou_vs_threshold.png)"
+    assert "None yet" in figures.figures_section([], paths)
+    assert figures.figure_rows(paths) == []  # no manifest: no grids

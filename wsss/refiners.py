@@ -1,0 +1,218 @@
+"""Refiners by name: ``REGISTRY.get("crf")`` (docs/methods.md#refiners, docs/extending.md#add-a-refiner).
+
+Each :class:`RefinerSpec` declares everything the rest of the code needs to know about a refiner: how one
+run turns a map into a {0, 1} mask, whether it needs the dense CRF (and what runs instead when
+``pseudo.crf.enabled`` is false), which threshold decides it (for the "before refinement" score) and its
+part of the Optuna search space. Adding a refiner is one registration in :func:`_build` plus a test;
+:data:`wsss.config.REFINERS` (the names, importable without cv2) is kept equal to it by a test.
+
+Search space per refiner (after ``refiner`` and, with ``pseudo.confident``, ``fg_threshold`` /
+``bg_ratio``, sampled by :func:`wsss.tuning.suggest_pseudo`; parameters a refiner does not use keep their
+``params.yaml`` values):
+
+- ``none``: ``threshold`` (not with ``pseudo.confident``);
+- ``crf``: ``threshold`` (not confident), then the CRF block: ``crf.unary``, ``crf.scale`` (soft unary),
+  ``crf.gt_prob`` (label unary), ``crf.iterations``, the Gaussian and bilateral kernels;
+- ``grabcut``: the GrabCut block: ``grabcut.pfg_threshold``, ``grabcut.iterations``, ``grabcut.fg_gap`` and
+  ``grabcut.bg_ratio`` (``fg = pfg + fg_gap * (1 - pfg)``, ``bg = bg_ratio * pfg``, so ``bg <= pfg <= fg``
+  always holds and no trial is wasted on an invalid configuration), ``grabcut.border``;
+- ``grabcut+crf``: the CRF block (with a soft unary also ``threshold``, on which the map's unary is
+  centred, and always ``crf.gt_prob``, the blend weight of the GrabCut labels), then the GrabCut block.
+
+The order of the ``suggest_*`` calls is part of the study: the same seed gives the same trials only if it
+never changes (bump :data:`wsss.tuning.SPACE_VERSION` when it does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from wsss import refine
+from wsss.config import PseudoConfig
+from wsss.errors import ConfigError
+
+
+class Suggest(Protocol):
+    """The part of :class:`optuna.trial.Trial` the search space uses (``FrozenTrial`` replays it)."""
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+RunFn = Callable[[np.ndarray, np.ndarray, PseudoConfig], np.ndarray]
+SuggestFn = Callable[[Suggest, PseudoConfig], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RefinerSpec:
+    """One registered refiner.
+
+    Attributes:
+        name: the ``pseudo.refiner`` value.
+        run: one run on a checked ``(image, prob)`` pair, deciding at ``cfg.threshold`` (or, for GrabCut,
+            ``cfg.grabcut.pfg_threshold``); returns uint8 {0, 1}.
+        uses_crf: needs pydensecrf.
+        decided_by: the threshold that decides it: ``threshold`` or GrabCut's ``pfg_threshold``.
+        without_crf: the refiner run instead when ``pseudo.crf.enabled`` is false (CRF refiners only).
+        suggest: its part of the search space: the ``PseudoConfig`` fields it samples (see the module doc).
+        pooled: worth a process pool in :func:`wsss.refine.refine_many` (plain thresholding is not).
+    """
+
+    name: str
+    run: RunFn
+    uses_crf: bool
+    decided_by: Literal["threshold", "pfg_threshold"]
+    suggest: SuggestFn
+    without_crf: str | None = None
+    pooled: bool = True
+
+
+class UnknownRefinerError(ConfigError, KeyError):
+    """A refiner name that is not registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RefinerRegistry:
+    """Name -> :class:`RefinerSpec`, in registration order."""
+
+    def __init__(self, specs: Iterable[RefinerSpec]) -> None:
+        self._specs: dict[str, RefinerSpec] = {}
+        for spec in specs:
+            if spec.name in self._specs:
+                raise ValueError(f"refiner {spec.name!r} registered twice")
+            self._specs[spec.name] = spec
+        for spec in self._specs.values():
+            if spec.uses_crf:
+                fallback = self._specs.get(spec.without_crf or "")
+                if fallback is None or fallback.uses_crf:
+                    raise ValueError(f"refiner {spec.name!r} needs a registered non-CRF 'without_crf'")
+
+    def get(self, name: str) -> RefinerSpec:
+        """The refiner called ``name``.
+
+        Raises:
+            UnknownRefinerError: ``name`` is not registered (the message lists the valid names).
+        """
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownRefinerError(f"unknown refiner {name!r}; valid: {', '.join(self._specs)}") from None
+
+    def effective(self, cfg: PseudoConfig) -> RefinerSpec:
+        """The refiner actually run for ``cfg``: a CRF refiner's ``without_crf`` when the CRF is disabled."""
+        spec = self.get(cfg.refiner)
+        if spec.uses_crf and not cfg.crf.enabled:
+            return self.get(str(spec.without_crf))
+        return spec
+
+    def names(self) -> tuple[str, ...]:
+        """Registered names, in registration order."""
+        return tuple(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+
+
+def _run_none(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    return refine.fg_at(prob, cfg.threshold).astype(np.uint8)
+
+
+def _run_crf(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    return refine.dense_crf(image, prob, cfg.crf, cfg.threshold)
+
+
+def _run_grabcut(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    return refine.grabcut(image, prob, cfg.grabcut)
+
+
+def _run_grabcut_crf(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    return refine.grabcut_crf(image, prob, cfg.grabcut, cfg.crf, cfg.threshold)
+
+
+# --------------------------------------------------------------------------------------------------
+# search space
+
+
+def _suggest_threshold(trial: Suggest, base: PseudoConfig) -> dict[str, Any]:
+    # With pseudo.confident the two thresholds (sampled before) decide instead.
+    return {} if base.confident else {"threshold": trial.suggest_float("threshold", 0.05, 0.95)}
+
+
+def _suggest_crf(trial: Suggest, base: PseudoConfig, blend: bool) -> dict[str, Any]:
+    """The CRF block; ``blend``: the unary mixes GrabCut labels with the map (GrabCut+CRF)."""
+    changes: dict[str, Any] = {}
+    unary = trial.suggest_categorical("crf.unary", ["soft", "label"])
+    crf_changes: dict[str, Any] = {"unary": unary}
+    if unary == "soft":
+        if blend:  # the map's soft unary is centred on it
+            changes.update(_suggest_threshold(trial, base))
+        crf_changes["scale"] = trial.suggest_float("crf.scale", 0.25, 4.0, log=True)
+    if unary == "label" or blend:
+        crf_changes["gt_prob"] = trial.suggest_float("crf.gt_prob", 0.5, 0.95)
+    crf_changes.update(
+        iterations=trial.suggest_int("crf.iterations", 2, 10),
+        gaussian_sxy=trial.suggest_float("crf.gaussian_sxy", 1.0, 10.0, log=True),
+        gaussian_compat=trial.suggest_float("crf.gaussian_compat", 0.5, 10.0, log=True),
+        bilateral_sxy=trial.suggest_float("crf.bilateral_sxy", 5.0, 120.0, log=True),
+        bilateral_srgb=trial.suggest_float("crf.bilateral_srgb", 2.0, 30.0, log=True),
+        bilateral_compat=trial.suggest_float("crf.bilateral_compat", 1.0, 20.0, log=True),
+    )
+    changes["crf"] = dataclasses.replace(base.crf, **crf_changes)
+    return changes
+
+
+def _suggest_grabcut(trial: Suggest, base: PseudoConfig) -> dict[str, Any]:
+    pfg = trial.suggest_float("grabcut.pfg_threshold", 0.05, 0.9)
+    return {"grabcut": dataclasses.replace(
+        base.grabcut,
+        iterations=trial.suggest_int("grabcut.iterations", 1, 10),
+        pfg_threshold=pfg,
+        fg_threshold=min(1.0, pfg + trial.suggest_float("grabcut.fg_gap", 0.0, 1.0) * (1.0 - pfg)),
+        bg_threshold=pfg * trial.suggest_float("grabcut.bg_ratio", 0.0, 1.0),
+        border=trial.suggest_float("grabcut.border", 0.0, 0.15),
+    )}
+
+
+def _suggest_crf_refiner(trial: Suggest, base: PseudoConfig) -> dict[str, Any]:
+    return {**_suggest_threshold(trial, base), **_suggest_crf(trial, base, blend=False)}
+
+
+def _suggest_grabcut_crf(trial: Suggest, base: PseudoConfig) -> dict[str, Any]:
+    return {**_suggest_crf(trial, base, blend=True), **_suggest_grabcut(trial, base)}
+
+
+# --------------------------------------------------------------------------------------------------
+# registrations
+
+
+def _build() -> RefinerRegistry:
+    # The order is that of wsss.config.REFINERS, i.e. of the default ``tune.refiners`` choices.
+    return RefinerRegistry([
+        RefinerSpec("crf", _run_crf, uses_crf=True, decided_by="threshold", suggest=_suggest_crf_refiner,
+                    without_crf="none"),
+        RefinerSpec("grabcut", _run_grabcut, uses_crf=False, decided_by="pfg_threshold",
+                    suggest=_suggest_grabcut),
+        RefinerSpec("grabcut+crf", _run_grabcut_crf, uses_crf=True, decided_by="pfg_threshold",
+                    suggest=_suggest_grabcut_crf, without_crf="grabcut"),
+        RefinerSpec("none", _run_none, uses_crf=False, decided_by="threshold", suggest=_suggest_threshold,
+                    pooled=False),
+    ])
+
+
+REGISTRY = _build()
+
+__all__ = ["REGISTRY", "RefinerRegistry", "RefinerSpec", "Suggest", "UnknownRefinerError"]

@@ -1,0 +1,172 @@
+"""MLflow model registry: the U-Nets of ``unet-best`` and ``unet-gt`` as versions of ``wsss-unet``.
+
+``unet-best`` gets the alias ``champion``, ``unet-gt`` the alias ``supervised``. ``unet-best`` was chosen
+by ``train-unet --masks best`` on non-test pseudo-mask IoU; test scores play no part in it. Each alias
+points at a version whose weights equal the DVC-tracked ``models/<name>/`` (``docs/artefacts.md#models``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from wsss.io import read_json
+from wsss.paths import Paths
+from wsss.reporting.inputs import get
+from wsss.reporting.markdown import DASH, md_table, pct
+from wsss.ui import console
+
+REGISTERED_MODEL = "wsss-unet"
+CHAMPION, SUPERVISED = "champion", "supervised"
+ALIASES = {"unet-best": CHAMPION, "unet-gt": SUPERVISED}  # models/<name> -> alias
+MAX_CANDIDATE_RUNS = 5  # newest finished train-unet runs searched for the model's weights
+
+
+@dataclass
+class Registration:
+    """Outcome of registering one ``models/unet-*`` folder."""
+
+    model: str
+    alias: str
+    version: str | None = None
+    run_id: str | None = None
+    uri: str | None = None
+    masks: str | None = None
+    note: str = ""
+
+
+def _logged_model_uri(run: Any) -> str | None:
+    """``models:/<model id>`` of the model named ``model`` logged by a run (MLflow 3), else None."""
+    import mlflow
+
+    try:
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        )
+    except Exception:  # an older server without logged models: fall back to the run artifact path
+        return f"runs:/{run.info.run_id}/model"
+    named = [m for m in models if m.name == "model"]
+    if not named:
+        return None
+    return f"models:/{max(named, key=lambda m: m.creation_timestamp).model_id}"
+
+
+def _state_matches(uri: str, sha: str | None) -> bool:
+    """Whether the MLflow model's weights are those saved under ``models/`` (same state SHA-256)."""
+    if not sha:
+        return True
+    import mlflow
+
+    from wsss.training.checkpoint import state_sha256
+
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # e.g. pickled with a class that no longer exists: try an older run
+        console.print(f"[yellow]registry: cannot load {uri} ({type(exc).__name__}: {exc})[/]")
+        return False
+    return state_sha256(model.state_dict()) == sha
+
+
+def _registered_exists(client: Any) -> bool:
+    try:
+        client.get_registered_model(REGISTERED_MODEL)
+        return True
+    except Exception:  # RESOURCE_DOES_NOT_EXIST
+        return False
+
+
+def register_unet(paths: Paths, experiment_id: str, model_name: str, alias: str) -> Registration:
+    """Register the MLflow model of the newest finished train-unet run of ``model_name``; set ``alias``.
+
+    The run must have logged a model whose weights equal ``models/<model_name>/`` (checked with the
+    state SHA-256 in ``meta.json``), so the alias always points at the DVC-tracked model. A version
+    already registered for that model is reused (re-running the report adds no duplicates).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    reg = Registration(model_name, alias)
+    meta_path = paths.model_dir(model_name) / "meta.json"
+    if not meta_path.is_file():
+        reg.note = f"{meta_path} not found; not registered"
+        return reg
+    meta = read_json(meta_path)
+    reg.masks = meta.get("masks")
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=(f"tags.`wsss.stage` = 'train-unet' and tags.`wsss.variant` = '{model_name}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    runs = [r for r in runs if r.data.tags.get("masks") in (None, reg.masks)][:MAX_CANDIDATE_RUNS]
+    if not runs:
+        reg.note = f"no finished train-unet run of {model_name} (masks {reg.masks}) in MLflow; not registered"
+        return reg
+    for run in runs:
+        uri = _logged_model_uri(run)
+        if uri and _state_matches(uri, meta.get("state_sha256")):
+            reg.run_id, reg.uri = run.info.run_id, uri
+            break
+    if reg.uri is None:
+        reg.note = (f"no train-unet run of {model_name} logged a model equal to {paths.model_dir(model_name)} "
+                    "(retrained without MLflow?); not registered")
+        return reg
+    client = MlflowClient()
+    existing = [v for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{reg.run_id}'")
+                if v.source == reg.uri] if _registered_exists(client) else []
+    if existing:
+        version = str(max(int(v.version) for v in existing))
+    else:
+        tags = {"wsss.model_dir": model_name, "wsss.masks": str(reg.masks),
+                "input_size": str(meta.get("input_size", "")), "architecture": str(meta.get("architecture", "")),
+                "encoder": str(meta.get("encoder", "")), "state_sha256": str(meta.get("state_sha256", ""))}
+        version = str(mlflow.register_model(reg.uri, REGISTERED_MODEL, tags=tags).version)
+        how = ("weakly supervised; pseudo-mask source chosen by non-test pseudo-mask IoU (train-unet --masks best)"
+               if alias == CHAMPION else "supervised baseline trained on GT masks")
+        client.update_model_version(REGISTERED_MODEL, version, description=f"{model_name} on masks {reg.masks}: {how}")
+    client.set_registered_model_alias(REGISTERED_MODEL, alias, version)
+    reg.version = version
+    return reg
+
+
+def register_all(paths: Paths, experiment_id: str) -> list[Registration]:
+    """Register ``unet-best`` (alias champion) and ``unet-gt`` (alias supervised) where possible."""
+    regs = []
+    for model_name, alias in ALIASES.items():
+        try:
+            reg = register_unet(paths, experiment_id, model_name, alias)
+        except Exception as exc:  # the report itself must still be written
+            reg = Registration(model_name, alias, note=f"registration failed ({type(exc).__name__}: {exc})")
+        if reg.version:
+            console.print(f"registered {model_name} as {REGISTERED_MODEL} v{reg.version} @{alias} ({reg.uri})")
+        else:
+            console.print(f"[yellow]registry: {reg.note}[/]")
+        regs.append(reg)
+    return regs
+
+
+def registry_section(regs: Sequence[Registration] | None, pseudo: Mapping[str, Mapping[str, Any]]) -> str:
+    """The report's registry table (``regs`` None: registration was skipped with ``--no-register``)."""
+    if regs is None:
+        return "## Model registry\n\nSkipped (`--no-register`)."
+    rows = []
+    for r in regs:
+        chosen = DASH
+        if r.alias == CHAMPION and r.masks:
+            chosen = f"`{r.masks}`: pseudo-mask IoU {pct(get(pseudo.get(r.masks), 'after', 'iou_mean'))} (non-test)"
+        ref = f"`models:/{REGISTERED_MODEL}@{r.alias}` (v{r.version})" if r.version else DASH
+        rows.append([f"`{r.model}`", f"`{r.alias}`", ref, f"`{r.run_id}`" if r.run_id else DASH, chosen,
+                     r.note or "registered"])
+    return "\n".join([
+        "## Model registry",
+        "",
+        f"Registered model `{REGISTERED_MODEL}`. The champion is the U-Net trained on the pseudo-masks with "
+        "the highest non-test pseudo-mask IoU; test scores play no part in the choice. "
+        f"Use it with `wsss predict IMAGES --model models:/{REGISTERED_MODEL}@{CHAMPION} --out DIR`.",
+        "",
+        md_table(["model", "alias", "URI", "train-unet run", "chosen by", "status"], rows),
+    ])
