@@ -15,9 +15,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "wsss"
 STAGES = PACKAGE / "stages"
 SHARED_STAGE_MODULES = frozenset({"common"})
-# Known violations being removed by the issue-15 refactor; the lead empties this at the merge.
-# report borrows train_unet.colorize until the report helper's wsss/viz.py lands.
-KNOWN_STAGE_IMPORTS: frozenset[tuple[str, str]] = frozenset({("report", "train_unet")})
+# Known violations being removed by the issue-15 refactor (none left: figures take colorize from wsss.viz).
+KNOWN_STAGE_IMPORTS: frozenset[tuple[str, str]] = frozenset()
 
 
 def _imports(path: Path) -> set[str]:
