@@ -12,6 +12,7 @@ values of the ``params.yaml`` next to the file):
   function in ``wsss/cli.py`` and of the stage module, found with ``ast`` (module level and inside functions,
   by name: ``from wsss.x import f`` reaches ``f`` and what it uses). A failure prints the lines to paste under
   the stage's ``deps:`` and the import chain behind each. ``STEERING_MODULES`` lists the few modules exempt;
+* and the other way round: no code dep is a package file that no stage of its group runs (a needless rerun);
 * the stage module behind each command (``wsss/stages/<x>.py``, found from the ``from wsss.stages import x``
   inside the command in ``wsss/cli.py``) reads only params sections the stage declares. Found statically with
   ``ast``: ``params.<section>`` accesses. A section counts as declared when the stage lists it or any of its
@@ -543,8 +544,37 @@ def ensemble_problems(stage: Stage) -> list[str]:
     return [f"{stage.id}: make_cams.ensemble_members {missing} are not deps (cams/<member>)"] if missing else []
 
 
+def _group(stage: Stage) -> tuple[Path, str]:
+    return stage.dvc_file, stage.name.split("@", 1)[0]
+
+
+@functools.cache
+def _group_imports(dvc_file: Path, group: str) -> frozenset[Path]:
+    """Package files executed by any stage of a foreach/matrix group (they share one ``deps:`` block)."""
+    return frozenset(f for stage in ALL_STAGES if _group(stage) == (dvc_file, group) for f in _imported_files(stage))
+
+
+def _imported_files(stage: Stage) -> set[Path]:
+    _, path, _ = _find_command(_tokens(stage)[1:])
+    return {f for m in import_chains(tuple(path)) if (f := _module_file(m)) is not None}
+
+
+def stale_code_deps(stage: Stage) -> list[str]:
+    """Code deps (paths inside the package) that no stage of the group executes: a needless rerun trigger."""
+    used = _group_imports(*_group(stage)) | _imported_files(stage)
+    problems = []
+    for dep in _entries(stage.spec.get("deps")):
+        path = (stage.folder / dep).resolve()
+        if not path.is_relative_to(PACKAGE) or (path.is_file() and _only_docstring(path)):
+            continue
+        if not any(f == path or f.is_relative_to(path) for f in used):
+            problems.append(f"{stage.dvc_file.relative_to(ROOT)}: stage `{_group(stage)[1]}` lists `{dep}` in its "
+                            "deps, but its command never imports it; remove it")
+    return problems
+
+
 CHECKS = (cmd_problems, params_problems, code_dep_problems, undeclared_reads, ensemble_problems,
-          import_dep_problems)
+          import_dep_problems, stale_code_deps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -600,6 +630,8 @@ BROKEN = {
                          undeclared_reads, "make_cams"),
     "uncovered-import": ({"cmd": "wsss validate", "deps": ["../wsss/stages/validate.py", "../wsss/config.py"]},
                          import_dep_problems, "      - ../wsss/data/validation.py\n"),
+    "stale-code-dep": ({"cmd": "wsss validate", "deps": ["../wsss/refine.py"]}, stale_code_deps,
+                       "never imports it"),
 }
 
 
@@ -613,7 +645,8 @@ def test_checks_catch_a_broken_stage(case: str) -> None:
 
 def test_allowances_stay_narrow() -> None:
     """Device-only base reads and a flag-gated section pass; the same section without the gate does not."""
-    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam", "params": ["make_cams", "evaluate.ellipse_scale"]})
+    make_cams = Stage(ROOT / "dvc.yaml", "m", {"cmd": "wsss make-cams --method cam",
+                                              "params": ["make_cams", "evaluate.ellipse_scale"]})
     assert undeclared_reads(make_cams) == []
     plain = {"cmd": "wsss train-ccam --init none", "params": ["base.seed", "train_ccam"]}
     assert undeclared_reads(Stage(ROOT / "dvc.yaml", "c", plain)) == []

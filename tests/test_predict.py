@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from wsss.cli import app
 from wsss.config import UnetConfig
 from wsss.stages import predict
+from wsss.viz import tint
 
 runner = CliRunner()
 
@@ -77,5 +78,5 @@ def test_output_stems_are_unique() -> None:
 def test_overlay_tints_only_the_pet() -> None:
     image = np.zeros((2, 2, 3), np.uint8)
     mask = np.array([[1, 0], [0, 0]], np.uint8)
-    out = predict.overlay(image, mask)
+    out = tint(image, mask)
     assert out[0, 0].any() and not out[1, 1].any()

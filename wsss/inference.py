@@ -5,7 +5,6 @@ Models are loaded with :func:`wsss.models.loading.load_model_dir`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,18 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from wsss.data.datasets import normalize
-
-
-def load_unet(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """TRANSITIONAL (issue 15): ``load_model_dir(model_dir, "unet")`` with the meta as a dict.
-
-    Kept only for ``report`` and ``predict`` until they call :func:`wsss.models.loading.load_model_dir`
-    (then ``meta.input_size`` / ``meta.masks``); delete at the merge.
-    """
-    from wsss.models.loading import load_model_dir
-
-    model, meta = load_model_dir(model_dir, "unet")
-    return model, dict(meta.raw)
 
 
 @torch.no_grad()

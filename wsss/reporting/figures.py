@@ -142,7 +142,7 @@ def map_grid_figure(paths: Paths, variant: str, rows: Sequence[Any], unets: dict
 
 def make_figures(params: Params, paths: Paths, rep: Reports, device: str | None = None) -> list[Path]:
     """Write the figures under ``reports/figures/`` (stale map grids are removed); the paths written."""
-    from wsss.device import precision_for, resolve_device
+    from wsss.device import precision_from
 
     out: list[Path] = []
     fig_dir = paths.figures
@@ -153,7 +153,7 @@ def make_figures(params: Params, paths: Paths, rep: Reports, device: str | None 
     rows = figure_rows(paths)
     unets: dict[str, Any] = {}
     if rows:
-        prec = precision_for(resolve_device(device or params.base.device), enabled=False)
+        prec = precision_from(device, params, enabled=False)
         for variant in sorted(rep.cams):
             grid = map_grid_figure(paths, variant, rows, unets, prec, fig_dir / f"maps_{variant}.png")
             if grid:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from wsss.data.loaders import loader
 from wsss.errors import DataError
 from wsss.paths import Paths
 from wsss.variants import WeightSpec
 
-__all__ = ["load_trained_model", "loader", "require_rows", "reset_if_stale", "resolve_weights"]
+__all__ = ["loader", "require_rows", "reset_if_stale", "resolve_weights"]
 
 
 def resolve_weights(spec: WeightSpec | str, paths: Paths) -> str:
@@ -36,16 +34,6 @@ def require_rows(n: int, what: str, hint: str, source: Path) -> None:
     if n == 0:
         raise DataError(f"{source}: no {what} in the manifest; {hint}")
 
-
-def load_trained_model(paths: Paths, name: str) -> tuple[torch.nn.Module, dict]:
-    """TRANSITIONAL (issue 15): :func:`wsss.models.loading.load_model` with the meta as a dict.
-
-    Kept only for ``train_ccam`` until it calls ``load_model`` (then ``meta.arch``); delete at the merge.
-    """
-    from wsss.models.loading import load_model
-
-    model, meta = load_model(paths, name)
-    return model, dict(meta.raw)
 
 
 def reset_if_stale(out_dir: Path, fp: str) -> None:

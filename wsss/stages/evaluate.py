@@ -27,14 +27,14 @@ BASELINES = ("whole_image", "ellipse", "grabcut_rect")
 
 def run(params: Params, paths: Paths, model: str, device: str | None = None) -> dict[str, Any]:
     """Evaluate ``models/<model>/`` on the test split."""
-    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.device import precision_from, prepare_model
     from wsss.evaluation import SegMeter
     from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
 
     test = official_test_rows(paths.manifest)
     net, meta = load_model_dir(paths.model_dir(model), "unet")
-    prec = precision_for(resolve_device(device or params.base.device))
+    prec = precision_from(device, params)
     net = prepare_model(net, prec)
     meter = SegMeter()
     bs = params.evaluate.batch_size

@@ -38,14 +38,14 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     test GT: ``before`` (plain threshold) and ``after`` (refined). Nothing is written but the report
     ``reports/eval-pseudo/<variant>.json`` (outside ``reports/eval/``, which holds the U-Nets).
     """
-    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.device import precision_from, prepare_model
     from wsss.evaluation import SegMeter
     from wsss.methods import METHODS
     from wsss.refine import refine_many, threshold_mask
 
     test = official_test_rows(paths.manifest)
     cfg, source = effective_config(params, paths, variant, use_tuned)
-    prec = precision_for(resolve_device(device or params.base.device))
+    prec = precision_from(device, params)
     cams = params.make_cams
     if MapVariant.parse(variant).model is None:
         members, weights = ensemble_members(cams)

@@ -111,10 +111,10 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
 def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
                         shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None,
                         loaded: tuple[Any, Any] | None = None) -> int:
-    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.device import precision_from, prepare_model
 
     model, meta = loaded or load_method_model(paths, method, model_name)
-    prec = precision_for(resolve_device(device or params.base.device))
+    prec = precision_from(device, params)
     model = prepare_model(model, prec)
     by_id = df.set_index("id")
     n_done = 0

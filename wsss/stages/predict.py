@@ -26,8 +26,6 @@ from wsss.ui import console, task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DEFAULT_INPUT_SIZE = 256
-TINT = np.array([255, 64, 160], dtype=np.float32)
-TINT_ALPHA = 0.5
 
 
 @dataclass
@@ -158,13 +156,6 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
     return model.eval(), size, spec
 
 
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with pet pixels blended towards a tint colour."""
-    out = image.astype(np.float32)
-    pet = mask.astype(bool)
-    out[pet] = (1 - TINT_ALPHA) * out[pet] + TINT_ALPHA * TINT
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
 
 def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,
         threshold: float = 0.5) -> PredictResult:
@@ -183,9 +174,10 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
         ConfigError: a bad device or threshold.
     """
     from wsss.data.images import ImageIssue, read_rgb
-    from wsss.device import precision_for, prepare_model, resolve_device
+    from wsss.device import precision_from, prepare_model
     from wsss.inference import predict_probs
     from wsss.io import save_png
+    from wsss.viz import tint
 
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold {threshold}: must be strictly between 0 and 1")
@@ -194,7 +186,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     images, failures = collect_images(inputs, exclude=out)
     if not images and not failures:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
-    prec = precision_for(resolve_device(device or "auto"))
+    prec = precision_from(device)
     net, size, desc = load_predictor(model, paths)
     net = prepare_model(net, prec)
     console.print(f"model {desc}, input {size}px, device {prec.device}")
@@ -216,7 +208,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
             mask = (prob >= threshold).astype(np.uint8)
             dest = out / f"{stems[path]}_mask.png"
             save_png(dest, mask)
-            save_png(out / f"{stems[path]}_overlay.png", overlay(image, mask))
+            save_png(out / f"{stems[path]}_overlay.png", tint(image, mask))
             result.masks.append(dest)
             advance(1, info=path.name)
     for path, reason in result.failures:
