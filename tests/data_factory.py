@@ -196,3 +196,17 @@ def deny_reading(monkeypatch: object, module: object, path: Path) -> None:
         return real_open(file, *a, **kw)  # type: ignore[call-overload]
 
     monkeypatch.setattr(module, "open", fake_open, raising=False)  # type: ignore[attr-defined]
+
+
+def markdown_table(md: str, heading: str) -> dict[str, dict[str, str]]:
+    """Rows of the first Markdown table after ``heading``: {first cell: {header: cell}}."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    out = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(headers, cells, strict=True))
+    return out

@@ -91,7 +91,7 @@ def test_reset_if_stale_keeps_a_symlinked_variant_folder_target(tmp_path: Path) 
     (masks / "ecs_classifier-species").symlink_to(other, target_is_directory=True)
     before = _tree(other)
     with pytest.raises(DataError, match="symlink"):
-        reset_if_stale(masks / "ecs_classifier-species", "ours")
+        reset_if_stale(masks / "ecs_classifier-species", "ours", masks)
     assert _tree(other) == before
 
 
@@ -100,8 +100,18 @@ def test_reset_if_stale_refuses_dot_dot(tmp_path: Path) -> None:
     cams.mkdir(parents=True)
     (cams / "shard_00000.npz").write_bytes(b"maps")
     with pytest.raises(DataError, match=r"'\.\.'"):
-        reset_if_stale(tmp_path / "masks" / ".." / "cams" / "cam_classifier-species", "other")
+        reset_if_stale(tmp_path / "masks" / ".." / "cams" / "cam_classifier-species", "other", tmp_path / "masks")
     assert sorted(p.name for p in cams.iterdir()) == ["shard_00000.npz"]  # nothing deleted, nothing written
+
+
+def test_reset_if_stale_refuses_a_folder_of_another_stage(tmp_path: Path) -> None:
+    """make-pseudo owns masks/: a resolved path into cams/ is refused even without '..' in it."""
+    cams = tmp_path / "cams" / "cam_classifier-species"
+    cams.mkdir(parents=True)
+    (cams / "shard_00000.npz").write_bytes(b"maps")
+    with pytest.raises(DataError):
+        reset_if_stale(cams, "other", tmp_path / "masks")
+    assert sorted(p.name for p in cams.iterdir()) == ["shard_00000.npz"]
 
 
 @pytest.mark.parametrize("args", [

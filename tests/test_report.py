@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.data_factory import markdown_table
 from wsss import tracking
 from wsss.cams import write_shard
 from wsss.cli import app
@@ -94,20 +95,6 @@ def _fabricate(paths: Paths) -> None:
                                             "grabcut_rect": _scores(0.4103, 0.5603), "split": "test"})
 
 
-def _table(md: str, heading: str) -> dict[str, dict[str, str]]:
-    """Rows of the first Markdown table after ``heading``: {first cell: {header: cell}}."""
-    lines = md[md.index(heading):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    headers = [c.strip() for c in lines[start].strip("|").split("|")]
-    out = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        out[cells[0]] = dict(zip(headers, cells, strict=True))
-    return out
-
-
 def test_report_tables_and_figures(project: Path) -> None:
     paths = Paths(project)
     _fabricate(paths)
@@ -122,13 +109,13 @@ def test_report_tables_and_figures(project: Path) -> None:
                     "## Protocol differences", "## Model registry"):
         assert heading in md
 
-    base = _table(md, "## Label-free baselines")
+    base = markdown_table(md, "## Label-free baselines")
     assert base["test (official split)"]["whole image IoU"] == "25.01"
     assert base["test (official split)"]["GrabCut (centred rect) Dice"] == "56.03"
     assert base["validation (2 images)"]["centred ellipse IoU"] == "31.00"
     assert base["validation (2 images)"]["GrabCut (centred rect) IoU"] == "—"
 
-    t1 = _table(md, "## Table 1")
+    t1 = markdown_table(md, "## Table 1")
     assert t1["CAM"]["2-Class IoU"] == "40.12 (12.73)"
     assert t1["CAM"]["2-Class Dice"] == "55.34 (21.70)"
     assert t1["CAM"]["Pretrained IoU"] == "— (26.03)"  # no cam_imagenet report
@@ -137,11 +124,11 @@ def test_report_tables_and_figures(project: Path) -> None:
     assert t1["CCAM+ECS"]["Pretrained IoU"] == "— (—)"
     assert "random init" in md
 
-    t2 = _table(md, "## Table 2")
+    t2 = markdown_table(md, "## Table 2")
     assert t2["CAM"]["2/bg IoU"] == "44.44 (29.64)"
     assert t2["CCAM+ECS"]["37/bg Dice"] == "— (58.36)"
 
-    t3 = _table(md, "## Table 3")
+    t3 = markdown_table(md, "## Table 3")
     assert t3["CCAM"]["Pretrained IoU"] == "55.11 (68.21)"
     assert t3["CCAM+dCRF"]["Pretrained IoU"] == "66.22 (76.02)"
     assert t3["CCAM+dCRF"]["37-Class IoU"] == "68.44 (59.79)"
@@ -150,7 +137,7 @@ def test_report_tables_and_figures(project: Path) -> None:
     assert t3["CCAM"]["37-Class/U-Net IoU"] == "— (59.29)"
     assert t3["U-Net (GT-supervised), test"]["Pretrained IoU"] == "80.00 (68.25)"
     assert t3["WSSS / supervised"]["Pretrained IoU"] == "87.5 (90.2)"
-    assert "67.89" in _table(md, "## Ensemble of maps")["Ensemble"]["val IoU"]
+    assert "67.89" in markdown_table(md, "## Ensemble of maps")["Ensemble"]["val IoU"]
 
     for bug in ("B3", "B4", "B5", "B6"):  # the seed paper's defects, defined in docs/seed-paper.md
         assert bug in md
@@ -167,7 +154,7 @@ def test_report_with_nothing_is_all_dashes(project: Path) -> None:
     params, paths = load_params(project / "params.yaml"), Paths(project)
     report.run(params, paths)
     md = paths.report_md.read_text()
-    t1 = _table(md, "## Table 1")
+    t1 = markdown_table(md, "## Table 1")
     assert t1["CCAM"]["Pretrained IoU"] == "— (68.21)"
     assert "not registered" in md
     assert "## Label-free baselines" in md

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.data_factory import markdown_table
 from wsss.config import CamsConfig, Params
 from wsss.paths import Paths
 from wsss.reporting import figures, inputs, markdown, paper, registry, slots, tables
@@ -34,20 +35,6 @@ def _reports() -> Reports:
     pseudo = {PERBREED: {"n_gt_images": 3, "before": _scores(0.5733, 0.6), "after": _scores(0.6844, 0.7)}}
     evals = {"gt": {**_scores(0.8, 0.88), "masks": "gt"}, "best": {**_scores(0.7, 0.81), "masks": PERBREED}}
     return Reports(cams, pseudo, evals)
-
-
-def _table(md: str, heading: str) -> dict[str, dict[str, str]]:
-    """Rows of the first Markdown table after ``heading``: {first cell: {header: cell}}."""
-    lines = md[md.index(heading):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    headers = [c.strip() for c in lines[start].strip("|").split("|")]
-    out = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        out[cells[0]] = dict(zip(headers, cells, strict=True))
-    return out
 
 
 # --- paper ------------------------------------------------------------------------------------------------
@@ -126,7 +113,7 @@ def test_cells_and_tables() -> None:
     assert markdown.pct(None) == markdown.DASH == "—"
     assert markdown.cell(0.4012, 12.73) == "40.12 (12.73)"
     assert markdown.cell(None, None) == "— (—)"
-    assert markdown.md_table(["a", "b|c"], [["1", "x|y"]]).splitlines() == [
+    assert markdown.mdmarkdown_table(["a", "b|c"], [["1", "x|y"]]).splitlines() == [
         "| a | b\\|c |", "|---|---|", "| 1 | x\\|y |"]
 
 
@@ -141,25 +128,25 @@ def test_sections_from_in_memory_reports() -> None:
     assert [md.index(h) for h in order] == sorted(md.index(h) for h in order)
     assert "## Ensemble of maps" not in md  # no ensemble report
     assert "(`docs/seed-paper.md#the-papers-numbers`)" in md
-    t1 = _table(md, "## Table 1")
+    t1 = markdown_table(md, "## Table 1")
     assert t1["CAM"]["2-Class IoU"] == "40.12 (12.73)"
     assert t1["CCAM"]["Pretrained IoU"] == "61.11 (68.21)"  # self-supervised init beats random init
     assert "Pretrained ← `ccam_ccam-pre-simsiam` — self-supervised init simsiam, not ImageNet" in md
-    t3 = _table(md, "## Table 3")
+    t3 = markdown_table(md, "## Table 3")
     assert t3["CCAM+dCRF"]["37-Class IoU"] == "68.44 (59.79)"
     assert t3["CCAM+dCRF"]["37-Class/U-Net IoU"] == "70.00 (61.58)"  # unet-best was trained on PERBREED
     assert t3["WSSS / supervised"]["Pretrained IoU"] == "87.5 (90.2)"
-    assert _table(md, "## U-Nets on the official")["`unet-best`"]["IoU / supervised"] == "87.5"
+    assert markdown_table(md, "## U-Nets on the official")["`unet-best`"]["IoU / supervised"] == "87.5"
 
 
 def test_empty_reports_are_dashes_and_ensemble_uses_params() -> None:
     empty = Reports({}, {}, {})
-    assert _table(tables.table1_section(empty), "## Table 1")["CCAM+ECS"]["37-Class IoU"] == "— (24.59)"
+    assert markdown_table(tables.table1_section(empty), "## Table 1")["CCAM+ECS"]["37-Class IoU"] == "— (24.59)"
     assert "_No report filled any cell of this table yet._" in tables.table2_section(empty)
-    assert _table(tables.unets_section(empty), "## U-Nets")["—"]["IoU"] == "—"
+    assert markdown_table(tables.unets_section(empty), "## U-Nets")["—"]["IoU"] == "—"
     params = replace(Params(), make_cams=CamsConfig(ensemble_members=("a", "b"), ensemble_weights=(2.0, 1.0)))
     ens = tables.ensemble_section(Reports({"ensemble": _scores(0.6789, 0.7)}, {}, {}), params)
-    row = _table(ens, "## Ensemble of maps")["Ensemble"]
+    row = markdown_table(ens, "## Ensemble of maps")["Ensemble"]
     assert row["members"] == "`a`, `b`" and row["fusion (weights)"] == "mean (2, 1)" and row["val IoU"] == "67.89"
     assert tables.ensemble_section(empty, params) is None
 
@@ -177,7 +164,7 @@ def test_registry_section() -> None:
     regs = [registry.Registration("unet-best", registry.CHAMPION, "3", "abc", "models:/m-1", PERBREED),
             registry.Registration("unet-gt", registry.SUPERVISED, note="no finished run")]
     md = registry.registry_section(regs, {PERBREED: {"after": {"iou_mean": 0.6844}}})
-    rows = _table(md, "## Model registry")
+    rows = markdown_table(md, "## Model registry")
     assert rows["`unet-best`"]["URI"] == "`models:/wsss-unet@champion` (v3)"
     assert rows["`unet-best`"]["chosen by"] == f"`{PERBREED}`: pseudo-mask IoU 68.44 (non-test)"
     assert rows["`unet-best`"]["status"] == "registered"

@@ -117,3 +117,11 @@ def official_test_rows(path: str | Path) -> pd.DataFrame:
     if test.empty:
         raise DataError(f"{path}: no test images with masks in the manifest; the test split is scored only with GT")
     return test
+
+
+def trainval(df: pd.DataFrame, include_background: bool = False) -> pd.DataFrame:
+    """Train/val rows (never test): the pets, plus the background-only images when ``include_background``."""
+    sel = df["split"].isin(TRAINVAL)
+    if not include_background:
+        sel &= ~df["is_background"].astype(bool)
+    return df[sel]

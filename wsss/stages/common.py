@@ -36,21 +36,22 @@ def require_rows(n: int, what: str, hint: str, source: Path) -> None:
 
 
 
-def reset_if_stale(out_dir: Path, fp: str) -> None:
+def reset_if_stale(out_dir: Path, fp: str, owner: Path) -> None:
     """Prepare a resumable output folder: files of another configuration (fingerprint) are removed,
     files of this one are kept, and the completion stamp ``_done.json`` is cleared until the run ends.
 
-    ``out_dir`` is a variant's folder (``cams/<variant>``, ``masks/<variant>``): a symlink or a path with
-    ``..`` is refused before anything is read or written (:func:`wsss.io.require_inside`).
+    ``out_dir`` is a variant's folder inside the stage's own output root ``owner`` (``cams/``, ``masks/``):
+    anything else, a symlink or a path with ``..`` is refused before anything is read or written
+    (:func:`wsss.io.require_inside`).
     """
     from wsss.io import read_json, remove_tree, require_inside, write_json
 
-    require_inside(out_dir, out_dir.parent)  # before reading or writing anything in it
+    require_inside(out_dir, owner)  # before reading or writing anything in it
     stamp = out_dir / "_fingerprint.json"
     if out_dir.exists():
         old = read_json(stamp).get("fingerprint") if stamp.exists() else None
         if old != fp:
-            remove_tree(out_dir, out_dir.parent)
+            remove_tree(out_dir, owner)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"fingerprint": fp})
     done = out_dir / "_done.json"

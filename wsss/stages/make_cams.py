@@ -59,7 +59,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
     loaded = load_method_model(paths, m, model) if m.needs_model and model != str(IMAGENET) else None
-    reset_if_stale(out_dir, fp)
+    reset_if_stale(out_dir, fp, paths.cams_root)
 
     start = time.perf_counter()
     shards = plan_shards(df["id"].tolist(), params.make_cams.shard_size)

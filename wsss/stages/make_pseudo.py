@@ -78,7 +78,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         raise DataError(f"{cams_dir}: no map of a trainval image")
     out_dir = paths.masks_dir(variant)
     fp = _fingerprint(cfg, cams_dir, paths)
-    reset_if_stale(out_dir, fp)
+    reset_if_stale(out_dir, fp, paths.masks_root)
     todo = [i for i in ids if not _mask_done(out_dir, i)]
 
     start = time.perf_counter()

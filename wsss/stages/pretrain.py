@@ -32,7 +32,7 @@ from wsss.config import Params, PretrainConfig, to_dict
 from wsss.data.breeds import NUM_BREEDS
 from wsss.data.datasets import InferenceDataset, denormalize_uint8
 from wsss.data.loaders import loader
-from wsss.data.manifest import load_manifest, pets
+from wsss.data.manifest import load_manifest, pets, trainval
 from wsss.device import Precision
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation import balanced_accuracy
@@ -56,8 +56,7 @@ def model_name(name: str) -> str:
 
 def select_rows(df: pd.DataFrame, include_background: bool) -> pd.DataFrame:
     """Images to pretrain on: every train/val row (test rows never), background rows if asked."""
-    keep = df["split"].isin(["train", "val"]) & (~df["is_background"] | include_background)
-    return df[keep].sort_values("id", kind="stable")
+    return trainval(df, include_background).sort_values("id", kind="stable")
 
 
 def probe_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

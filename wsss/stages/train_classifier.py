@@ -20,7 +20,7 @@ from wsss.config import ClassifierConfig, Params
 from wsss.data.breeds import class_names, num_classes, variant_name
 from wsss.data.datasets import ClassificationDataset, classification_transform
 from wsss.data.loaders import loader
-from wsss.data.manifest import load_manifest
+from wsss.data.manifest import load_manifest, trainval
 from wsss.evaluation import balanced_accuracy
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
@@ -38,8 +38,7 @@ def model_name(labels: str, bg: bool) -> str:
 
 def select_rows(df: pd.DataFrame, labels: str, bg: bool) -> pd.DataFrame:
     """Rows used to train a classifier: labelled pets of train/val (+ background images with ``bg``)."""
-    keep = df["split"].isin(["train", "val"]) & (~df["is_background"] | bg)
-    return df[keep]
+    return trainval(df, bg)
 
 
 def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:

@@ -64,8 +64,6 @@ def run(
     Returns:
         Summary: study name, storage, trial counts, best value and trial number.
     """
-    import optuna
-
     cfg = params.tune
     cams_dir = paths.cams_dir(variant)
     if not (cams_dir / "_done.json").exists():
@@ -85,17 +83,7 @@ def run(
     if storage is None:
         paths.study_dir(variant).mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(paths.study_dir(variant))
-    store = make_storage(url)
-    # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
-    # first trials. Workers sharing an explicit storage also get their process id mixed in (their
-    # interleaving makes such studies non-reproducible anyway).
-    n_before = _n_trials(store, name)
-    seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if storage else 0)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
-    study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
-    if n_before == 0:
-        for seed_params in seed_trials(params.pseudo, refiners):
-            study_obj.enqueue_trial(seed_params, skip_if_exists=True)
+    study_obj = _open_study(params, name, url, shared=storage is not None, refiners=refiners)
 
     start = time.perf_counter()
     with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
@@ -134,6 +122,26 @@ def run(
         f"over {sum(counts.values())} trials of study '{name}' -> {dest}"
     )
     return summary
+
+
+def _open_study(params: Params, name: str, url: str, shared: bool, refiners: tuple[str, ...]) -> Any:
+    """Create or load study ``name`` at ``url``, seeded to continue its random stream; a new study first gets
+    the seed trials (the params.yaml configuration and the label-free rectangle prior)."""
+    import optuna
+
+    cfg = params.tune
+    store = make_storage(url)
+    # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
+    # first trials. Workers sharing an explicit storage also get their process id mixed in (their
+    # interleaving makes such studies non-reproducible anyway).
+    n_before = _n_trials(store, name)
+    seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if shared else 0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
+    study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
+    if n_before == 0:
+        for seed_params in seed_trials(params.pseudo, refiners):
+            study_obj.enqueue_trial(seed_params, skip_if_exists=True)
+    return study_obj
 
 
 def _n_trials(storage: Any, name: str) -> int:
