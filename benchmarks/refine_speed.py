@@ -1,7 +1,7 @@
 """Throughput of the pseudo-mask refiners, serial vs process pool (run on demand; not a test).
 
 Synthetic 320x240 scenes (a textured ellipse on a textured background) with noisy, blurred maps.
-Reports images/s for each refiner serially and through :func:`wsss.refine.refine_many`'s pool (checking
+Reports images/s for each refiner serially and through :func:`wsss.refiners.refine_many`'s pool (checking
 that both give the same masks), and the pool start-up cost of the ``forkserver`` and ``spawn`` start
 methods (first and second call: a forkserver is started once per process and reused).
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import wsss.refine as R
 from wsss import parallel
 from wsss.config import PseudoConfig
+from wsss.refiners import refine_many
 
 
 def make_pairs(n: int, w: int = 320, h: int = 240, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -47,7 +47,7 @@ def make_pairs(n: int, w: int = 320, h: int = 240, seed: int = 0) -> list[tuple[
 
 def timed(pairs: list, cfg: PseudoConfig, workers: int) -> tuple[float, list[np.ndarray]]:
     t0 = time.perf_counter()
-    out = list(R.refine_many(pairs, cfg, workers=workers))
+    out = list(refine_many(pairs, cfg, workers=workers))
     return time.perf_counter() - t0, out
 
 

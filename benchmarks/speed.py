@@ -7,7 +7,7 @@ Four measurements, each a ratio "ours / plain" on the same machine, model and da
 * classifier training images/s: channels_last + bf16 autocast (CPU) / AMP (CUDA), as ``train-classifier``
   sets it up through ``wsss.device``, vs plain fp32 NCHW; same model, batch and optimiser, timed after
   warm-up steps.
-* dense-CRF refinement images/s at 320x240: ``wsss.refine.refine_many``'s process pool vs serial
+* dense-CRF refinement images/s at 320x240: ``wsss.refiners.refine_many``'s process pool vs serial
   pydensecrf (``benchmarks/refine_speed.py``'s synthetic scenes).
 * ``dvc repro`` of the embedded default in a fresh ``git clone``: cold, then no-op (``--skip-repro`` skips it:
   the cold run takes many minutes).

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import wsss.refine as R
+import wsss.refiners as RF
 from wsss import parallel
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
@@ -52,7 +53,7 @@ def test_output_values_and_determinism(data, refiner, confident):
         pytest.skip("pydensecrf not installed")
     img, m, _ = data
     cfg = cfg_for(refiner, confident=confident)
-    a, b = R.refine(img, m, cfg), R.refine(img, m, cfg)
+    a, b = RF.refine(img, m, cfg), RF.refine(img, m, cfg)
     assert a.dtype == np.uint8 and a.shape == m.shape
     allowed = {0, 1, 255} if confident else {0, 1}
     assert set(np.unique(a).tolist()) <= allowed
@@ -124,9 +125,9 @@ def test_confident_is_255_where_runs_disagree(refiner):
     m = np.select([disc, ring], [1.0, 0.3], 0.0) + rng.normal(0, 0.05, (n, n))
     m = np.clip(m, 0, 1).astype(np.float32)
     cfg = cfg_for(refiner, confident=True, fg_threshold=0.5, bg_threshold=0.1)
-    r = R.Refiner(cfg)
+    r = RF.Refiner(cfg)
     hi, lo = r.run(img, m, 0.5), r.run(img, m, 0.1)
-    out = R.refine(img, m, cfg)
+    out = RF.refine(img, m, cfg)
     np.testing.assert_array_equal(out == 255, hi != lo)
     np.testing.assert_array_equal(out[hi == lo], hi[hi == lo])
     assert (out[ring] == 255).mean() > 0.9 and not (out[disc] == 255).any()
@@ -147,7 +148,7 @@ def test_confident_is_255_where_runs_disagree(refiner):
 @pytest.mark.parametrize("refiner", REFINERS)
 def test_bad_inputs_raise_value_error(image, prob, match, refiner):
     with pytest.raises(ValueError, match=match):
-        R.refine(image, prob, cfg_for(refiner))
+        RF.refine(image, prob, cfg_for(refiner))
 
 
 def test_bad_inputs_direct_functions():
@@ -179,9 +180,9 @@ def test_require_crf_message(no_crf):
         R.require_crf()
     img, m, _ = scene(n=16)
     with pytest.raises(MissingDependencyError):
-        R.refine(img, m, cfg_for("crf"))
+        RF.refine(img, m, cfg_for("crf"))
     with pytest.raises(MissingDependencyError):
-        list(R.refine_many([(img, m)], cfg_for("crf")))
+        list(RF.refine_many([(img, m)], cfg_for("crf")))
 
 
 @pytest.mark.parametrize("confident", [False, True])
@@ -189,9 +190,9 @@ def test_crf_disabled_works_without_pydensecrf(no_crf, confident):
     img, m, _ = scene(n=16)
     off = dataclasses.replace(PseudoConfig().crf, enabled=False)
     cfg = cfg_for("crf", crf=off, confident=confident)
-    np.testing.assert_array_equal(R.refine(img, m, cfg), R.threshold_mask(m, cfg))
+    np.testing.assert_array_equal(RF.refine(img, m, cfg), R.threshold_mask(m, cfg))
     gc = cfg_for("grabcut+crf", crf=off, confident=confident)
-    np.testing.assert_array_equal(R.refine(img, m, gc), R.refine(img, m, cfg_for("grabcut", confident=confident)))
+    np.testing.assert_array_equal(RF.refine(img, m, gc), RF.refine(img, m, cfg_for("grabcut", confident=confident)))
 
 
 @pytest.mark.parametrize("refiner", REFINERS)
@@ -202,9 +203,9 @@ def test_degenerate_maps(refiner, value, confident):
         pytest.skip("pydensecrf not installed")
     img, _, _ = scene(n=16)
     m = np.full((16, 16), value, np.float32)
-    out = R.refine(img, m, cfg_for(refiner, confident=confident))
+    out = RF.refine(img, m, cfg_for(refiner, confident=confident))
     np.testing.assert_array_equal(out, np.full((16, 16), int(value), np.uint8))
-    tiny = R.refine(img[:1, :1], m[:1, :1], cfg_for(refiner, confident=confident))
+    tiny = RF.refine(img[:1, :1], m[:1, :1], cfg_for(refiner, confident=confident))
     assert tiny.shape == (1, 1)
 
 
@@ -223,13 +224,13 @@ def test_refine_many_pool_equals_serial(monkeypatch, start_method):
     if start_method == "spawn":
         monkeypatch.setattr(parallel, "process_context", lambda preload=(): mp.get_context("spawn"))
     used_pool: list[bool] = []
-    real_pooled = R._pooled
-    monkeypatch.setattr(R, "_pooled", lambda *a: (used_pool.append(True), real_pooled(*a))[1])
+    real_pooled = RF._pooled
+    monkeypatch.setattr(RF, "_pooled", lambda *a: (used_pool.append(True), real_pooled(*a))[1])
     pairs = [scene(n=24, seed=s)[:2] for s in range(10)]
     cfg = cfg_for("grabcut+crf" if R.crf_available() else "grabcut", confident=True)
-    serial = [R.refine(i, m, cfg) for i, m in pairs]
+    serial = [RF.refine(i, m, cfg) for i, m in pairs]
     ticks: list[int] = []
-    pooled = list(R.refine_many(iter(pairs), cfg, workers=2, progress=ticks.append))
+    pooled = list(RF.refine_many(iter(pairs), cfg, workers=2, progress=ticks.append))
     assert used_pool == [True]
     assert len(pooled) == len(pairs) and sum(ticks) == len(pairs)
     for a, b in zip(serial, pooled, strict=True):
@@ -240,28 +241,28 @@ def test_refine_many_serial_paths():
     pairs = [scene(n=16, seed=s)[:2] for s in range(3)]
     cfg = cfg_for("grabcut")
     ticks: list[int] = []
-    out = list(R.refine_many(pairs, cfg, workers=0, progress=ticks.append))  # few items: serial
+    out = list(RF.refine_many(pairs, cfg, workers=0, progress=ticks.append))  # few items: serial
     assert ticks == [1, 1, 1]
     for (i, m), o in zip(pairs, out, strict=True):
-        np.testing.assert_array_equal(o, R.refine(i, m, cfg))
-    assert list(R.refine_many([], cfg)) == []
+        np.testing.assert_array_equal(o, RF.refine(i, m, cfg))
+    assert list(RF.refine_many([], cfg)) == []
     with pytest.raises(ValueError, match="workers"):
-        list(R.refine_many(pairs, cfg, workers=-1))
+        list(RF.refine_many(pairs, cfg, workers=-1))
 
 
 def test_refine_many_worker_error_propagates():
     good = scene(n=16)[:2]
     bad = (np.zeros((16, 16, 3), np.uint8), np.zeros((16, 17), np.float32))
     with pytest.raises(ValueError, match="does not match"):
-        list(R.refine_many([good] * 8 + [bad], cfg_for("grabcut"), workers=2))
+        list(RF.refine_many([good] * 8 + [bad], cfg_for("grabcut"), workers=2))
 
 
 def test_refine_many_early_close():
     pairs = [scene(n=16, seed=s)[:2] for s in range(40)]
-    gen = R.refine_many(pairs, cfg_for("grabcut"), workers=2)
+    gen = RF.refine_many(pairs, cfg_for("grabcut"), workers=2)
     first = next(gen)
     gen.close()  # a pruned trial stops reading: the pool must shut down without running the rest
-    np.testing.assert_array_equal(first, R.refine(*pairs[0], cfg_for("grabcut")))
+    np.testing.assert_array_equal(first, RF.refine(*pairs[0], cfg_for("grabcut")))
 
 
 def test_grabcut_border_band_is_certain_background_whatever_the_map() -> None:

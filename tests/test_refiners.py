@@ -14,8 +14,15 @@ from wsss import config
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import ConfigError
 from wsss.pseudo import plain_threshold_config
-from wsss.refine import Refiner, refine, refine_many
-from wsss.refiners import REGISTRY, RefinerRegistry, RefinerSpec, UnknownRefinerError
+from wsss.refiners import (
+    REGISTRY,
+    Refiner,
+    RefinerRegistry,
+    RefinerSpec,
+    UnknownRefinerError,
+    refine,
+    refine_many,
+)
 from wsss.tuning import search_refiners, suggest_pseudo
 
 

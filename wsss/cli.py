@@ -16,8 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from wsss.errors import ConfigError, WsssError
-from wsss.methods import MethodName
-from wsss.variants import CcamInit, Labels, MapVariant, MaskSource, UnetId, parse_model, safe_name
+from wsss.variants import CcamInit, Labels, MapVariant, MaskSource, MethodName, UnetId, parse_model, safe_name
 
 app = typer.Typer(
     help="Weakly-supervised semantic segmentation: CAM / ECS / CCAM maps -> CRF pseudo-masks -> U-Net.",

@@ -14,29 +14,19 @@ One *run* of a refiner turns the map into a {0, 1} mask around a decision thresh
 The confident-region variant (IRN) does two runs, at ``fg_threshold`` and at ``bg_threshold``; pixels
 where both runs agree keep that label and the rest become 255.
 
-:class:`Refiner` dispatches through the registry :data:`wsss.refiners.REGISTRY`, where each refiner is
-declared once (its run, CRF needs, deciding threshold and search space).
+These are the algorithms. The registry :data:`wsss.refiners.REGISTRY` declares each refiner once (its run,
+CRF needs, deciding threshold and search space) and runs them: :func:`wsss.refiners.refine` for one map,
+:func:`wsss.refiners.refine_many` for many, in a process pool.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import dataclasses
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
 import cv2
 import numpy as np
 
-from wsss import parallel
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
-
-if TYPE_CHECKING:
-    from wsss.refiners import RefinerSpec
 
 IGNORE = 255
 _CLIP = 1e-5
@@ -44,8 +34,6 @@ _CLIP = 1e-5
 _TIE = 1e-6
 # cv2.grabCut fits 5-component GMMs by k-means: each side needs at least that many samples.
 _GMM_COMPONENTS = 5
-# Below this many items a process pool costs more than it saves.
-_MIN_POOL_ITEMS = 8
 _CRF_HINT = (
     "pydensecrf is not installed: pip install pydensecrf2 (it compiles with gcc; needs python3-dev) "
     "or set pseudo.crf.enabled: false"
@@ -102,7 +90,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _check_pair(image: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def check_pair(image: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate an (image, map) pair; return C-contiguous uint8 image and float32 map."""
     prob = _check_prob(prob)
     image = _check_image(image)
@@ -220,7 +208,7 @@ def dense_crf(image: np.ndarray, prob: np.ndarray, crf: CrfConfig, threshold: fl
         ValueError: bad shapes or dtypes.
         MissingDependencyError: pydensecrf is not installed.
     """
-    image, prob = _check_pair(image, prob)
+    image, prob = check_pair(image, prob)
     require_crf()
     if crf.unary == "label":
         unary = _label_unary(fg_at(prob, threshold), crf.gt_prob)
@@ -285,7 +273,7 @@ def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray
     Returns:
         uint8 (H, W) labels in {0, 1}.
     """
-    image, prob = _check_pair(image, prob)
+    image, prob = check_pair(image, prob)
     out = _run_grabcut(image, grabcut_seeds(prob, g), g.iterations)
     return fg_at(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
 
@@ -341,7 +329,7 @@ def grabcut_crf(
     Returns:
         uint8 (H, W) labels in {0, 1}.
     """
-    image, prob = _check_pair(image, prob)
+    image, prob = check_pair(image, prob)
     require_crf()
     labels = grabcut(image, prob, g)
     if crf.unary == "label":
@@ -351,196 +339,3 @@ def grabcut_crf(
         p = w * labels + (1.0 - w) * soft_unary_prob(prob, threshold, crf.scale)
         unary = _soft_unary(np.clip(p, _CLIP, 1.0 - _CLIP))
     return _crf_infer(image, unary, crf)
-
-
-# --------------------------------------------------------------------------------------------------
-# dispatch
-
-
-def _grabcut_at(g: GrabCutConfig, threshold: float) -> GrabCutConfig:
-    """GrabCut settings whose probable-fg/bg boundary is ``threshold`` (certain seeds widened if needed)."""
-    return dataclasses.replace(
-        g,
-        pfg_threshold=threshold,
-        fg_threshold=max(g.fg_threshold, threshold),
-        bg_threshold=min(g.bg_threshold, threshold),
-    )
-
-
-@dataclass(frozen=True)
-class Refiner:
-    """A configured refiner: ``Refiner(cfg)(image, prob)`` is :func:`refine`.
-
-    Attributes:
-        cfg: pseudo-mask settings.
-    """
-
-    cfg: PseudoConfig
-
-    @property
-    def spec(self) -> RefinerSpec:
-        """The registered refiner actually run (a CRF refiner's fallback when ``crf.enabled`` is false)."""
-        from wsss.refiners import REGISTRY  # the registry's entries call this module's refiners
-
-        return REGISTRY.effective(self.cfg)
-
-    @property
-    def kind(self) -> str:
-        """The name of the refiner actually run (see :attr:`spec`)."""
-        return self.spec.name
-
-    def run(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
-        """One run at a decision threshold; returns {0, 1}.
-
-        Args:
-            image: uint8 (H, W, 3) RGB at the map's resolution.
-            prob: float (H, W) map in [0, 1].
-            threshold: decision threshold; None uses the configured one (``cfg.threshold``; for GrabCut its
-                ``pfg_threshold``).
-
-        Returns:
-            uint8 (H, W) labels in {0, 1}.
-        """
-        spec = self.spec
-        image, prob = _check_pair(image, prob)
-        cfg = self.cfg
-        if threshold is not None:
-            cfg = dataclasses.replace(cfg, threshold=threshold, grabcut=_grabcut_at(cfg.grabcut, threshold))
-        return spec.run(image, prob, cfg)
-
-    def __call__(self, image: np.ndarray, prob: np.ndarray) -> np.ndarray:
-        """Refine one map; with ``cfg.confident`` combine the fg- and bg-threshold runs (disagreement -> 255)."""
-        if not self.cfg.confident:
-            return self.run(image, prob)
-        hi = self.run(image, prob, self.cfg.fg_threshold)
-        lo = self.run(image, prob, self.cfg.bg_threshold)
-        return np.where(hi == lo, hi, IGNORE).astype(np.uint8)
-
-
-def refine(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
-    """Turn a foreground map into a pseudo-mask with the refiner named by ``cfg.refiner``.
-
-    Args:
-        image: uint8 (H, W, 3) de-normalised RGB at the map's resolution.
-        prob: float (H, W) max-normalised foreground map in [0, 1].
-        cfg: pseudo-mask settings.
-
-    Returns:
-        uint8 (H, W): 0 background, 1 pet, 255 ignore (only with ``cfg.confident``).
-
-    Raises:
-        ValueError: bad shapes, dtypes or values.
-        MissingDependencyError: a CRF refiner is enabled and pydensecrf is missing.
-    """
-    return Refiner(cfg)(image, prob)
-
-
-# --------------------------------------------------------------------------------------------------
-# batch processing
-
-
-_WORKER_REFINER: Refiner | None = None
-
-
-def _init_worker(cfg: PseudoConfig) -> None:
-    global _WORKER_REFINER
-    # One OpenCV thread per process: the pool already uses every core.
-    cv2.setNumThreads(1)
-    _WORKER_REFINER = Refiner(cfg)
-
-
-def _work(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    assert _WORKER_REFINER is not None
-    return [_WORKER_REFINER(image, prob) for image, prob in chunk]
-
-
-def refine_many(
-    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
-    cfg: PseudoConfig,
-    workers: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> Iterator[np.ndarray]:
-    """Refine many (image, map) pairs, in a process pool when it pays; results come in input order.
-
-    The output equals serial :func:`refine` pixel for pixel. Items are read lazily and at most a few chunks
-    per worker are in flight, so memory stays bounded on long inputs. The ``none`` refiner, ``workers == 1``
-    and inputs of fewer than 8 items run serially.
-
-    Args:
-        pairs: (image, prob) pairs as for :func:`refine`.
-        cfg: pseudo-mask settings.
-        workers: processes; 0 = every usable CPU core.
-        progress: called in the caller's process with the number of items just finished (an increment).
-
-    Yields:
-        uint8 (H, W) masks, one per pair, in input order.
-    """
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    refiner = Refiner(cfg)
-    spec = refiner.spec
-    if spec.uses_crf:
-        require_crf()  # fail in the caller, before any worker starts
-    n_workers = workers or parallel.cpu_count()
-    it = iter(pairs)
-    head: list[tuple[np.ndarray, np.ndarray]] = []
-    for pair in it:
-        head.append(pair)
-        if len(head) >= _MIN_POOL_ITEMS:
-            break
-    if n_workers <= 1 or not spec.pooled or len(head) < _MIN_POOL_ITEMS:
-        for image, prob in _chain(head, it):
-            out = refiner(image, prob)
-            if progress is not None:
-                progress(1)
-            yield out
-        return
-    yield from _pooled(_chain(head, it), cfg, n_workers, progress)
-
-
-def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
-    yield from head
-    yield from rest
-
-
-def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    chunk: list[Any] = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _pooled(
-    pairs: Iterator[tuple[np.ndarray, np.ndarray]],
-    cfg: PseudoConfig,
-    n_workers: int,
-    progress: Callable[[int], None] | None,
-) -> Iterator[np.ndarray]:
-    # Small chunks keep the cores evenly loaded (a CRF costs ~80 ms at 320x240) and pickling is cheap.
-    chunks = _chunks(pairs, 2)
-    max_in_flight = 4 * n_workers
-    pool = cf.ProcessPoolExecutor(
-        max_workers=n_workers, mp_context=parallel.process_context(preload=(__name__,)), initializer=_init_worker, initargs=(cfg,)
-    )
-    try:
-        pending: deque[cf.Future[list[np.ndarray]]] = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(_work, chunk))
-            if len(pending) >= max_in_flight:
-                yield from _collect(pending.popleft(), progress)
-        while pending:
-            yield from _collect(pending.popleft(), progress)
-    finally:
-        # A consumer that stops early (or an error) should not wait for the queued chunks.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _collect(future: cf.Future[list[np.ndarray]], progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
-    results = future.result()
-    if progress is not None:
-        progress(len(results))
-    yield from results

@@ -4,7 +4,10 @@ Each :class:`RefinerSpec` declares everything the rest of the code needs to know
 run turns a map into a {0, 1} mask, whether it needs the dense CRF (and what runs instead when
 ``pseudo.crf.enabled`` is false), which threshold decides it (for the "before refinement" score) and its
 part of the Optuna search space. Adding a refiner is one registration in :func:`_build` plus a test;
-:data:`wsss.config.REFINERS` (the names, importable without cv2) is kept equal to it by a test.
+:data:`wsss.config.REFINERS` (the names, importable without cv2) is kept equal to it by a test. The
+algorithms live in :mod:`wsss.refine`; this module runs them: :class:`Refiner` (one configured refiner,
+with the confident-region variant), :func:`refine` (one map) and :func:`refine_many` (many, in a
+process pool).
 
 Search space per refiner (after ``refiner`` and, with ``pseudo.confident``, ``fg_threshold`` /
 ``bg_ratio``, sampled by :func:`wsss.tuning.suggest_pseudo`; parameters a refiner does not use keep their
@@ -25,16 +28,20 @@ never changes (bump :data:`wsss.tuning.SPACE_VERSION` when it does).
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import cv2
 import numpy as np
 
-from wsss import refine
-from wsss.config import PseudoConfig
+from wsss import parallel
+from wsss.config import GrabCutConfig, PseudoConfig
 from wsss.errors import ConfigError
+from wsss.refine import IGNORE, check_pair, dense_crf, fg_at, grabcut, grabcut_crf, require_crf
 
 
 class Suggest(Protocol):
@@ -63,7 +70,7 @@ class RefinerSpec:
         decided_by: the threshold that decides it: ``threshold`` or GrabCut's ``pfg_threshold``.
         without_crf: the refiner run instead when ``pseudo.crf.enabled`` is false (CRF refiners only).
         suggest: its part of the search space: the ``PseudoConfig`` fields it samples (see the module doc).
-        pooled: worth a process pool in :func:`wsss.refine.refine_many` (plain thresholding is not).
+        pooled: worth a process pool in :func:`refine_many` (plain thresholding is not).
     """
 
     name: str
@@ -128,19 +135,19 @@ class RefinerRegistry:
 
 
 def _run_none(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
-    return refine.fg_at(prob, cfg.threshold).astype(np.uint8)
+    return fg_at(prob, cfg.threshold).astype(np.uint8)
 
 
 def _run_crf(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
-    return refine.dense_crf(image, prob, cfg.crf, cfg.threshold)
+    return dense_crf(image, prob, cfg.crf, cfg.threshold)
 
 
 def _run_grabcut(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
-    return refine.grabcut(image, prob, cfg.grabcut)
+    return grabcut(image, prob, cfg.grabcut)
 
 
 def _run_grabcut_crf(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
-    return refine.grabcut_crf(image, prob, cfg.grabcut, cfg.crf, cfg.threshold)
+    return grabcut_crf(image, prob, cfg.grabcut, cfg.crf, cfg.threshold)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,5 +221,199 @@ def _build() -> RefinerRegistry:
 
 
 REGISTRY = _build()
+# Below this many items a process pool costs more than it saves.
+_MIN_POOL_ITEMS = 8
 
-__all__ = ["REGISTRY", "RefinerRegistry", "RefinerSpec", "Suggest", "UnknownRefinerError"]
+
+# --------------------------------------------------------------------------------------------------
+# running a configured refiner
+
+
+def _grabcut_at(g: GrabCutConfig, threshold: float) -> GrabCutConfig:
+    """GrabCut settings whose probable-fg/bg boundary is ``threshold`` (certain seeds widened if needed)."""
+    return dataclasses.replace(
+        g,
+        pfg_threshold=threshold,
+        fg_threshold=max(g.fg_threshold, threshold),
+        bg_threshold=min(g.bg_threshold, threshold),
+    )
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A configured refiner: ``Refiner(cfg)(image, prob)`` is :func:`refine`.
+
+    Attributes:
+        cfg: pseudo-mask settings.
+    """
+
+    cfg: PseudoConfig
+
+    @property
+    def spec(self) -> RefinerSpec:
+        """The registered refiner actually run (a CRF refiner's fallback when ``crf.enabled`` is false)."""
+        return REGISTRY.effective(self.cfg)
+
+    @property
+    def kind(self) -> str:
+        """The name of the refiner actually run (see :attr:`spec`)."""
+        return self.spec.name
+
+    def run(self, image: np.ndarray, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """One run at a decision threshold; returns {0, 1}.
+
+        Args:
+            image: uint8 (H, W, 3) RGB at the map's resolution.
+            prob: float (H, W) map in [0, 1].
+            threshold: decision threshold; None uses the configured one (``cfg.threshold``; for GrabCut its
+                ``pfg_threshold``).
+
+        Returns:
+            uint8 (H, W) labels in {0, 1}.
+        """
+        spec = self.spec
+        image, prob = check_pair(image, prob)
+        cfg = self.cfg
+        if threshold is not None:
+            cfg = dataclasses.replace(cfg, threshold=threshold, grabcut=_grabcut_at(cfg.grabcut, threshold))
+        return spec.run(image, prob, cfg)
+
+    def __call__(self, image: np.ndarray, prob: np.ndarray) -> np.ndarray:
+        """Refine one map; with ``cfg.confident`` combine the fg- and bg-threshold runs (disagreement -> 255)."""
+        if not self.cfg.confident:
+            return self.run(image, prob)
+        hi = self.run(image, prob, self.cfg.fg_threshold)
+        lo = self.run(image, prob, self.cfg.bg_threshold)
+        return np.where(hi == lo, hi, IGNORE).astype(np.uint8)
+
+
+def refine(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
+    """Turn a foreground map into a pseudo-mask with the refiner named by ``cfg.refiner``.
+
+    Args:
+        image: uint8 (H, W, 3) de-normalised RGB at the map's resolution.
+        prob: float (H, W) max-normalised foreground map in [0, 1].
+        cfg: pseudo-mask settings.
+
+    Returns:
+        uint8 (H, W): 0 background, 1 pet, 255 ignore (only with ``cfg.confident``).
+
+    Raises:
+        ValueError: bad shapes, dtypes or values.
+        MissingDependencyError: a CRF refiner is enabled and pydensecrf is missing.
+    """
+    return Refiner(cfg)(image, prob)
+
+
+# --------------------------------------------------------------------------------------------------
+# batch processing
+
+
+_WORKER_REFINER: Refiner | None = None
+
+
+def _init_worker(cfg: PseudoConfig) -> None:
+    global _WORKER_REFINER
+    # One OpenCV thread per process: the pool already uses every core.
+    cv2.setNumThreads(1)
+    _WORKER_REFINER = Refiner(cfg)
+
+
+def _work(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    assert _WORKER_REFINER is not None
+    return [_WORKER_REFINER(image, prob) for image, prob in chunk]
+
+
+def refine_many(
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    cfg: PseudoConfig,
+    workers: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Refine many (image, map) pairs, in a process pool when it pays; results come in input order.
+
+    The output equals serial :func:`refine` pixel for pixel. Items are read lazily and at most a few chunks
+    per worker are in flight, so memory stays bounded on long inputs. The ``none`` refiner, ``workers == 1``
+    and inputs of fewer than 8 items run serially.
+
+    Args:
+        pairs: (image, prob) pairs as for :func:`refine`.
+        cfg: pseudo-mask settings.
+        workers: processes; 0 = every usable CPU core.
+        progress: called in the caller's process with the number of items just finished (an increment).
+
+    Yields:
+        uint8 (H, W) masks, one per pair, in input order.
+    """
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    refiner = Refiner(cfg)
+    spec = refiner.spec
+    if spec.uses_crf:
+        require_crf()  # fail in the caller, before any worker starts
+    n_workers = workers or parallel.cpu_count()
+    it = iter(pairs)
+    head: list[tuple[np.ndarray, np.ndarray]] = []
+    for pair in it:
+        head.append(pair)
+        if len(head) >= _MIN_POOL_ITEMS:
+            break
+    if n_workers <= 1 or not spec.pooled or len(head) < _MIN_POOL_ITEMS:
+        for image, prob in _chain(head, it):
+            out = refiner(image, prob)
+            if progress is not None:
+                progress(1)
+            yield out
+        return
+    yield from _pooled(_chain(head, it), cfg, n_workers, progress)
+
+
+def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
+    yield from head
+    yield from rest
+
+
+def _chunks(it: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _pooled(
+    pairs: Iterator[tuple[np.ndarray, np.ndarray]],
+    cfg: PseudoConfig,
+    n_workers: int,
+    progress: Callable[[int], None] | None,
+) -> Iterator[np.ndarray]:
+    # Small chunks keep the cores evenly loaded (a CRF costs ~80 ms at 320x240) and pickling is cheap.
+    chunks = _chunks(pairs, 2)
+    max_in_flight = 4 * n_workers
+    pool = cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=parallel.process_context(preload=(__name__,)),
+                                  initializer=_init_worker, initargs=(cfg,))
+    try:
+        pending: deque[cf.Future[list[np.ndarray]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(_work, chunk))
+            if len(pending) >= max_in_flight:
+                yield from _collect(pending.popleft(), progress)
+        while pending:
+            yield from _collect(pending.popleft(), progress)
+    finally:
+        # A consumer that stops early (or an error) should not wait for the queued chunks.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _collect(future: cf.Future[list[np.ndarray]], progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
+    results = future.result()
+    if progress is not None:
+        progress(len(results))
+    yield from results
+
+
+__all__ = ["REGISTRY", "Refiner", "RefinerRegistry", "RefinerSpec", "Suggest", "UnknownRefinerError", "refine",
+           "refine_many"]

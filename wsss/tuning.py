@@ -2,7 +2,7 @@
 
 The objective is the mean per-image pet IoU of the refined masks on the **validation split only**
 (``split == 'val'``, pets with a GT mask; never test), loaded once into :class:`ObjectiveData`. Each trial
-refines those images in a process pool (:func:`wsss.refine.refine_many`) chunk by chunk, reports the
+refines those images in a process pool (:func:`wsss.refiners.refine_many`) chunk by chunk, reports the
 running mean after every chunk and stops early when the pruner says so.
 
 Search space (conditional on the refiner; parameters a refiner does not use are not sampled and keep
@@ -254,7 +254,7 @@ class Objective:
         import optuna
 
         from wsss.evaluation import SegMeter
-        from wsss.refine import refine_many
+        from wsss.refiners import refine_many
 
         cfg = suggest_pseudo(trial, self.base, self.refiners)
         trial.set_user_attr("pseudo", flatten(cfg, "pseudo."))

@@ -24,7 +24,16 @@ from enum import Enum
 from typing import Literal
 
 from wsss.errors import ConfigError
-from wsss.methods import MethodName
+
+
+class MethodName(str, Enum):
+    """Map method names (the CLI's ``--method`` choices; a test keeps them equal to :data:`wsss.methods.METHODS`)."""
+
+    cam = "cam"
+    ecs = "ecs"
+    ccam = "ccam"
+    ccam_ecs = "ccam-ecs"
+    ensemble = "ensemble"
 
 
 class Labels(str, Enum):

@@ -4,8 +4,9 @@ Registered names: ``cam``, ``ecs`` (ECS around CAM), ``ccam``, ``ccam-ecs`` (ECS
 ``ensemble`` (fuses stored maps, no model). Model-backed methods share the template of
 :class:`wsss.methods.base.MapMethod`.
 
-``METHODS`` is built on first access (PEP 562 ``__getattr__``) so that the CLI can import
-:class:`MethodName` for its choices without importing torch.
+``METHODS`` is built on first access (PEP 562 ``__getattr__``) so that importing this package stays
+cheap. The names themselves (:class:`wsss.variants.MethodName`, the CLI choices) live with the other typed
+names; a test keeps them equal to the registry.
 """
 
 from __future__ import annotations
@@ -15,20 +16,11 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from wsss.errors import ConfigError
+from wsss.variants import MethodName
 
 if TYPE_CHECKING:
     from wsss.methods.base import MapMethod
     from wsss.methods.ensemble import Ensemble
-
-
-class MethodName(str, Enum):
-    """Method names for CLI choices (a test keeps them equal to the registry)."""
-
-    cam = "cam"
-    ecs = "ecs"
-    ccam = "ccam"
-    ccam_ecs = "ccam-ecs"
-    ensemble = "ensemble"
 
 
 class UnknownMethodError(ConfigError, KeyError):

@@ -41,7 +41,8 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     from wsss.device import precision_from, prepare_model
     from wsss.evaluation import SegMeter
     from wsss.methods import METHODS
-    from wsss.refine import refine_many, threshold_mask
+    from wsss.refine import threshold_mask
+    from wsss.refiners import refine_many
 
     test = official_test_rows(paths.manifest)
     cfg, source = effective_config(params, paths, variant, use_tuned)

@@ -59,7 +59,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
     Returns:
         The report written to ``reports/pseudo/<variant>.json``.
     """
-    from wsss.refine import refine_many
+    from wsss.refiners import refine_many
 
     cams_dir = paths.cams_dir(variant)
     if not (cams_dir / "_done.json").exists():
