@@ -144,3 +144,13 @@ def test_model_tampered_is_rejected(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, tmp_path / "m" / "model.pt")
     with pytest.raises(DataError, match="checksum"):
         load_model_state(tmp_path / "m", {"arch": "x"})
+
+
+def test_saved_model_bytes_depend_only_on_the_weights(tmp_path: Path) -> None:
+    """Two saves of the same weights give the same file (DVC hashes model.pt)."""
+    from wsss.training.checkpoint import save_model
+
+    model = torch.nn.Linear(3, 2)
+    save_model(tmp_path / "a", model, {"kind": "test"})
+    save_model(tmp_path / "b", model, {"kind": "test"})
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()

@@ -113,7 +113,7 @@ def test_cells_and_tables() -> None:
     assert markdown.pct(None) == markdown.DASH == "—"
     assert markdown.cell(0.4012, 12.73) == "40.12 (12.73)"
     assert markdown.cell(None, None) == "— (—)"
-    assert markdown.mdmarkdown_table(["a", "b|c"], [["1", "x|y"]]).splitlines() == [
+    assert markdown.md_table(["a", "b|c"], [["1", "x|y"]]).splitlines() == [
         "| a | b\\|c |", "|---|---|", "| 1 | x\\|y |"]
 
 

@@ -198,9 +198,9 @@ def test_a_real_error_still_fails_the_run_when_tracking_also_failed(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the stage's own bug")
 
-    import wsss.training.checkpoint as checkpoint
+    import wsss.training.trainer as trainer
 
-    monkeypatch.setattr(checkpoint, "save_model", boom)
+    monkeypatch.setattr(trainer, "save_model", boom)
     result = runner.invoke(app, ["train-unet", "--masks", "gt"])
     assert result.exit_code != 0
     assert isinstance(result.exception, RuntimeError) and "own bug" in str(result.exception)

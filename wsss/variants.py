@@ -191,21 +191,20 @@ class CcamInit:
             return cls("pretrain", pretrain=PretrainId(tag.removeprefix("pre-")))
         raise _bad("CCAM init", tag, "none, imagenet, cls-<labels>[-bg] or pre-<name>")
 
+    def _spelled(self, classifier: str, pretrain: str) -> str:
+        if self.classifier is not None:
+            return classifier + self.classifier.variant
+        if self.pretrain is not None:
+            return pretrain + self.pretrain.name
+        return self.kind
+
     @property
     def tag(self) -> str:
         """The form inside a model id: ``none``, ``imagenet``, ``cls-species``, ``pre-<name>``."""
-        if self.classifier is not None:
-            return f"cls-{self.classifier.variant}"
-        if self.pretrain is not None:
-            return f"pre-{self.pretrain.name}"
-        return self.kind
+        return self._spelled("cls-", "pre-")
 
     def __str__(self) -> str:
-        if self.classifier is not None:
-            return f"classifier:{self.classifier.variant}"
-        if self.pretrain is not None:
-            return f"pretrain:{self.pretrain.name}"
-        return self.kind
+        return self._spelled("classifier:", "pretrain:")
 
 
 @dataclass(frozen=True)

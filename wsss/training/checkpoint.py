@@ -192,8 +192,10 @@ def save_model(dest_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     dest_dir = Path(dest_dir)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     full_meta = {**meta, "torch_version": torch.__version__, "state_sha256": state_sha256(state)}
-    with io.atomic_path(dest_dir / MODEL_FILE) as tmp:
-        torch.save(state, tmp)
+    # Through a file object: given a path, torch.save records the (random) temporary file name inside the
+    # archive, so the same weights would give different bytes and DVC would see a changed output.
+    with io.atomic_path(dest_dir / MODEL_FILE) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
     io.write_json(dest_dir / META_FILE, full_meta)
 
 
