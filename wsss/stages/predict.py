@@ -5,6 +5,13 @@ For every input image ``<stem>.<ext>`` it writes ``<out>/<stem>_mask.png`` (uint
 ``<out>/<stem>_overlay.png`` (the image with the pet tinted). Images of any size are resized to the
 model's input size and the prediction is upsampled back, so the mask has the image's own size.
 
+Output names are unique per run: when stems repeat (``a/x.jpg``, ``b/x.png``) or would collide, later
+inputs get ``<stem>-2``, ``<stem>-3``, ... (the first free one, inputs in the order collected; names
+that differ only in case count as the same). ``<out>/index.json``, written last, says which input each
+output came from: ``{"predicted": {input: {"mask": name, "overlay": name}}, "failed": {input: reason}}``
+(inputs as given, output names relative to ``<out>``). Inputs that cannot be read, including symlink
+loops, are failures with a reason; the rest is processed.
+
 The model is a ``models/unet-*`` folder (``model.pt`` + ``meta.json``), an MLflow model folder (with an
 ``MLmodel`` file) or an MLflow model URI such as ``models:/wsss-unet@champion``. MLflow U-Nets are
 pickled: load only models from a tracking store you trust.
@@ -12,7 +19,7 @@ pickled: load only models from a tracking store you trust.
 
 from __future__ import annotations
 
-from collections import Counter
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +33,7 @@ from wsss.ui import console, task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 DEFAULT_INPUT_SIZE = 256
+INDEX_NAME = "index.json"
 
 
 @dataclass
@@ -40,6 +48,25 @@ class PredictResult:
         return not self.failures
 
 
+def _unfollowable(path: Path) -> str | None:
+    """Why ``path`` cannot be followed (a symlink loop, no permission), or None (it exists or is missing)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return "symlink loop" if exc.errno == errno.ELOOP else f"cannot open ({exc.strerror or exc})"
+    return None
+
+
+def _inside(path: Path, folder: Path | None) -> bool:
+    """Whether ``path`` (followed when it can be) lies in ``folder``; an unfollowable link is placed by its own name."""
+    if folder is None:
+        return False
+    target = path.resolve() if _unfollowable(path) is None else path.parent.resolve() / path.name
+    return target.is_relative_to(folder)
+
+
 def collect_images(inputs: Sequence[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files of ``inputs`` (files as given; folders searched recursively by extension).
 
@@ -48,20 +75,26 @@ def collect_images(inputs: Sequence[Path], exclude: Path | None = None) -> tuple
         exclude: a folder whose files are skipped (the output folder, so reruns do not eat their output).
 
     Returns:
-        ``(images, failures)``: inputs that do not exist are failures.
+        ``(images, failures)``: inputs that do not exist or cannot be followed (a symlink loop, also one
+        found in a folder under an image name) are failures.
     """
     images: list[Path] = []
     failures: list[tuple[Path, str]] = []
     skip = exclude.resolve() if exclude is not None else None
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(
+        if reason := _unfollowable(path):
+            failures.append((path, reason))
+        elif path.is_dir():
+            candidates = sorted(
                 p for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
-                and (skip is None or not p.resolve().is_relative_to(skip))
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not _inside(p, skip)
             )
-            images.extend(found)
+            for p in candidates:
+                if p.is_file():
+                    images.append(p)
+                elif p.is_symlink() and (reason := _unfollowable(p)):
+                    failures.append((p, reason))
         elif path.exists() or path.is_symlink():
             images.append(path)  # named explicitly: tried whatever its extension
         else:
@@ -77,12 +110,26 @@ def collect_images(inputs: Sequence[Path], exclude: Path | None = None) -> tuple
 
 
 def output_stems(images: Sequence[Path]) -> dict[Path, str]:
-    """A distinct output stem per image (``cat``, ``cat-2``, ... when stems repeat across folders)."""
-    counts: Counter[str] = Counter()
+    """A distinct output stem per image, whatever the names.
+
+    The first image with a stem keeps it; each later one gets the first free ``<stem>-N`` (N = 2, 3, ...)
+    that is neither another image's own stem nor already given. Names are compared case-folded, so the
+    outputs stay distinct on case-insensitive file systems too.
+    """
+    taken = {p.stem.casefold() for p in images}
+    first: dict[str, Path] = {}
+    for p in images:
+        first.setdefault(p.stem.casefold(), p)
     out: dict[Path, str] = {}
     for p in images:
-        counts[p.stem] += 1
-        out[p] = p.stem if counts[p.stem] == 1 else f"{p.stem}-{counts[p.stem]}"
+        if first[p.stem.casefold()] is p:
+            out[p] = p.stem
+            continue
+        n = 2
+        while f"{p.stem}-{n}".casefold() in taken:
+            n += 1
+        out[p] = f"{p.stem}-{n}"
+        taken.add(out[p].casefold())
     return out
 
 
@@ -176,7 +223,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     from wsss.data.images import ImageIssue, read_rgb
     from wsss.device import precision_from, prepare_model
     from wsss.inference import predict_probs
-    from wsss.io import save_png
+    from wsss.io import save_png, write_json
     from wsss.viz import tint
 
     if not 0.0 < threshold < 1.0:
@@ -192,6 +239,8 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     console.print(f"model {desc}, input {size}px, device {prec.device}")
     result = PredictResult(failures=list(failures))
     stems = output_stems(images)
+    (out / INDEX_NAME).unlink(missing_ok=True)  # a stale index must not describe this run's outputs
+    predicted: dict[str, dict[str, str]] = {}
     with task("predict", len(images)) as advance:
         for path in images:
             try:
@@ -207,10 +256,13 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
                 continue
             mask = (prob >= threshold).astype(np.uint8)
             dest = out / f"{stems[path]}_mask.png"
+            overlay = out / f"{stems[path]}_overlay.png"
             save_png(dest, mask)
-            save_png(out / f"{stems[path]}_overlay.png", tint(image, mask))
+            save_png(overlay, tint(image, mask))
             result.masks.append(dest)
+            predicted[str(path)] = {"mask": dest.name, "overlay": overlay.name}
             advance(1, info=path.name)
+    write_json(out / INDEX_NAME, {"predicted": predicted, "failed": {str(p): r for p, r in result.failures}})
     for path, reason in result.failures:
         console.print(f"[bold red]error:[/] {path}: {reason}", highlight=False, soft_wrap=True)
     total = len(result.masks) + len(result.failures)
