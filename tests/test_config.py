@@ -74,6 +74,72 @@ def test_empty_file_yields_the_defaults(tmp_path: Path) -> None:
     assert load_params(empty) == Params()
 
 
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n"])
+def test_an_empty_file_says_once_that_every_value_is_a_default(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                text: str) -> None:
+    empty = tmp_path / "params.yaml"
+    empty.write_text(text)
+    load_params(empty)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(notes) == 1 and str(empty) in notes[0] and "empty" in notes[0] and "default" in notes[0], notes
+
+
+def test_a_file_with_settings_prints_no_notice(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("base:\n  seed: 3\n")
+    assert load_params(path).base.seed == 3
+    assert capsys.readouterr().err == ""
+
+
+def test_a_params_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    data = b"base:\n  experiment: caf\xe9\n"  # Latin-1
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert str(path) in message and "UTF-8" in message and "0xe9" in message
+    assert f"offset {data.index(0xE9)}" in message
+    assert "\n" not in message
+
+
+def test_a_non_utf8_params_file_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsss.cli import app
+
+    path = tmp_path / "params.yaml"
+    data = b"base:\n  seed: \xff\n"
+    path.write_bytes(data)
+    result = CliRunner().invoke(app, ["runs", "--params", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
+    assert f"offset {data.index(0xFF)}" in result.output and "not UTF-8" in result.output
+
+
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("base:\n  seed: 1\n  seed: 2\n", "seed", 3, 2),
+    ("base:\n  seed: 1\nprepare:\n  min_side: 8\nbase:\n  seed: 2\n", "base", 5, 1),
+    ("pseudo:\n  crf:\n    iterations: 3\n    scale: 1.0\n    iterations: 4\n", "iterations", 5, 3),
+])
+def test_a_duplicate_key_names_the_key_and_the_line(tmp_path: Path, text: str, key: str, line: int,
+                                                     first: int) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert str(path) in message and f"duplicate key '{key}'" in message
+    assert f"line {line}" in message and f"line {first}" in message and "\n" not in message
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("base: &b\n  seed: 1\nsynthetic:\n  <<: {seed: 4, n_test: 6}\n  seed: 5\n")
+    params = load_params(path)
+    assert params.synthetic.seed == 5 and params.synthetic.n_test == 6
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "nope.yaml")

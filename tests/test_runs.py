@@ -46,3 +46,14 @@ def test_runs_lists_latest_per_stage_and_variant(project: Path) -> None:
 
     result = runner.invoke(app, ["runs", "--stage", "make-cams"])
     assert "make-cams" in result.output and "train-classifier" not in result.output
+
+
+def test_runs_on_a_corrupt_store_is_one_line_and_exit_4(project: Path) -> None:
+    db = project / "mlruns" / "mlflow.db"
+    db.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)  # a header, then garbage
+    result = runner.invoke(app, ["runs"])
+    assert result.exit_code == 4, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert str(db) in lines[0] and "cannot be used" in lines[0] and "not a database" in lines[0], lines[0]
+    assert "Traceback" not in result.output and "[SQL:" not in result.output

@@ -233,3 +233,38 @@ def test_param_gaps_are_errors(tmp_path: Path, data: dict, fragment: str) -> Non
 def test_bad_param_on_the_command_line_is_one_line(proj: Path) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump({"train_classifier": {"lr_head": float("nan")}}))
     _one_clear_error(["train-classifier"], "train_classifier.lr_head", "finite")
+
+
+class _Evil:
+    def __reduce__(self) -> tuple:
+        return (print, ("pwned",))
+
+
+def test_a_refused_pickle_is_explained_in_our_words_never_by_suggesting_weights_only_false(tmp_path: Path) -> None:
+    """PyTorch's refusal advises ``weights_only=False`` (which would run the file's code); ours must not."""
+    import torch
+
+    from wsss.errors import DataError
+    from wsss.models.backbone import read_state_dict
+    from wsss.training.checkpoint import CheckpointManager, load_model_state
+
+    weights = tmp_path / "backbone.pt"
+    torch.save({"conv1.weight": _Evil()}, weights)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.save({"x": _Evil()}, model_dir / "model.pt")
+    (model_dir / "meta.json").write_text("{}")
+    ckpt = CheckpointManager(tmp_path / "state", "fp")
+    ckpt.path.parent.mkdir()
+    torch.save({"format": 1, "fingerprint": "fp", "state": {"x": _Evil()}}, ckpt.path)
+
+    messages = []
+    for load in (lambda: read_state_dict(weights), lambda: load_model_state(model_dir)):
+        with pytest.raises(DataError) as err:
+            load()
+        messages.append(str(err.value))
+    assert ckpt.load() is None
+    messages.append(ckpt.reason or "")
+    for message in messages:
+        assert "weights_only" not in message and "False" not in message and "trusted source" not in message, message
+        assert "refused" in message and "Python object print" in message and "\n" not in message, message

@@ -355,3 +355,85 @@ def test_runs_of_a_killed_process_are_closed_by_the_next_run(project: Path) -> N
               (parent.info.run_id, child.info.run_id, live.info.run_id, other_variant.info.run_id)}
     assert status == {parent.info.run_id: "KILLED", child.info.run_id: "KILLED",
                       live.info.run_id: "RUNNING", other_variant.info.run_id: "RUNNING"}
+
+
+# --------------------------------------------------------------------------------------------------
+# a store that opens but cannot be used: the one line gives the real cause
+
+
+READONLY = "attempt to write a readonly database"
+AUTOFLUSH = ("raised as a result of Query-invoked autoflush; consider using a session.no_autoflush block if this "
+             "flush is occurring prematurely")
+
+
+def _autoflush_error(chained: bool) -> BaseException:
+    """A read-only SQLite store's error as MLflow raises it: SQLAlchemy wraps sqlite3's error (``orig``) and puts
+    its autoflush note first; MLflow re-raises that as an ``MlflowException`` (with or without ``from``)."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy import exc as sa_exc
+
+    wrapped = sa_exc.OperationalError("UPDATE runs SET status=? WHERE runs.run_uuid = ?", ("RUNNING", "x"),
+                                      sqlite3.OperationalError(READONLY))
+    wrapped.add_detail(AUTOFLUSH)
+    assert str(wrapped).splitlines()[0].startswith("(raised as a result of Query-invoked autoflush")
+    try:
+        try:
+            raise wrapped
+        except sa_exc.SQLAlchemyError as exc:
+            if chained:
+                raise MlflowException(str(exc)) from exc
+            raise MlflowException(str(exc)) from None
+    except MlflowException as top:
+        return top
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "message-only"])
+def test_the_reason_of_a_readonly_store_is_the_real_cause_not_the_autoflush_note(chained: bool) -> None:
+    from wsss import tracking
+
+    reason = tracking._reason(_autoflush_error(chained))
+    assert READONLY in reason and "autoflush" not in reason and "SQL" not in reason, reason
+    assert "\n" not in reason
+
+
+def test_the_reason_of_a_refused_connection_is_still_short() -> None:
+    import urllib.error
+
+    from wsss import tracking
+
+    refused = urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+    assert tracking._reason(refused) == "connection refused"
+
+
+def _chattr(path: Path, flag: str) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def test_a_readonly_store_fails_in_one_line_with_the_real_cause(project: Path) -> None:
+    """End to end with an immutable store file (``chattr +i``: file modes do not stop root, who runs CI)."""
+    code = ("from pathlib import Path\nfrom wsss import tracking\nfrom wsss.config import load_params\n"
+            "from wsss.errors import TrackingError\nfrom wsss.paths import Paths\n"
+            "params, paths = load_params('params.yaml'), Paths(Path.cwd())\n"
+            "try:\n    with tracking.stage_run('prepare', 'default', params, paths):\n        pass\n"
+            "except TrackingError as exc:\n    print(exc)\n    raise SystemExit(4)\n")
+    first = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True,
+                           env=stage_env(project), timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    db = project / "mlruns" / "mlflow.db"
+    if not _chattr(db, "+i"):
+        pytest.skip("chattr +i is not available here (the unit test of the reason covers the message)")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True,
+                              env=stage_env(project), timeout=120)
+    finally:
+        _chattr(db, "-i")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 4, output
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and READONLY in lines[0] and str(db) in lines[0], output
+    assert "Traceback" not in output and "[SQL:" not in output

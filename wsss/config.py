@@ -442,17 +442,52 @@ def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Par
     return params
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise ConfigError(f"duplicate key '{key}' on line {line} (first given on line {first_line[key]})")
+                first_line[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``: a missing file is an error, an empty one (or a missing section) yields
-    the defaults."""
+    """Load and validate ``params.yaml``.
+
+    A missing file, text that is not UTF-8, invalid YAML or a key given twice is a :class:`ConfigError`; an
+    empty file (or a missing section) yields the defaults, and an empty file says so on the console.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found (run from the project root or pass --params)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:
+        from wsss.ui import console
+
+        console.print(f"note: {path} is empty: every parameter takes its default value", highlight=False, markup=False,
+                      soft_wrap=True)
+    elif not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return params_from_dict(data, str(path))
 

@@ -103,13 +103,36 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# Lines SQLAlchemy adds around the driver's message; they are never the reason.
+_SQLALCHEMY_NOTES = ("(raised as a result of", "(Background on this error", "[SQL:", "[parameters:")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception below ``exc``: the driver's error under SQLAlchemy's (``orig``), the socket
+    error under urllib's (``reason``), the cause under an ``MlflowException`` (``__cause__``)."""
+    seen = {id(exc)}
+    while True:
+        inner = next((e for e in (getattr(exc, "orig", None), getattr(exc, "reason", None), exc.__cause__)
+                      if isinstance(e, BaseException)), None)
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
 def _reason(exc: BaseException) -> str:
-    """A short reason for a connection failure: ``connection refused``, ``timed out``, ..."""
-    inner = getattr(exc, "reason", None) or exc
+    """A short reason for a tracking failure: ``connection refused``, ``attempt to write a readonly database``, ..."""
+    inner = _root_cause(exc)
     if isinstance(inner, OSError) and inner.strerror:
         return inner.strerror.lower()
-    text = str(inner).strip() or type(inner).__name__
-    return text.splitlines()[0][:200]
+    lines = [line.strip() for line in str(inner).splitlines()]
+    text = next((line for line in lines if line and not line.startswith(_SQLALCHEMY_NOTES)), "")
+    return (text or type(inner).__name__)[:200]
+
+
+def store_error(uri: str, exc: BaseException) -> TrackingError:
+    """The one-line error for a tracking store that cannot be used (corrupt, read-only, ...)."""
+    return TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: {_reason(exc)})")
 
 
 def check_available(paths: Paths, timeout: float | None = None) -> None:
@@ -164,8 +187,11 @@ def connect(paths: Paths) -> str:
     check_available(paths)
     import mlflow
 
-    for noisy in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    for noisy in ("alembic", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # MLflow logs every SQLAlchemy error with its traceback and SQL before it raises it; the raised error is
+    # reported in one line (store_error), so the log would only bury the reason.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # retry chatter of a dead server
     paths.mlruns.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(paths)
@@ -207,8 +233,7 @@ def _setup(paths: Paths, params: Params) -> str:
     except TrackingError:
         raise
     except Exception as exc:
-        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({type(exc).__name__}: "
-                            f"{_reason(exc)})") from None
+        raise store_error(uri, exc) from None
 
 
 def _create_sqlite_store(db: Path, paths: Paths) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from wsss.config import ARCHS
 from wsss.errors import ConfigError, DataError, MissingDependencyError
+from wsss.training.checkpoint import load_failure
 
 # Prefixes a saved backbone state_dict may carry (wrapping modules, DataParallel, smp encoders).
 _PREFIXES = ("module.", "backbone.", "encoder.", "net.")
@@ -70,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupted or not a tensor file
-        raise DataError(f"cannot read backbone weights {path}: {exc}") from None
+        raise DataError(f"cannot read backbone weights {path}: {load_failure(exc)}") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

@@ -36,22 +36,24 @@ def fetch_runs(params: Params, paths: Paths, stage: str | None = None, include_a
 
     Without ``include_all`` only the newest top-level run of each (stage, variant) is kept (nested
     Optuna trial runs dropped); with it every run is returned.
-    """
-    import logging
 
+    Raises:
+        TrackingError: the server is unreachable or the store cannot be read (exit code 4).
+    """
     import mlflow
 
-    for noisy in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
-    exp = mlflow.get_experiment_by_name(tracking.experiment_name(params))
-    if exp is None:
-        return None
+    uri = tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
     filters = []
     if stage:
         filters.append(f"tags.`wsss.stage` = '{stage.replace(chr(39), '')}'")
-    runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=" and ".join(filters),
-                              order_by=["attributes.start_time DESC"], output_format="list")
+    try:
+        exp = mlflow.get_experiment_by_name(tracking.experiment_name(params))
+        if exp is None:
+            return None
+        runs = mlflow.search_runs(experiment_ids=[exp.experiment_id], filter_string=" and ".join(filters),
+                                  order_by=["attributes.start_time DESC"], output_format="list")
+    except Exception as exc:  # a corrupt or unusable store: one line and exit 4, like every other command
+        raise tracking.store_error(uri, exc) from None
     if include_all:
         return runs
     latest: dict[tuple[str, str], Any] = {}

@@ -12,7 +12,9 @@ import enum
 import hashlib
 import json
 import logging
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,21 @@ MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 # Bumped when the layout of the checkpoint wrapper changes, so old files are ignored instead of misread.
 _FORMAT = 1
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in our own words.
+
+    PyTorch's message advises retrying with ``weights_only=False``, which would run whatever code the file
+    holds; this one never does.
+    """
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            return f"it holds the Python object {found.group(1)}; refused, as loading it could run code"
+        return "it is not a plain tensor file; refused by the weights-only loader"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # --- fingerprints ---------------------------------------------------------------------------------
@@ -140,7 +157,7 @@ class CheckpointManager:
         try:
             wrapper = torch.load(self.path, map_location=map_location, weights_only=True)
         except Exception as exc:  # any unreadable file means "start fresh", never a crash
-            return self._ignore(f"checkpoint {self.path} is unreadable ({type(exc).__name__}: {exc})")
+            return self._ignore(f"checkpoint {self.path} is unreadable ({load_failure(exc)})")
         if not isinstance(wrapper, dict) or wrapper.get("format") != _FORMAT or "state" not in wrapper:
             return self._ignore(f"checkpoint {self.path} has an unknown layout")
         if wrapper.get("fingerprint") != self.fingerprint:
@@ -241,7 +258,7 @@ def load_model_state(
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DataError(f"{model_path} cannot be read ({type(exc).__name__}: {exc}); retrain the model") from exc
+        raise DataError(f"{model_path} cannot be read ({load_failure(exc)}); retrain the model") from exc
     sha = meta.get("state_sha256")
     if sha is not None and state_sha256(state) != sha:
         raise DataError(f"{model_path} does not match the checksum in {meta_path}; retrain the model")
