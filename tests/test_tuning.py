@@ -210,3 +210,64 @@ def test_seed_trials_only_where_the_rectangle_prior_fits() -> None:
     cfg = suggest_pseudo(optuna.trial.FixedTrial(RECTANGLE_PRIOR_TRIAL), PseudoConfig(), ("crf", "grabcut"))
     params_from_dict({"pseudo": to_dict(cfg)})
     assert cfg.refiner == "grabcut" and cfg.grabcut.border == 0.075 and cfg.grabcut.bg_threshold == 0.0
+
+
+def test_a_killed_runs_trial_is_marked_fail_by_the_next_run(project: Path) -> None:
+    import socket
+
+    from wsss.stages import tune_crf
+
+    paths = build_project(project, PARAMS)
+    params = load_params(project / "params.yaml")
+    first = tune_crf.run(params, paths, VARIANT, trials=2)
+    url = default_storage(paths.study_dir(VARIANT))
+    storage = optuna.storages.RDBStorage(url)
+    study_id = storage.get_study_id_from_name(first["study"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def running_trial(pid: int, host: str = socket.gethostname()) -> int:
+        """A RUNNING trial as a `tune crf` process leaves it when it is killed mid-trial."""
+        trial_id = storage.create_new_trial(study_id)
+        storage.set_trial_user_attr(trial_id, "wsss.host", host)
+        storage.set_trial_user_attr(trial_id, "wsss.pid", str(pid))
+        return storage.get_trial_number_from_id(trial_id)
+
+    killed = running_trial(dead.pid)
+    alive = running_trial(os.getpid())  # a live process's trial is left alone
+    elsewhere = running_trial(dead.pid, host="another-host")  # can't tell from here (the heartbeat can)
+
+    second = tune_crf.run(params, paths, VARIANT, trials=2)
+    study = optuna.load_study(study_name=first["study"], storage=url)
+    state = {t.number: t.state for t in study.trials}
+    assert state[killed] == optuna.trial.TrialState.FAIL
+    assert state[alive] == state[elsewhere] == optuna.trial.TrialState.RUNNING
+    assert len(study.trials) == 2 + 3 + 2 and second["trials_this_run"] == 2
+    assert second["trials_fail"] == 1
+    assert second["trials_complete"] + second["trials_pruned"] == 4
+    ours = [t for t in study.trials if t.number not in (killed, alive, elsewhere)]
+    assert all(t.user_attrs["wsss.host"] == socket.gethostname() and t.user_attrs["wsss.pid"] == str(os.getpid())
+               for t in ours)  # every trial names its process, so a later run can judge it
+
+
+def test_shared_storage_has_heartbeat_and_constant_liar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import wsss.tuning as tuning
+
+    url = f"sqlite:///{(tmp_path / 'shared.db').as_posix()}"
+    assert tuning.make_storage(url).heartbeat_interval is None  # the default per-variant SQLite file
+    assert tuning.make_storage(url, shared=True).heartbeat_interval == tuning.HEARTBEAT_S
+    study = tuning.create_study("s", tuning.make_storage(url, shared=True), seed=0, n_startup_trials=1)
+    assert study.sampler._constant_liar  # workers do not all sample the point another one is running
+
+    # A trial whose heartbeat stopped (a worker killed on another host) is failed after the grace period.
+    monkeypatch.setattr(tuning, "GRACE_S", 1)
+    storage = tuning.make_storage(url, shared=True)
+    study = optuna.load_study(study_name="s", storage=storage)
+    trial_id = storage.create_new_trial(study._study_id)
+    storage.record_heartbeat(trial_id)
+    assert tuning.fail_orphaned_trials(study) == []
+    time.sleep(2.5)
+    assert tuning.fail_orphaned_trials(study) == [0]
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL

@@ -20,8 +20,10 @@ This module does no MLflow logging and writes no files except through :func:`wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,17 +35,24 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsss import tracking
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
 from wsss.data.manifest import pets
 from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import ConfigError, DataError
+from wsss.io import pid_alive
 from wsss.refiners import REGISTRY, Suggest
 
 # Bump when the search space changes: it is part of the default study name, so an old study (whose
 # trials used another space) is never continued by mistake.
 SPACE_VERSION = 1
 STUDY_DB = "optuna.db"
+# Heartbeat of trials in a shared storage: beat every HEARTBEAT_S, declared dead after GRACE_S of silence.
+HEARTBEAT_S = 60
+GRACE_S = 300
+# Trial user attrs naming the process that runs it: the keys MLflow runs are tagged with.
+HOST_ATTR, PID_ATTR = tracking.process_tags()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,15 +314,23 @@ def study_name(variant: str, data: ObjectiveData, base: PseudoConfig, refiners: 
     return f"crf-{variant}-{h.hexdigest()[:10]}"
 
 
-def make_storage(url: str) -> Any:
-    """An Optuna RDB storage; SQLite waits for its lock (several local workers) instead of failing."""
+def make_storage(url: str, shared: bool = False) -> Any:
+    """An Optuna RDB storage; SQLite waits for its lock (several local workers) instead of failing.
+
+    A ``shared`` storage (an explicit ``--storage``, possibly used by workers on other hosts) also gets
+    Optuna's heartbeat: a running trial records a heartbeat every :data:`HEARTBEAT_S` seconds, and a
+    trial silent for :data:`GRACE_S` is marked ``FAIL`` when any worker starts its next trial.
+    """
     import optuna
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if shared else {}
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             # Workers starting together race to create the schema; the loser finds it made on retry.
             if attempt == 4:
@@ -336,14 +353,54 @@ def create_study(name: str, storage: Any, seed: int, n_startup_trials: int) -> A
     with warnings.catch_warnings():
         # `group` is flagged experimental; it is what lets multivariate TPE model a conditional space.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # constant_liar: workers sharing a storage see each other's running trials as bad ones, so they
+        # do not all sample the same point (with one worker no other trial is running: no effect).
         sampler = optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True
+            seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True
         )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, n_startup_trials), n_warmup_steps=0)
     return optuna.create_study(
         study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize",
         load_if_exists=True,
     )
+
+
+def claim_trial(trial: Any) -> None:
+    """Record this process on ``trial`` (user attrs ``wsss.host``, ``wsss.pid``), so a later run can tell
+    a trial whose process was killed from one still running (:func:`fail_orphaned_trials`)."""
+    for key, value in tracking.process_tags().items():
+        trial.set_user_attr(key, value)
+
+
+def _owner_gone(attrs: dict[str, Any]) -> bool:
+    """True only when the trial's process ran on this host and no such process exists any more."""
+    host, pid = attrs.get(HOST_ATTR), str(attrs.get(PID_ATTR, ""))
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
+def fail_orphaned_trials(study: Any) -> list[int]:
+    """Mark the study's ``RUNNING`` trials whose process is gone ``FAIL``; returns their numbers.
+
+    A trial of a killed ``wsss tune crf`` would otherwise stay ``RUNNING`` for ever. Gone means: its
+    :func:`claim_trial` host is this one and its pid no longer exists; with a heartbeat storage
+    (:func:`make_storage` ``shared``) also any trial silent for longer than the grace period, wherever
+    it ran.
+    """
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    storage = study._storage  # Optuna's own fail_stale_trials works on it the same way
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
+    for t in study.get_trials(deepcopy=False, states=(running,)):
+        if _owner_gone(t.user_attrs):
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker did it
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeat
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
+    return sorted(before - after)
 
 
 def best_config(study: Any, base: PseudoConfig, refiners: Sequence[str]) -> tuple[PseudoConfig, Any]:

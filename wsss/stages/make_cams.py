@@ -1,6 +1,7 @@
 """Stage ``make-cams``: foreground maps for every trainval pet, batched, multi-scale + flip, sharded.
 
-Writes ``cams/<variant>/`` (see :mod:`wsss.cams`) and ``reports/cams/<variant>.json``: fg IoU on the
+Writes ``cams/<variant>/`` (see :mod:`wsss.cams`; a rerun recomputes missing shards and any whose size or
+SHA-256 differs from the record made when it was written) and ``reports/cams/<variant>.json``: fg IoU on the
 validation split at ``make_cams.threshold`` and the IoU-vs-threshold curve (GT used for reporting
 only), beside the label-free baselines (whole image, centred ellipse) on the same images.
 """
@@ -15,7 +16,16 @@ import numpy as np
 import pandas as pd
 
 from wsss import tracking
-from wsss.cams import iter_maps, load_maps, plan_shards, shard_path, write_shard
+from wsss.cams import (
+    iter_maps,
+    load_index,
+    load_maps,
+    plan_shards,
+    record_shard,
+    shard_path,
+    shard_problem,
+    write_shard,
+)
 from wsss.config import Params, to_dict
 from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask
@@ -63,7 +73,7 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
 
     start = time.perf_counter()
     shards = plan_shards(df["id"].tolist(), params.make_cams.shard_size)
-    todo = [i for i in range(len(shards)) if not shard_path(out_dir, i).exists()]
+    todo = _shards_to_compute(out_dir, len(shards))
     with tracking.stage_run(STAGE, variant, params, paths, sections=("make_cams",),
                             extra_tags={"method": method, "model": model or ""}):
         if todo:
@@ -92,6 +102,33 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
         f"ellipse {report['baseline_ellipse_iou']:.3f}, whole image {report['baseline_whole_iou']:.3f}"
     )
     return report
+
+
+def _shards_to_compute(out_dir: Path, n_shards: int) -> list[int]:
+    """Indices of the shards to (re)compute: missing ones and any whose bytes are not those recorded at write
+    (truncated, overwritten, swapped), each of the latter named on the console.
+
+    ``_done.json`` is not trusted: every existing shard is checked against ``_shards.json``, and one
+    without a record that reads completely is recorded now (see :func:`wsss.cams.shard_problem`).
+    """
+    index = load_index(out_dir)
+    todo, bad = [], 0
+    for i in range(n_shards):
+        path = shard_path(out_dir, i)
+        if not path.exists():
+            todo.append(i)
+            continue
+        problem = shard_problem(path, index.get(path.name))
+        if problem:
+            console.print(f"{path}: {problem}; recomputing it")
+            todo.append(i)
+            bad += 1
+        elif path.name not in index:
+            record_shard(path)
+    if bad or 0 < len(todo) < n_shards:
+        console.print(f"{out_dir}: {n_shards - len(todo)} of {n_shards} shards done and verified; computing "
+                      f"{len(todo)} ({len(todo) - bad} missing, {bad} damaged)")
+    return todo
 
 
 def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -> str:

@@ -30,7 +30,7 @@ import pandas as pd
 
 from wsss import tracking
 from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
-from wsss.cams import SHARD_GLOB, iter_maps
+from wsss.cams import SHARD_GLOB, iter_maps, load_index, shard_ids, verify_shard
 from wsss.config import Params, PseudoConfig, to_dict
 from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask, read_rgb
@@ -132,14 +132,14 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
 
 
 def _map_ids(cams_dir: Path) -> list[str]:
-    """Ids of every stored map, read from the shards' ``ids`` arrays only (no map is decompressed)."""
+    """Ids of every stored map, read from the shards' ``ids`` arrays only (no map is decompressed), after
+    checking each shard's size and SHA-256 against its record, so a damaged shard stops the stage before
+    the masks folder is touched."""
+    index = load_index(cams_dir)
     ids: list[str] = []
     for path in sorted(Path(cams_dir).glob(SHARD_GLOB)):
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                ids.extend(str(i) for i in data["ids"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise DataError(f"{path}: unreadable map shard ({exc}); rerun `wsss make-cams`") from None
+        verify_shard(path, index)
+        ids.extend(shard_ids(path))
     if not ids:
         raise DataError(f"{cams_dir}: no map shards; run `wsss make-cams` for this variant first")
     return ids

@@ -3,6 +3,8 @@
 Writes ``reports/crf/<variant>.yaml`` (the best trial's full ``pseudo:`` mapping, which ``make-pseudo``
 prefers over ``params.yaml``) and keeps the study in ``studies/<variant>/optuna.db`` (or any RDB URL).
 Running it again continues the same study; the best-params file always reflects every trial stored.
+A trial left ``RUNNING`` by a killed run is marked ``FAIL`` first (:func:`wsss.tuning.fail_orphaned_trials`);
+an explicit ``--storage`` (workers may share it) also gets Optuna's heartbeat.
 
 MLflow: one parent run per invocation (stage ``tune-crf``) and one nested run per trial, logged here by
 hand (Optuna's MLflowCallback is deprecated and does not create the parent). A child run ends FINISHED
@@ -26,8 +28,10 @@ from wsss.tuning import (
     Objective,
     best_config,
     build_objective_data,
+    claim_trial,
     create_study,
     default_storage,
+    fail_orphaned_trials,
     make_storage,
     search_refiners,
     seed_trials,
@@ -130,7 +134,7 @@ def _open_study(params: Params, name: str, url: str, shared: bool, refiners: tup
     import optuna
 
     cfg = params.tune
-    store = make_storage(url)
+    store = make_storage(url, shared=shared)
     # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
     # first trials. Workers sharing an explicit storage also get their process id mixed in (their
     # interleaving makes such studies non-reproducible anyway).
@@ -138,6 +142,9 @@ def _open_study(params: Params, name: str, url: str, shared: bool, refiners: tup
     seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if shared else 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
     study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
+    failed = fail_orphaned_trials(study_obj)
+    if failed:
+        console.print(f"study '{name}': trial(s) {', '.join(map(str, failed))} of a killed run marked FAIL")
     if n_before == 0:
         for seed_params in seed_trials(params.pseudo, refiners):
             study_obj.enqueue_trial(seed_params, skip_if_exists=True)
@@ -179,6 +186,7 @@ def _logged_objective(objective: Callable[[Any], float], experiment_id: str, var
     import optuna
 
     def run_trial(trial: Any) -> float:
+        claim_trial(trial)
         # Every MLflow call is guarded: a tracking failure mid-study must not fail the trials.
         tracking.guard(
             mlflow.start_run,
