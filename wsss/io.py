@@ -40,6 +40,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_gone(host: str | None, pid: str | int | None) -> bool:
+    """True only when ``pid`` (as recorded with ``host``) ran on this host and no such process exists any more."""
+    import socket
+
+    text = str(pid if pid is not None else "")
+    return host == socket.gethostname() and text.isdigit() and not pid_alive(int(text))
+
+
 def require_inside(path: str | Path, owner_root: str | Path) -> None:
     """Check that ``path`` lies strictly inside ``owner_root`` (a stage's own output root), so it may be emptied.
 

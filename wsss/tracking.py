@@ -46,6 +46,7 @@ import numpy as np
 
 from wsss.config import Params, flatten
 from wsss.errors import TrackingError
+from wsss.io import process_gone
 from wsss.paths import Paths
 
 MAX_PARAM_BATCH = 100
@@ -410,13 +411,6 @@ def process_tags() -> dict[str, str]:
     return {"wsss.host": socket.gethostname(), "wsss.pid": str(os.getpid())}
 
 
-def _process_gone(host: str | None, pid: str | None) -> bool:
-    """True only when ``pid`` ran on this host and no such process exists any more."""
-    from wsss.io import pid_alive
-
-    return host == socket.gethostname() and (pid or "").isdigit() and not pid_alive(int(pid))
-
-
 def close_orphaned_runs(experiment_id: str, stage: str, variant: str, keep: str | None = None) -> list[str]:
     """Mark ``RUNNING`` runs of ``stage``/``variant`` whose process was killed (and their children) ``KILLED``.
 
@@ -432,7 +426,7 @@ def close_orphaned_runs(experiment_id: str, stage: str, variant: str, keep: str 
                           f"and tags.`wsss.variant` = '{variant}'",
             max_results=200,
         )
-        if r.info.run_id != keep and _process_gone(r.data.tags.get("wsss.host"), r.data.tags.get("wsss.pid"))
+        if r.info.run_id != keep and process_gone(r.data.tags.get("wsss.host"), r.data.tags.get("wsss.pid"))
     ]
     closed: list[str] = []
     for run in orphans:

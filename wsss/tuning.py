@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
 from wsss.data.manifest import pets
 from wsss.data.readers import read_mask, read_rgb
 from wsss.errors import ConfigError, DataError
-from wsss.io import pid_alive
+from wsss.io import process_gone
 from wsss.refiners import REGISTRY, Suggest
 
 # Bump when the search space changes: it is part of the default study name, so an old study (whose
@@ -372,12 +371,6 @@ def claim_trial(trial: Any) -> None:
         trial.set_user_attr(key, value)
 
 
-def _owner_gone(attrs: dict[str, Any]) -> bool:
-    """True only when the trial's process ran on this host and no such process exists any more."""
-    host, pid = attrs.get(HOST_ATTR), str(attrs.get(PID_ATTR, ""))
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
-
-
 def fail_orphaned_trials(study: Any) -> list[int]:
     """Mark the study's ``RUNNING`` trials whose process is gone ``FAIL``; returns their numbers.
 
@@ -392,7 +385,7 @@ def fail_orphaned_trials(study: Any) -> list[int]:
     storage = study._storage  # Optuna's own fail_stale_trials works on it the same way
     before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
     for t in study.get_trials(deepcopy=False, states=(running,)):
-        if _owner_gone(t.user_attrs):
+        if process_gone(t.user_attrs.get(HOST_ATTR), t.user_attrs.get(PID_ATTR)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker did it
                 storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
