@@ -5,12 +5,17 @@ See the "Tracking failures" section of :mod:`wsss.tracking`. Every server here i
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -437,3 +442,115 @@ def test_a_readonly_store_fails_in_one_line_with_the_real_cause(project: Path) -
     lines = [ln for ln in output.splitlines() if ln.strip()]
     assert len(lines) == 1 and READONLY in lines[0] and str(db) in lines[0], output
     assert "Traceback" not in output and "[SQL:" not in output
+
+
+# --------------------------------------------------------------------------------------------------
+# a store that cannot be used, found before the stage touches its outputs (exit 4 "before the stage started")
+
+
+STAGE_COMMANDS = [["prepare"], ["validate"], ["evaluate", "--baselines"]]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny project where prepare, validate and evaluate --baselines have written their outputs."""
+    root = tmp_path_factory.mktemp("finished")
+    write_params(root)
+    (root / "mlruns").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root.as_posix()}/mlruns/mlflow.db")
+        for command in (["generate-synthetic"], *STAGE_COMMANDS):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 0, result.output
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def _api_failing_server() -> Iterator[str]:
+    """A server on 127.0.0.1 whose ``/health`` answers 200 and whose every API call fails with HTTP 500."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            ok = self.path.split("?")[0] == "/health"
+            body = b"OK" if ok else b'{"error_code": "INTERNAL_ERROR", "message": "simulated"}'
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            self.send_response(200 if ok else 500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _answer  # noqa: N815 - the stdlib's names
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _broken_store(kind: str, tmp: Path, store: Path) -> Iterator[str]:
+    """The tracking URI of a store that opens or answers, but cannot be used (``store``: a good SQLite store)."""
+    if kind == "readonly-sqlite":  # a copy of the good store, readable (its experiment and runs are found)
+        db = tmp / "readonly" / "mlflow.db"
+        db.parent.mkdir()
+        shutil.copy2(store, db)
+        if not _chattr(db, "+i"):
+            pytest.skip("chattr +i is not available here")
+        try:
+            yield f"sqlite:///{db.as_posix()}"
+        finally:
+            _chattr(db, "-i")
+    elif kind == "corrupt-sqlite":
+        db = tmp / "corrupt" / "mlflow.db"
+        db.parent.mkdir()
+        db.write_bytes(b"this is not an SQLite database\n" * 64)
+        yield f"sqlite:///{db.as_posix()}"
+    elif kind == "unknown-scheme":
+        yield "nosuchscheme://tracking.example/store"
+    else:
+        with _api_failing_server() as uri:
+            yield uri
+
+
+@pytest.mark.parametrize("kind", ["corrupt-sqlite", "readonly-sqlite", "unknown-scheme", "api-500"])
+@pytest.mark.parametrize("command", STAGE_COMMANDS, ids=lambda c: c[0])
+def test_unusable_store_exits_4_before_the_stage_touches_its_outputs(
+    finished: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str], kind: str
+) -> None:
+    """Issue 17, defect 5: the store is used once for real before any work, not only when the stage logs."""
+    from wsss import tracking
+
+    monkeypatch.chdir(finished)
+    before = _snapshot(finished)
+    with _broken_store(kind, tmp_path, finished / "mlruns" / "mlflow.db") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        start = time.monotonic()
+        try:
+            result = runner.invoke(app, command)
+        finally:
+            tracking._checked.discard(uri)
+        seconds = time.monotonic() - start
+    assert result.exit_code == 4, f"{result.output}\n{result.exception!r}"
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and uri in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+    assert seconds < 60, f"took {seconds:.1f}s"
+    after = _snapshot(finished)
+    assert after.keys() == before.keys(), sorted(after.keys() ^ before.keys())  # nothing new, nothing removed
+    changed = [name for name in before if after[name] != before[name]]
+    assert not changed, changed  # byte-identical, same mtime

@@ -63,8 +63,11 @@ def _parse(parse: Callable[[str], T], value: str, option: str) -> T:
         raise ConfigError(f"{option}: {exc}") from None
 
 
-def _load(params_path: Path, track: bool = True) -> tuple[Any, Any]:
-    """Params and paths; with ``track``, fail fast (exit 4) if the MLflow server does not answer."""
+def _load(params_path: Path, track: bool = True, writes: bool = True) -> tuple[Any, Any]:
+    """Params and paths; with ``track``, fail fast (exit 4) if the MLflow store cannot be used.
+
+    ``writes``: the command logs runs, so the store must also be writable (False for ``wsss runs``).
+    """
     from wsss.config import load_params
     from wsss.paths import Paths
 
@@ -73,7 +76,7 @@ def _load(params_path: Path, track: bool = True) -> tuple[Any, Any]:
     if track:
         from wsss import tracking
 
-        tracking.check_available(paths)  # before any work: a stage must not compute what it cannot track
+        tracking.check_store(paths, params, writes=writes)  # before any work: never compute what cannot be tracked
     return params, paths
 
 
@@ -352,7 +355,7 @@ def runs(
     """List the latest MLflow run of every stage and variant: status, time, key metrics, git commit."""
     from wsss.stages import runs as runs_stage
 
-    params, paths = _load(params_path)
+    params, paths = _load(params_path, writes=False)
     runs_stage.run(params, paths, stage, include_all=all_runs)
 
 

@@ -8,12 +8,14 @@ Tracking failures
 Tracking is a side channel: a stage must not start work it cannot track, and must never lose work
 because tracking failed once it had started.
 
-* **Before any work** (:func:`check_available`, called by every tracked ``wsss`` command before it
-  reads data, and again by :func:`stage_run`): an ``http(s)://`` tracking URI is probed at
-  ``<uri>/health`` with a short timeout (``WSSS_TRACKING_TIMEOUT`` seconds, default 5). A server that
-  does not answer stops the command with one line naming the URI and exit code 4
-  (:class:`~wsss.errors.TrackingError`). So does a store that cannot be opened or a run that cannot
-  be started.
+* **Before any work** (:func:`check_store`, called by every tracked ``wsss`` command before it reads
+  data or writes anything): an ``http(s)://`` tracking URI is probed at ``<uri>/health`` with a short
+  timeout (``WSSS_TRACKING_TIMEOUT`` seconds, default 5; :func:`check_available`, again by
+  :func:`stage_run`), then the store is used once for real: the project's experiment is looked up and
+  one of its runs searched, and a SQLite store file must be writable. A server that does not answer, a
+  server whose API fails, a corrupt or read-only store or an unknown URI scheme stops the command with
+  one line naming the URI and exit code 4 (:class:`~wsss.errors.TrackingError`), before the stage's
+  outputs are touched. So does a run that cannot be started.
 * **After the run has started**, every logging call goes through :func:`guard`: the first tracking
   error is reported once, as a warning naming the URI and the run; tracking is then off for the rest of
   the process (no later call waits on a dead server), and the stage finishes and writes all its outputs
@@ -206,6 +208,42 @@ def connect(paths: Paths) -> str:
         except Exception as exc:
             raise TrackingError(f"MLflow tracking store {uri} cannot be created ({type(exc).__name__}: "
                                 f"{_reason(exc)})") from None
+    return uri
+
+
+def check_store(paths: Paths, params: Params, writes: bool = True) -> str:
+    """Open the tracking store and use it once (read-only), before a command does any work.
+
+    :func:`connect`, then the project's experiment is looked up and one of its runs searched (the first
+    experiment when it does not exist yet), so a server whose ``/health`` answers but whose API fails, a
+    corrupt SQLite file or an unknown URI scheme fail here rather than when the stage logs its results.
+    With ``writes`` a SQLite store file must also be writable. Returns the tracking URI.
+
+    Raises:
+        TrackingError: one line naming the URI and the reason (exit code 4 on the command line).
+    """
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    uri = connect(paths)
+    db = _sqlite_file(uri)
+    if writes and db is not None and db.exists():
+        try:
+            os.close(os.open(db, os.O_RDWR))  # what SQLite needs to write; a read-only store only fails on write
+        except OSError as exc:
+            raise TrackingError(f"MLflow tracking store {uri} cannot be used (not writable: {_reason(exc)})") from None
+    try:
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment_name(params))
+        if exp is None:
+            client.search_experiments(max_results=1)
+        else:
+            client.search_runs([exp.experiment_id], max_results=1)
+    except UnsupportedModelRegistryStoreURIException:  # MLflow's name for any unknown scheme, tracking too
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used (unknown URI scheme "
+                            f"'{uri.split(':', 1)[0]}')") from None
+    except Exception as exc:  # whatever the store raises: it cannot be used
+        raise store_error(uri, exc) from None
     return uri
 
 
