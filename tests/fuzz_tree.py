@@ -327,6 +327,23 @@ def trimap_is_a_directory(root: Path, mp: pytest.MonkeyPatch) -> Expect:
     return Expect([Issue("annotations/trimaps/Abyssinian_9.png", "excluded", ("not a regular file",))])
 
 
+
+@damage
+def orphan_trimap(root: Path, mp: pytest.MonkeyPatch) -> Expect:
+    """A trimap whose NAME has no image (and is listed nowhere)."""
+    write_trimap(_tri(root, "Abyssinian_9"), pet_trimap(SIZE[1], SIZE[0]))
+    return Expect([Issue("annotations/trimaps/Abyssinian_9.png", "ignored", ("orphan trimap",))])
+
+
+@damage
+def all_border_trimaps(root: Path, mp: pytest.MonkeyPatch) -> Expect:
+    """Trimaps that are border everywhere: the trainval image stays without a mask, the test image goes."""
+    for name in ("Abyssinian_1", "Abyssinian_4"):
+        write_trimap(_tri(root, name), np.full((SIZE[1], SIZE[0]), 3, np.uint8))
+    return Expect([Issue("annotations/trimaps/Abyssinian_1.png", "excluded", ("all border", "image kept")),
+                   Issue("annotations/trimaps/Abyssinian_4.png", "excluded", ("all border", "test image"))],
+                  gone={"Abyssinian_4"})
+
 # --------------------------------------------------------------------------------------------------
 # the file system
 
@@ -338,7 +355,8 @@ def image_is_a_directory(root: Path, mp: pytest.MonkeyPatch) -> Expect:
     write_trimap(_tri(root, "Abyssinian_9"), pet_trimap(SIZE[1], SIZE[0]))
     append_split(root, "trainval", [split_line("Abyssinian_9", 0)])
     return Expect([Issue("images/Abyssinian_9.jpg", "ignored", ("a folder inside images/",)),
-                   Issue("images/Abyssinian_9.jpg", "excluded", ("has no image file",))])
+                   Issue("images/Abyssinian_9.jpg", "excluded", ("has no image file",)),
+                   Issue("annotations/trimaps/Abyssinian_9.png", "ignored", ("orphan trimap",))])
 
 
 @damage
@@ -417,7 +435,8 @@ def unreadable_images_folder(root: Path, mp: pytest.MonkeyPatch) -> Expect:
 
 @damage
 def unreadable_split_file(root: Path, mp: pytest.MonkeyPatch) -> Expect:
-    """test.txt cannot be read (simulated EACCES): its pets are unlisted, the trainval ones prepared."""
+    """test.txt cannot be read (simulated EACCES): its pets are unlisted, the trainval ones prepared (no test split:
+    validate fails)."""
     target = _split_text(root, "test").resolve()
     real = Path.read_bytes
 
@@ -430,7 +449,7 @@ def unreadable_split_file(root: Path, mp: pytest.MonkeyPatch) -> Expect:
     gone = {f"{b}_4" for b in ("Abyssinian", "american_bulldog", "Bengal")}
     return Expect([Issue("annotations/test.txt", "excluded", ("cannot read split file", "ermission denied")),
                    *[Issue(f"images/{g}.jpg", "ignored", ("not listed",)) for g in sorted(gone)]],
-                  gone=gone)
+                  gone=gone, validate_exit=1)
 
 
 @damage
@@ -544,11 +563,12 @@ def nul_bytes_in_split_file(root: Path, mp: pytest.MonkeyPatch) -> Expect:
 
 @damage
 def empty_split_file(root: Path, mp: pytest.MonkeyPatch) -> Expect:
-    """test.txt is empty: said so, and its pets reported as unlisted."""
+    """test.txt is empty: said so, and its pets reported as unlisted (no test split: validate fails)."""
     _split_text(root, "test").write_bytes(b"")
     gone = {f"{b}_4" for b in ("Abyssinian", "american_bulldog", "Bengal")}
     return Expect([Issue("annotations/test.txt", "ignored", ("lists no images",)),
-                   *[Issue(f"images/{g}.jpg", "ignored", ("not listed",)) for g in sorted(gone)]], gone=gone)
+                   *[Issue(f"images/{g}.jpg", "ignored", ("not listed",)) for g in sorted(gone)]], gone=gone,
+                  validate_exit=1)
 
 
 @damage
@@ -561,13 +581,14 @@ def both_split_files_empty(root: Path, mp: pytest.MonkeyPatch) -> Expect:
 
 @damage
 def split_file_is_a_directory(root: Path, mp: pytest.MonkeyPatch) -> Expect:
-    """annotations/test.txt is a folder."""
+    """annotations/test.txt is a folder (no test split: validate fails)."""
     path = _split_text(root, "test")
     path.unlink()
     path.mkdir()
     gone = {f"{b}_4" for b in ("Abyssinian", "american_bulldog", "Bengal")}
     return Expect([Issue("annotations/test.txt", "ignored", ("split file missing",)),
-                   *[Issue(f"images/{g}.jpg", "ignored", ("not listed",)) for g in sorted(gone)]], gone=gone)
+                   *[Issue(f"images/{g}.jpg", "ignored", ("not listed",)) for g in sorted(gone)]], gone=gone,
+                  validate_exit=1)
 
 
 @damage

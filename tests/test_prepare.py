@@ -394,6 +394,50 @@ def test_no_usable_image_raises(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists() and _siblings(tmp_path / "out") == []
 
 
+def test_orphan_trimaps_are_listed_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wsss.stages.prepare import _print_issues
+
+    root = make_oxford_tree(tmp_path / "pets", n_per_breed=4, breeds=[0, 1], size=(40, 40))
+    clean = prepare_dataset(root, tmp_path / "clean", CFG, seed=0)
+    tri_dir = root / "annotations" / "trimaps"
+    orphans = [write_trimap(tri_dir / f"{name}.png", pet_trimap(40, 40)) for name in ("Bengal_9", "ghost")]
+    # a listed name without an image: the image is reported as missing, its trimap as an orphan
+    append_split(root, "trainval", [split_line("Abyssinian_ghost", 0)])
+    orphans.append(write_trimap(tri_dir / "Abyssinian_ghost.png", pet_trimap(40, 40)))
+    res = prepare_dataset(root, tmp_path / "out", CFG, seed=0)
+    for path in orphans:
+        _one_issue(res.issues, path, "ignored", "orphan trimap", "no image")
+    _one_issue(res.issues, root / "images" / "Abyssinian_ghost.jpg", "excluded", "no image file")
+    assert res.manifest.equals(clean.manifest)
+    assert res.counts["ignored"] == 3 and clean.issues == []
+    _print_issues(res.issues)
+    assert "3 orphan trimap(s)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_all_border_mask_keeps_the_image_unmasked_or_excludes_a_test_image(tmp_path: Path) -> None:
+    from wsss.config import ValidateConfig
+    from wsss.data.validation import validate_manifest
+
+    root = make_oxford_tree(tmp_path / "pets", n_per_breed=4, breeds=[0, 1], size=(40, 40))
+    tri_dir = root / "annotations" / "trimaps"
+    border = np.full((40, 40), 3, np.uint8)
+    train_tri = write_trimap(tri_dir / "Abyssinian_1.png", border)  # trainval
+    test_tri = write_trimap(tri_dir / "american_bulldog_4.png", border)  # test (the last of its breed)
+    out = tmp_path / "out"
+    res = prepare_dataset(root, out, CFG, seed=0)
+    df = res.manifest.set_index("id")
+    _one_issue(res.issues, train_tri, "excluded", "all border", "mask dropped, image kept")
+    row = df.loc["Abyssinian_1"]
+    assert not row["has_mask"] and row["mask_path"] == "" and row["split"] in ("train", "val")
+    assert row["fg_fraction"] == -1 and row["mask_values"] == ""
+    assert not (out / "masks" / "Abyssinian_1.png").exists() and (out / row["image_path"]).is_file()
+    _one_issue(res.issues, test_tri, "excluded", "all border", "test image")
+    assert "american_bulldog_4" not in df.index and not (out / "images" / "american_bulldog_4.jpg").exists()
+    assert df["has_mask"].sum() == len(df) - 1
+    checked = validate_manifest(res.manifest, out, ValidateConfig(min_images_per_class=1, max_side=32))
+    assert checked.success, checked.summary()
+
+
 # --------------------------------------------------------------------------------------------------
 # atomic output
 

@@ -193,6 +193,8 @@ CASES = [
     ("duplicate image_path", set_("Abyssinian_2", image_path="images/Abyssinian_1.jpg"), None,
      {E + "unique(image_path)"}),
     ("bad split", set_("Abyssinian_3", split="holdout"), None, {E + "in_set(split)"}),
+    ("no test images", combine(drop_row("Abyssinian_4"), drop_row("american_bulldog_4")), None,
+     {"expect_column_distinct_values_to_contain_set(split)"}),
     ("bad source", set_("Abyssinian_1", source="web"), None, {E + "in_set(source)"}),
     ("species 5", set_("Abyssinian_1", species=5), None,
      {E + "in_set(species)", E + "in_set(species | is_background == False)"}),
@@ -275,6 +277,9 @@ def test_details_name_offenders(prepared: tuple[pd.DataFrame, Path]) -> None:
     assert "images/Abyssinian_1.jpg" in details["files_exist"]
     report = json.loads(json.dumps(res.to_dict()))
     assert report["success"] is False and set(report["failed"]) == set(details)
+    no_test = df[df["split"] != "test"]
+    details = {c.name: c.details for c in validate_manifest(no_test, root, CFG).failed}
+    assert details["expect_column_distinct_values_to_contain_set(split)"] == "1 expected value(s) absent: test"
 
 
 def test_file_checks_can_be_skipped(prepared: tuple[pd.DataFrame, Path]) -> None:

@@ -35,6 +35,8 @@ _TRIMAP_LUT = np.full(256, 255, dtype=np.uint8)
 _TRIMAP_LUT[1] = 1  # pet
 _TRIMAP_LUT[2] = 0  # background
 _TRIMAP_LUT[3] = 255  # border: ignored in training and evaluation
+# The reason of the issue for a trimap whose NAME has no image file (the stage counts these).
+ORPHAN_TRIMAP = "orphan trimap: no image file with this NAME in images/"
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,8 @@ def read_split_files(root: Path) -> tuple[list[PetRecord], list[dict[str, str]]]
     Returns:
         ``(records, issues)``: records sorted by (split, name), one per listed NAME whose image exists;
         issues (``{"file", "reason", "action"}``) for malformed lines, duplicates, names in both splits,
-        listed names without an image and image files not listed in any split.
+        listed names without an image, image files not listed in any split and trimaps without an image
+        (reason :data:`ORPHAN_TRIMAP`, action ``ignored``).
 
     Raises:
         DataError: the root is missing, has no split files or no images/ folder.
@@ -306,6 +309,8 @@ def read_split_files(root: Path) -> tuple[list[PetRecord], list[dict[str, str]]]
                 else "not listed in trainval.txt or test.txt"
             )
             issues.append(_issue(path, reason, "ignored"))
+    for stem in sorted(trimaps.keys() - images.keys()):
+        issues.append(_issue(trimaps[stem], ORPHAN_TRIMAP, "ignored"))
     records.sort(key=lambda r: (r.split, r.name))
     return records, issues
 

@@ -3,7 +3,8 @@
 Output layout::
 
     <out_dir>/images/<id>.jpg      RGB JPEG (quality 95), longest side <= max_side (never upscaled)
-    <out_dir>/masks/<id>.png       0 background, 1 pet, 255 border/ignore (main-root pets only)
+    <out_dir>/masks/<id>.png       0 background, 1 pet, 255 border/ignore (main-root pets only; none for
+                                   an all-border trimap: such a test image is excluded)
     <out_dir>/manifest.parquet     see :mod:`wsss.data.manifest`
 
 Everything is built in a hidden sibling folder and swapped in at the end, so a killed run never leaves a
@@ -265,6 +266,17 @@ def _process(
             )
         )
         return None
+    if mask is not None and (w, h) != (ow, oh):
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+    if mask is not None and not np.any(mask != 255):
+        # Nothing to score or supervise against. A trainval image keeps its breed label, so it stays for
+        # classification without a mask; a test image is scored only with its mask, so it goes.
+        why = f"mask is all border/ignore (255) at {w}x{h}: no pet or background pixel"
+        if item.group == "test":
+            issues.append(issue(item.trimap or item.image, f"{why}; a test image needs one, excluded", "excluded"))
+            return None
+        issues.append(issue(item.trimap or item.image, f"{why}; mask dropped, image kept", "excluded"))
+        mask = None
     img = Image.fromarray(decoded.array)
     if (w, h) != (ow, oh):
         img = img.resize(
@@ -274,8 +286,6 @@ def _process(
     img.save(tmp / "images" / f"{item.id}.jpg", format="JPEG", quality=JPEG_QUALITY)
     mask_path = ""
     if mask is not None:
-        if (w, h) != (ow, oh):
-            mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
         mask_path = f"masks/{item.id}.png"
         Image.fromarray(mask).save(tmp / mask_path, format="PNG")
     if decoded.notes:

@@ -111,6 +111,8 @@ def build_suite(cfg: ValidateConfig) -> list[Any]:
         gxe.ExpectColumnValuesToNotBeNull(column="image_path"),
         gxe.ExpectColumnValuesToBeUnique(column="image_path"),
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        # Every score is computed on the test split: a dataset without one must not pass.
+        gxe.ExpectColumnDistinctValuesToContainSet(column="split", value_set=["test"]),
         gxe.ExpectColumnValuesToBeInSet(column="source", value_set=list(SOURCES)),
         gxe.ExpectColumnValuesToBeInSet(column="species", value_set=[-1, *range(len(SPECIES))]),
         gxe.ExpectColumnValuesToBeBetween(column="breed", min_value=-1, max_value=NUM_BREEDS - 1),
@@ -155,6 +157,8 @@ def _gx_details(res: Any, ids: pd.Series) -> str:
         text = f"{r['unexpected_count']} unexpected value(s): {_short(values)}"
         row_ids = [str(ids.iloc[i]) for i in rows[:MAX_LISTED] if isinstance(i, (int, np.integer)) and i < len(ids)]
         return text + (f"; ids: {_short(row_ids)}" if row_ids else "")
+    if r.get("missing_count"):
+        return f"{r['missing_count']} expected value(s) absent: {_short(r.get('partial_missing_list') or [])}"
     return f"observed: {r.get('observed_value')!r}"
 
 

@@ -67,9 +67,14 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
 
 
 def _print_issues(issues: list[dict[str, str]], limit: int = 20) -> None:
+    from wsss.data.oxford_pet import ORPHAN_TRIMAP
+
     if not issues:
         return
     console.print(f"[yellow]{len(issues)} input problem(s)[/] (all listed in reports/prepare.json):")
+    orphans = sum(1 for i in issues if i["reason"] == ORPHAN_TRIMAP)
+    if orphans:
+        console.print(f"  [yellow]{orphans} orphan trimap(s)[/] (no image with their NAME) ignored")
     for issue in issues[:limit]:
         console.print(f"  [yellow]{issue['action']}[/] {issue['file']}: {issue['reason']}")
     if len(issues) > limit:
