@@ -9,7 +9,7 @@ source              str       ``pets`` (main root) | ``extra`` (label-only root)
 species             int       0 cat, 1 dog, -1 background image
 breed               int       0..36 (official id - 1), -1 background image
 is_background       bool      background-only image (no pet)
-has_mask            bool      a GT mask exists (main-root pets only; background and label-only images: False)
+has_mask            bool      a GT mask exists (main-root pets whose trimap is not all border; background, label-only: False)
 width, height       int       prepared image size (pixels)
 orig_width/height   int       size of the source image
 image_path          str       prepared RGB JPEG/PNG, relative to the prepared folder
