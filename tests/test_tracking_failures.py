@@ -90,9 +90,6 @@ def test_server_down_subprocess_exits_4_within_seconds(project: Path) -> None:
 
 def test_health_check_accepts_a_server_that_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A 4xx from /health (auth proxy, no such route) means a server is there; a 5xx means it is sick."""
-    import http.server
-    import threading
-
     from wsss import tracking
     from wsss.errors import TrackingError
     from wsss.paths import Paths
@@ -107,19 +104,14 @@ def test_health_check_accepts_a_server_that_answers(monkeypatch: pytest.MonkeyPa
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        uri = f"http://127.0.0.1:{server.server_port}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        tracking.check_available(Paths(tmp_path))  # 404: fine
-        tracking._checked.discard(uri)
-        with pytest.raises(TrackingError, match="not healthy"):
-            tracking.check_available(Paths(tmp_path))
+        with _serve(Handler) as uri:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            tracking.check_available(Paths(tmp_path))  # 404: fine
+            tracking._checked.discard(uri)
+            with pytest.raises(TrackingError, match="not healthy"):
+                tracking.check_available(Paths(tmp_path))
     finally:
-        server.shutdown()
-        server.server_close()
         tracking._checked.clear()
 
 
@@ -491,7 +483,14 @@ def _api_failing_server() -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with _serve(Handler) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def _serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``http://127.0.0.1:<port>`` of a threaded server running ``handler``, shut down and joined on exit."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
