@@ -23,10 +23,11 @@ from wsss.serving.pyfunc import INPUT_COLUMN
 
 MODEL_NAME = "model"
 PYFUNC_CODE = Path(__file__).with_name(unet_format.CODE_FILE)
-# Distributions the pyfunc imports (wsss.serving, wsss.inference, wsss.models.unet and what they import);
-# tests/test_mlflow_model.py checks this list against what a fresh process really imports.
+# Distributions the pyfunc's code imports, also inside functions (wsss.serving, wsss.inference,
+# wsss.models.unet and what they import; rich: wsss.config's messages); tests/test_mlflow_model.py checks
+# this list against the imports and against what a fresh process really loads.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "segmentation-models-pytorch", "safetensors", "numpy",
-                "pandas", "pillow", "pyyaml")
+                "pandas", "pillow", "pyyaml", "rich")
 
 
 def pip_requirements() -> list[str]:
