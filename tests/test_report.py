@@ -189,7 +189,6 @@ def _train_unet_artifacts(project: Path, name: str, masks: str) -> None:
 
 
 def test_registry_champion_and_supervised(project: Path) -> None:
-    import mlflow
     from mlflow import MlflowClient
 
     _train_unet_artifacts(project, "unet-best", PERBREED)
