@@ -142,8 +142,12 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                      "--out", "pred", "--device", "cpu"])
         assert result.exit_code == 0, result.output
         assert "input 64px" in result.output
-    with Image.open(root / "pred" / "odd pet_mask.png") as m:
+        result = runner.invoke(app, ["predict", str(image), "--model", f"runs:/{reg.run_id}/model",
+                                     "--out", "pred-run", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    with Image.open(root / "pred" / "odd pet_mask.png") as m, Image.open(root / "pred-run" / "odd pet_mask.png") as r:
         mask = np.asarray(m)
+        assert (np.asarray(r) == mask).all()  # runs:/ and models:/ name the same model
     outside = tmp_path_factory.mktemp("elsewhere")  # cwd of the fresh processes: no repository, no wsss
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # As in an activated environment: `mlflow models serve` starts `uvicorn` from PATH.
