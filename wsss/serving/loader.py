@@ -9,7 +9,10 @@ network with :func:`wsss.serving.unet_format.load` (checksum first, safetensors,
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,20 @@ def load_folder(folder: Path, where: str | None = None) -> tuple[nn.Module, dict
     return unet_format.load(Path(folder) / ARTIFACTS, f"{label}/{ARTIFACTS}")
 
 
+@contextlib.contextmanager
+def _no_download_bars() -> Iterator[None]:
+    """MLflow's per-file download bars off (unless the user set them): wsss shows its own progress."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    unset = key not in os.environ
+    if unset:
+        os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if unset:
+            os.environ.pop(key, None)
+
+
 def load_mlflow_unet(spec: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the U-Net of an MLflow model folder or URI (the tracking store must be set for URIs).
 
@@ -92,7 +109,7 @@ def load_mlflow_unet(spec: str) -> tuple[nn.Module, dict[str, Any]]:
         return load_folder(Path(spec), spec)
     import mlflow
 
-    with tempfile.TemporaryDirectory(prefix="wsss-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="wsss-model-") as tmp, _no_download_bars():
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=spec, dst_path=tmp)
         except Exception as exc:  # MlflowException, OSError, a bad URI ...
