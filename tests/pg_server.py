@@ -34,7 +34,8 @@ class PgServer:
     def url(self, password: str | None = None, database: str | None = None) -> str:
         """A SQLAlchemy URL with the psycopg 3 driver (the ``postgres`` extra)."""
         pw = self.password if password is None else password
-        return f"postgresql+psycopg://{self.user}:{pw}@{self.host}:{self.port}/{database or self.database}"
+        creds = f"{self.user}:{pw}" if pw else self.user  # "": no password in the URL (libpq's PGPASSWORD)
+        return f"postgresql+psycopg://{creds}@{self.host}:{self.port}/{database or self.database}"
 
 
 def pg_bin() -> Path | None:

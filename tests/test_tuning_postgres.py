@@ -58,10 +58,12 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
     a, b = project / "machine-a", project / "machine-b"
     build_project(a, PARAMS)
     shutil.copytree(a, b)
-    _set_storage(a, pg.url())  # worker A: tune.storage, the way `dvc repro` runs it
-    bare = pg.url().replace("postgresql+psycopg://", "postgresql://")  # worker B: --storage, no driver named
+    # Worker A: tune.storage, the way `dvc repro` runs it, with the password outside params.yaml (libpq
+    # reads PGPASSWORD, or ~/.pgpass). Worker B: --storage with the password and no driver named.
+    _set_storage(a, pg.url(password=""))
+    bare = pg.url().replace("postgresql+psycopg://", "postgresql://")
     procs = [
-        subprocess.Popen(_cli("tune", "crf", "--method", VARIANT), cwd=a,
+        subprocess.Popen(_cli("tune", "crf", "--method", VARIANT), cwd=a, env={**os.environ, "PGPASSWORD": pg.password},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
         subprocess.Popen(_cli("tune", "crf", "--method", VARIANT, "--storage", bare), cwd=b,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
@@ -89,7 +91,9 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
     runs = mlflow.search_runs(search_all_experiments=True)
     parents = runs[runs["tags.mlflow.runName"].str.startswith("tune-crf:")]
     assert len(parents) == 2 and set(parents["tags.optuna.study"]) == {name}
-    assert all(pg.password not in s and "***" in s for s in parents["tags.optuna.storage"])
+    assert sorted(parents["tags.optuna.storage"]) == sorted(
+        [f"postgresql+psycopg://{pg.user}@127.0.0.1:{pg.port}/{pg.database}",  # as given, no password
+         f"postgresql://{pg.user}:***@127.0.0.1:{pg.port}/{pg.database}"])
     logged: list[int] = []
     for _, parent in parents.iterrows():
         kids = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
@@ -115,12 +119,15 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
 
 @pytest.mark.parametrize("case", ["password", "database"])
 def test_refused_login_or_database_is_one_line_exit_4(project: Path, pg: PgServer, case: str) -> None:
+    from typer.testing import CliRunner
+
+    from wsss.cli import app
+
     build_project(project, PARAMS)
     url = pg.url(password="wrong-pw") if case == "password" else pg.url(database="no_such_db")
-    out = subprocess.run(_cli("tune", "crf", "--method", VARIANT, "--storage", url), cwd=project,
-                         capture_output=True, text=True, timeout=300)
-    text = (out.stdout + out.stderr).strip()
-    assert out.returncode == 4, text
+    result = CliRunner().invoke(app, ["tune", "crf", "--method", VARIANT, "--storage", url])
+    text = result.output.strip()
+    assert result.exit_code == 4, text
     assert "Traceback" not in text and len(text.splitlines()) == 1, text
     assert f"{pg.user}:***@127.0.0.1:{pg.port}" in text and "wrong-pw" not in text
     assert ("password authentication failed" if case == "password" else "no_such_db") in text
