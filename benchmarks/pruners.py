@@ -84,7 +84,7 @@ def summarise(study: Any, n_images: int, pruner: str, chunks: int, wall_s: float
                       "seconds": round((t.datetime_complete - t0).total_seconds(), 2),
                       "best": None if best == float("-inf") else best})
     states = [t.state.name for t in trials]
-    return {"best_value": best, "wall_s": round(wall_s, 1), "trials": len(trials),
+    return {"best_value": best, "wall_s": round(wall_s, 1), "trials_s": curve[-1]["seconds"], "trials": len(trials),
             "complete": states.count("COMPLETE"), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "images_refined": cost, "full_cost_images": n_images * len(trials), "curve": curve}
 
@@ -104,19 +104,20 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- budget {s['trials']} trials per run, seeds {s['seeds']}, {s['prune_chunks']} pruning checks per "
         f"trial, {s['n_startup_trials']} startup trials, Wilcoxon p < {s['wilcoxon_p']}",
         f"- machine: {result['machine']}", "",
-        "| pruner | seed | best val IoU | wall s | complete / pruned | images refined (% of unpruned) | "
+        "| pruner | seed | best val IoU | wall s (trials s) | complete / pruned | images refined (% of unpruned) | "
         "best at the other's image count |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         other = r.get("best_at_other_cost")
         lines.append(
-            f"| {r['pruner']} | {r['seed']} | {r['best_value']:.4f} | {r['wall_s']:.0f} | {r['complete']} / "
+            f"| {r['pruner']} | {r['seed']} | {r['best_value']:.4f} | {r['wall_s']:.0f} ({r['trials_s']:.0f}) | {r['complete']} / "
             f"{r['pruned']} | {r['images_refined']} ({100 * r['images_refined'] / r['full_cost_images']:.0f} %) | "
             f"{'—' if other is None else f'{other:.4f}'} |")
-    lines += ["", "| pruner | mean best val IoU | mean wall s | mean images refined |", "|---|---|---|---|"]
+    lines += ["", "| pruner | mean best val IoU | mean wall s | mean trials s | mean images refined |",
+              "|---|---|---|---|---|"]
     for p, m in result["means"].items():
-        lines.append(f"| {p} | {m['best_value']:.4f} | {m['wall_s']:.0f} | {m['images_refined']:.0f} |")
+        lines.append(f"| {p} | {m['best_value']:.4f} | {m['wall_s']:.0f} | {m['trials_s']:.0f} | {m['images_refined']:.0f} |")
     lines += ["", f"Verdict: {result['verdict']}", ""]
     return "\n".join(lines)
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["means"] = {}
     for p in args.pruners:
         rows = [r for r in result["runs"] if r["pruner"] == p]
-        result["means"][p] = {k: sum(r[k] for r in rows) / len(rows) for k in ("best_value", "wall_s", "images_refined")}
+        result["means"][p] = {k: sum(r[k] for r in rows) / len(rows) for k in ("best_value", "wall_s", "trials_s", "images_refined")}
     result["verdict"] = verdict(result["means"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
