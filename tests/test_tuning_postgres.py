@@ -59,8 +59,10 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
     build_project(a, PARAMS)
     shutil.copytree(a, b)
     # Worker A: tune.storage, the way `dvc repro` runs it, with the password outside params.yaml (libpq
-    # reads PGPASSWORD, or ~/.pgpass). Worker B: --storage with the password and no driver named.
+    # reads PGPASSWORD, or ~/.pgpass). Worker B: --storage with the password and no driver named, which
+    # overrides a tune.storage with a wrong one (were it used, B would exit 4).
     _set_storage(a, pg.url(password=""))
+    _set_storage(b, pg.url(password="decoy-pw"))
     bare = pg.url().replace("postgresql+psycopg://", "postgresql://")
     procs = [
         subprocess.Popen(_cli("tune", "crf", "--method", VARIANT), cwd=a, env={**os.environ, "PGPASSWORD": pg.password},
@@ -91,6 +93,8 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
     runs = mlflow.search_runs(search_all_experiments=True)
     parents = runs[runs["tags.mlflow.runName"].str.startswith("tune-crf:")]
     assert len(parents) == 2 and set(parents["tags.optuna.study"]) == {name}
+    assert f"{pg.user}:***@" in " ".join(parents["params.tune.storage"])  # B's params.yaml value, masked
+    assert not runs.astype(str).apply(lambda col: col.str.contains("decoy-pw|" + pg.password)).any().any()
     assert sorted(parents["tags.optuna.storage"]) == sorted(
         [f"postgresql+psycopg://{pg.user}@127.0.0.1:{pg.port}/{pg.database}",  # as given, no password
          f"postgresql://{pg.user}:***@127.0.0.1:{pg.port}/{pg.database}"])

@@ -16,6 +16,7 @@ hand (Optuna's MLflowCallback is deprecated and does not create the parent). A c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -96,7 +97,9 @@ def run(
     study_obj = _open_study(params, name, store, shared=storage is not None, refiners=refiners)
 
     start = time.perf_counter()
-    with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
+    # The logged params hold tune.storage with its password masked (the MLflow store is no place for it).
+    logged_params = dataclasses.replace(params, tune=dataclasses.replace(cfg, storage=redact(cfg.storage)))
+    with tracking.stage_run(STAGE, variant, logged_params, paths, sections=("tune", "pseudo"),
                             extra_tags={"optuna.study": name, "optuna.storage": redact(url)}) as parent:
         objective = Objective(data, params.pseudo, refiners, cfg.prune_chunks, params.pseudo.workers,
                               on_report=_log_running, per_image=cfg.pruner == "wilcoxon")
