@@ -3,7 +3,7 @@
 Runs ``wsss tune crf --method VARIANT --trials N --study bench-<pruner>-s<seed>`` in a prepared work
 project (one with ``data/prepared`` and ``cams/VARIANT``, e.g. a ``quality.py`` work folder) once per
 pruner and seed, each from its own params file (the project's ``params.yaml`` with ``tune.pruner``,
-``tune.seed`` and the budget set), then reads every trial back from the study storage. Validation split
+``tune.seed`` and the budget set; studies ``<tag>-<pruner>-s<seed>``), then reads every trial back from the study storage. Validation split
 only, like the stage.
 
     python benchmarks/pruners.py --project WORK --variant cam_classifier-species \\
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wilcoxon-p", type=float, default=0.1)
     ap.add_argument("--refiners", nargs="+", default=["crf", "grabcut", "none"])
     ap.add_argument("--pruners", nargs="+", default=list(PRUNERS), choices=PRUNERS)
+    ap.add_argument("--tag", default="bench", help="study name prefix (a new tag = new studies)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "pruners.json")
     return ap.parse_args(argv)
 
@@ -143,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for seed in args.seeds:
         for pruner in args.pruners:
-            pfile = project / f"params-bench-{pruner}-s{seed}.yaml"
+            pfile = project / f"params-{args.tag}-{pruner}-s{seed}.yaml"
             pfile.write_text(yaml.safe_dump(run_params(base, args, pruner, seed), sort_keys=False))
             load_params(pfile)  # strict check before spending minutes
-            name = f"bench-{pruner}-s{seed}"
+            name = f"{args.tag}-{pruner}-s{seed}"
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "wsss", "tune", "crf", "--method", args.variant,
                                    "--study", name, "--params", str(pfile)],
