@@ -541,11 +541,13 @@ def log_dataset(paths: Paths, params: Params, stage: str) -> bool:
         source = paths.manifest.resolve().relative_to(paths.root.resolve()).as_posix()
     except ValueError:
         source = paths.manifest.as_posix()
-    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is meant
+    # MLflow warns that the source "can be interpreted in multiple ways" (a local path is meant) and that
+    # integer columns cannot hold missing values (a model-signature hint; this is no model input).
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(df, source=source, name=f"{params.base.dataset}-prepared",
                                           digest=data_hash(paths))
-    mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
+        mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
     return True
 
 
