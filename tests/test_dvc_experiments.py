@@ -54,7 +54,7 @@ def test_two_dvc_experiments_are_in_mlflow_under_their_names(tmp_path: Path) -> 
     assert set(by_exp) == set(EXPERIMENTS), by_exp.keys()
     for name, fraction in EXPERIMENTS.items():
         assert set(by_exp[name]) == {"prepare", "validate"}, by_exp[name].keys()
-        for stage, run in by_exp[name].items():
+        for run in by_exp[name].values():
             tags = run.data.tags
             assert tags["dvc.exp_baseline_rev"] == baseline
             assert tags["mlflow.source.git.commit"] == baseline

@@ -257,6 +257,8 @@ def connect(paths: Paths) -> str:
     # reported in one line (store_error), so the log would only bury the reason.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # retry chatter of a dead server
+    # Four INFO lines per run (started, stopped, "Skip logging GPU metrics", ...) on every stage's console.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     uri = tracking_uri(paths)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         store_dir(paths).mkdir(parents=True, exist_ok=True)
