@@ -293,6 +293,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow observability of every stage run. No stage output depends on it (no ``dvc.yaml`` lists it)."""
+
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) in each run's
+    # "System metrics" tab, sampled every ``system_metrics_interval_s`` seconds by a background thread.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = _f(10.0, 0.1, 3600.0)
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -308,6 +318,7 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     train_unet: UnetConfig = field(default_factory=UnetConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------------------------------
