@@ -65,7 +65,7 @@ def test_tuned_weights_are_never_worse_on_val_than_the_best_member(tmp_path: Pat
     assert best.value >= max(singles) - 1e-12
     assert score_weights(data, weights, fusion)[0] == pytest.approx(best.value)
     # The single-member trials score exactly what the member scores alone.
-    for k, member in enumerate(data.members):
+    for k in range(len(data.members)):
         one_hot = [float(j == k) for j in range(3)]
         assert score_weights(data, one_hot, fusion)[0] == pytest.approx(singles[k])
     assert score_weights(data, [0.0, 0.0, 0.0], fusion) == (0.0, None)
@@ -91,7 +91,7 @@ def _project(project: Path):
 def test_tune_ensemble_cli_writes_weights_used_by_make_cams(project: Path) -> None:
     from wsss.cli import app
     from wsss.config import load_params
-    from wsss.methods.extract import ensemble_members
+    from wsss.ensemble_tuning import ensemble_members
 
     paths = _project(project)
     result = CliRunner().invoke(app, ["tune", "ensemble"])
@@ -134,8 +134,7 @@ def test_tune_ensemble_cli_writes_weights_used_by_make_cams(project: Path) -> No
 def test_stale_or_bad_weights_file_is_a_config_error(project: Path) -> None:
     from wsss.cli import app
     from wsss.config import load_params
-    from wsss.ensemble_tuning import write_weights
-    from wsss.methods.extract import ensemble_members
+    from wsss.ensemble_tuning import ensemble_members, write_weights
 
     paths = build_project(project, PARAMS)
     params = load_params(paths.root / "params.yaml")

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsss.config import CamsConfig
 from wsss.errors import ConfigError, DataError
 
 # Bump when the search space or the objective changes: part of the study name.
@@ -62,6 +63,29 @@ class EnsembleData:
                 h.update(str(arr.shape).encode())
                 h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
+
+
+def ensemble_members(cfg: CamsConfig, tuned: Path | None = None) -> tuple[list[str], list[float]]:
+    """The ensemble's member variants and their weights.
+
+    The weights are the tuned ones of ``tuned`` (``reports/ensemble-weights.yaml``, written by
+    ``wsss tune ensemble``) when that file exists, else ``make_cams.ensemble_weights`` (equal when empty).
+
+    Raises:
+        ConfigError: fewer than two members, or a tuned file that is invalid or was tuned for other members
+            or another fusion than params.yaml's.
+    """
+    if len(cfg.ensemble_members) < 2:
+        raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
+    members = list(cfg.ensemble_members)
+    if tuned is not None and Path(tuned).exists():
+        tuned_members, weights, fusion = load_weights(Path(tuned))
+        if tuned_members != members or fusion != cfg.ensemble_fusion:
+            raise ConfigError(
+                f"{tuned}: tuned for members {tuned_members} ({fusion}), but params.yaml's make_cams lists "
+                f"{members} ({cfg.ensemble_fusion}); rerun `wsss tune ensemble` (or delete the file)")
+        return members, weights
+    return members, list(cfg.ensemble_weights) or [1.0] * len(members)
 
 
 def build_ensemble_data(df: pd.DataFrame, prepared_dir: Path, member_dirs: Sequence[Path], members: Sequence[str],

@@ -27,8 +27,8 @@ def effective_config(params: Params, paths: Paths, variant: str, use_tuned: bool
     from wsss.variants import MapVariant
 
     if MapVariant.parse(variant).is_prior:
-        return dataclasses.replace(params.pseudo, refiner="none", threshold=PRIOR_THRESHOLD, confident=False), \
-            "label-free"
+        # Defaults but for these: no other pseudo value can touch (or re-fingerprint) the label-free masks.
+        return PseudoConfig(refiner="none", threshold=PRIOR_THRESHOLD, workers=params.pseudo.workers), "label-free"
 
     tuned = paths.crf_params(variant)
     if use_tuned and tuned.exists():

@@ -14,7 +14,7 @@ import pandas as pd
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import CamsConfig, Params
+from wsss.config import Params
 from wsss.errors import ConfigError, DataError
 from wsss.models.loading import ModelMeta, load_model
 from wsss.paths import Paths
@@ -68,31 +68,6 @@ def compute_maps(params: Params, paths: Paths, method: Any, model: nn.Module, me
                    float(peak[j]))
         if progress is not None:
             progress(len(x))
-
-
-def ensemble_members(cfg: CamsConfig, tuned: Path | None = None) -> tuple[list[str], list[float]]:
-    """The ensemble's member variants and their weights.
-
-    The weights are the tuned ones of ``tuned`` (``reports/ensemble-weights.yaml``, written by
-    ``wsss tune ensemble``) when that file exists, else ``make_cams.ensemble_weights`` (equal when empty).
-
-    Raises:
-        ConfigError: fewer than two members, or a tuned file that is invalid or was tuned for other members
-            or another fusion than params.yaml's.
-    """
-    if len(cfg.ensemble_members) < 2:
-        raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
-    members = list(cfg.ensemble_members)
-    if tuned is not None and Path(tuned).exists():
-        from wsss.ensemble_tuning import load_weights
-
-        tuned_members, weights, fusion = load_weights(Path(tuned))
-        if tuned_members != members or fusion != cfg.ensemble_fusion:
-            raise ConfigError(
-                f"{tuned}: tuned for members {tuned_members} ({fusion}), but params.yaml's make_cams lists "
-                f"{members} ({cfg.ensemble_fusion}); rerun `wsss tune ensemble` (or delete the file)")
-        return members, weights
-    return members, list(cfg.ensemble_weights) or [1.0] * len(members)
 
 
 def fuse_members(members: Sequence[Mapping[str, np.ndarray]], image_id: str, weights: Sequence[float],

@@ -17,9 +17,10 @@ from wsss import tracking
 from wsss.config import Params
 from wsss.data.manifest import official_test_rows
 from wsss.data.readers import read_mask, read_rgb
+from wsss.ensemble_tuning import ensemble_members
 from wsss.errors import ConfigError
 from wsss.io import write_json
-from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
+from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
 from wsss.pseudo import effective_config, plain_threshold_config
 from wsss.ui import console, task

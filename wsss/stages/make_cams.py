@@ -29,13 +29,14 @@ from wsss.cams import (
 from wsss.config import Params, to_dict
 from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask
+from wsss.ensemble_tuning import ensemble_members
 from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, write_json, write_text
-from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
+from wsss.methods.ensemble import THRESHOLD_GRID
+from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
-from wsss.methods.ensemble import THRESHOLD_GRID
 from wsss.variants import ENSEMBLE, IMAGENET, PRIORS, MapVariant
 
 STAGE = "make-cams"

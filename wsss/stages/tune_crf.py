@@ -30,7 +30,6 @@ from wsss.tuning import (
     Objective,
     best_config,
     build_objective_data,
-    claim_trial,
     create_study,
     default_storage,
     fail_orphaned_trials,

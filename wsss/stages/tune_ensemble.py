@@ -26,12 +26,12 @@ from wsss.ensemble_tuning import (
     EnsembleObjective,
     best_weights,
     build_ensemble_data,
+    ensemble_members,
     score_weights,
     seed_weightings,
     study_name,
     write_weights,
 )
-from wsss.methods.extract import ensemble_members
 from wsss.paths import Paths
 from wsss.trial_runs import logged_objective, progress, redact, state_counts
 from wsss.trial_runs import n_trials as stored_trials
