@@ -41,8 +41,7 @@ def _data(n: int = 6, seed: int = 0):
 
 def _single_best(data, k: int) -> float:
     """A member's own val IoU at its best grid threshold, computed without the fusion."""
-    from wsss.evaluation import threshold_curve
-    from wsss.methods.ensemble import THRESHOLD_GRID
+    from wsss.evaluation import THRESHOLD_GRID, threshold_curve
 
     return max(threshold_curve([m[k] / m[k].max() for m in data.maps], data.gts, THRESHOLD_GRID)["iou_mean"])
 

@@ -132,8 +132,8 @@ def build_ensemble_data(df: pd.DataFrame, prepared_dir: Path, member_dirs: Seque
 def score_weights(data: EnsembleData, weights: Sequence[float], fusion: str) -> tuple[float, float | None]:
     """(mean val pet IoU at the best grid threshold, that threshold) of one weighting; (0, None) when every
     weight is 0 (no map)."""
-    from wsss.evaluation import threshold_curve
-    from wsss.methods.ensemble import THRESHOLD_GRID, fuse
+    from wsss.evaluation import THRESHOLD_GRID, threshold_curve
+    from wsss.methods.ensemble import fuse
 
     if not any(w > 0 for w in weights):
         return 0.0, None

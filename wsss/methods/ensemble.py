@@ -18,8 +18,6 @@ from torch import Tensor
 Map = TypeVar("Map", np.ndarray, Tensor)
 Fusion = Literal["mean", "max", "geomean"]
 FUSIONS: tuple[str, ...] = ("mean", "max", "geomean")
-# Thresholds every map report's IoU curve is read at (and the ensemble tuning's threshold choices).
-THRESHOLD_GRID: list[float] = [round(0.05 * i, 2) for i in range(21)]
 
 
 def _check(maps: Sequence[np.ndarray | Tensor], weights: Sequence[float] | None, fusion: str) -> list[float]:

@@ -31,8 +31,8 @@ from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask
 from wsss.ensemble_tuning import ensemble_members
 from wsss.errors import ConfigError, DataError
+from wsss.evaluation import THRESHOLD_GRID
 from wsss.io import read_json, write_json, write_text
-from wsss.methods.ensemble import THRESHOLD_GRID
 from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
 from wsss.stages.common import reset_if_stale
