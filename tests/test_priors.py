@@ -69,7 +69,9 @@ def test_priors_are_registered_map_variants_without_a_model() -> None:
         MapVariant.of("prior-grabcut", "classifier-species")
 
 
-@pytest.mark.parametrize("prior", PRIORS)
+# GrabCut on every image takes a while: the grabcut case is in the slow suite (its maps are also made, more
+# cheaply, by the pseudo-mask test below).
+@pytest.mark.parametrize("prior", [pytest.param("prior-grabcut", marks=pytest.mark.slow), "prior-ellipse"])
 def test_make_cams_writes_prior_shards_without_a_model(project: Path, prior: str) -> None:
     from wsss.cli import app
 
