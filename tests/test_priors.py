@@ -127,3 +127,17 @@ def test_best_pseudo_variant_skips_the_priors(project: Path) -> None:
     write_json(paths.pseudo_report("prior-grabcut"), {"after": {"iou_mean": 0.99}})
     write_json(paths.pseudo_report("cam_classifier-species"), {"after": {"iou_mean": 0.5}})
     assert best_pseudo_variant(paths) == "cam_classifier-species"
+
+
+def test_prior_maps_in_a_pool_equal_the_serial_ones_in_order(project: Path) -> None:
+    from wsss.methods import METHODS
+    from wsss.methods.priors import prior_maps
+
+    paths = build_project(project)
+    rows = load_manifest(paths.manifest).sort_values("id").iloc[:4]
+    prior = METHODS.get("prior-grabcut")
+    serial = list(prior_maps(prior, rows, paths.prepared, 0.8, workers=1))
+    pooled = list(prior_maps(prior, rows, paths.prepared, 0.8, workers=2))
+    assert [i for i, _ in pooled] == [i for i, _ in serial] == [str(i) for i in rows["id"]]
+    for (_, a), (_, b) in zip(serial, pooled, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -62,7 +62,7 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
 
             with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
                 member_maps.append(dict(prior_maps(METHODS.get(parsed.method), test, paths.prepared,
-                                                   params.evaluate.ellipse_scale, advance)))
+                                                   params.evaluate.ellipse_scale, advance, workers=0)))
             continue
         if parsed.model is None:
             raise ConfigError(f"cannot rebuild maps of '{member}' for test images: an ensemble member must be "

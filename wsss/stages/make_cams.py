@@ -192,12 +192,15 @@ def _compute_prior(params: Params, paths: Paths, prior: Any, df: pd.DataFrame, s
     from wsss.methods.priors import prior_maps
 
     by_id = df.set_index("id")
+    rows = by_id.loc[[i for index in todo for i in shards[index]]].reset_index()
     n = 0
-    with task(f"{STAGE} {prior.name}", sum(len(shards[i]) for i in todo)) as advance:
+    with task(f"{STAGE} {prior.name}", len(rows)) as advance:
+        # One pass (one process pool, every usable core) over the images of every shard to do, in order.
+        stream = prior_maps(prior, rows, paths.prepared, params.evaluate.ellipse_scale, advance, workers=0)
         for index in todo:
-            rows = by_id.loc[shards[index]].reset_index()
             ids, maps = [], []
-            for image_id, prob in prior_maps(prior, rows, paths.prepared, params.evaluate.ellipse_scale, advance):
+            for _ in shards[index]:
+                image_id, prob = next(stream)
                 ids.append(image_id)
                 maps.append(prob)
             write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
