@@ -99,9 +99,12 @@ def test_make_cams_writes_prior_shards_without_a_model(project: Path, prior: str
     assert bad.exit_code == 2 and "takes no model" in bad.output
 
 
-def test_prior_pseudo_masks_are_the_label_free_baseline(project: Path) -> None:
+def test_prior_pseudo_masks_are_the_label_free_baseline(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsss import parallel
     from wsss.cli import app
     from wsss.data.readers import read_mask
+
+    monkeypatch.setattr(parallel, "cpu_count", lambda: 1)  # serial here; the pool has its own (slow) test
 
     paths = build_project(project, {"pseudo": {"workers": 1, "refiner": "grabcut"}})
     assert CliRunner().invoke(app, ["make-cams", "--method", "prior-grabcut"]).exit_code == 0
@@ -129,6 +132,7 @@ def test_best_pseudo_variant_skips_the_priors(project: Path) -> None:
     assert best_pseudo_variant(paths) == "cam_classifier-species"
 
 
+@pytest.mark.slow  # a forkserver pool starts in seconds on a busy machine
 def test_prior_maps_in_a_pool_equal_the_serial_ones_in_order(project: Path) -> None:
     from wsss.methods import METHODS
     from wsss.methods.priors import prior_maps
