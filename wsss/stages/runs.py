@@ -22,6 +22,7 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "train-ccam": ("final_loss", "polarity"),
     "make-cams": ("iou_mean", "best_iou_mean"),
     "tune-crf": ("best_value", "val_iou_mean"),
+    "tune-ensemble": ("best_value", "best_single_member_value", "val_iou_mean"),
     "make-pseudo": ("after_iou_mean", "before_iou_mean"),
     "train-unet": ("last_val_iou_mean", "final_train_loss"),
     "evaluate": ("iou_mean", "miou", "ellipse_iou_mean", "grabcut_rect_iou_mean"),
