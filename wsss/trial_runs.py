@@ -1,5 +1,6 @@
 """MLflow bookkeeping shared by the Optuna stages (``tune-crf``, ``tune-ensemble``): one nested run per trial
-under the invocation's parent run, a progress callback, and small study helpers.
+under the invocation's parent run, a progress callback, and small study helpers (``redact`` of a storage
+URL lives in :mod:`wsss.tuning`).
 
 Every MLflow call is guarded (:func:`wsss.tracking.guard`): a tracking failure mid-study must not fail a trial.
 """
@@ -88,12 +89,3 @@ def state_counts(study: Any) -> dict[str, int]:
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished()}
-
-
-def redact(url: str) -> str:
-    """A storage URL without its password (it ends up in MLflow tags and on the console)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url

@@ -33,9 +33,9 @@ from wsss.ensemble_tuning import (
     write_weights,
 )
 from wsss.paths import Paths
-from wsss.trial_runs import logged_objective, progress, redact, state_counts
+from wsss.trial_runs import logged_objective, progress, state_counts
 from wsss.trial_runs import n_trials as stored_trials
-from wsss.tuning import create_study, default_storage, fail_orphaned_trials, make_storage, tuning_rows
+from wsss.tuning import create_study, default_storage, fail_orphaned_trials, make_storage, redact, tuning_rows
 from wsss.ui import console, task
 
 STAGE = "tune-ensemble"
