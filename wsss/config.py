@@ -269,6 +269,17 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class TuneEnsembleConfig:
+    """Optuna study of the ensemble's member weights on the validation split (tune-ensemble)."""
+
+    trials: int = _f(24, 1)  # added per run, on top of the seed trials of a new study
+    timeout_s: float = _f(0.0, 0.0)  # 0 = no timeout
+    seed: int = _f(0, 0)
+    n_startup_trials: int = _f(8, 0)
+    max_images: int = _f(0, 0)  # 0 = the whole validation split
+
+
+@dataclass(frozen=True)
 class UnetConfig:
     """Segmenter trained on pseudo-masks (or GT for the supervised baseline)."""
 
@@ -316,6 +327,7 @@ class Params:
     make_cams: CamsConfig = field(default_factory=CamsConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tune_ensemble: TuneEnsembleConfig = field(default_factory=TuneEnsembleConfig)
     train_unet: UnetConfig = field(default_factory=UnetConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

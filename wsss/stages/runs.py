@@ -22,6 +22,7 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "train-ccam": ("final_loss", "polarity"),
     "make-cams": ("val_iou_mean", "val_best_iou_mean"),
     "tune-crf": ("best_value", "val_iou_mean"),
+    "tune-ensemble": ("best_value", "best_single_member_value", "val_iou_mean"),
     "make-pseudo": ("trainval_after_iou_mean", "trainval_before_iou_mean"),
     "train-unet": ("last_val_iou_mean", "final_train_loss"),
     "evaluate": ("test_iou_mean", "test_miou", "test_after_iou_mean", "test_ellipse_iou_mean",

@@ -31,15 +31,16 @@ from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
 from wsss.training.trainer import Trainer
 from wsss.ui import console
-from wsss.variants import MapVariant, MaskSource
+from wsss.variants import PRIORS, MapVariant, MaskSource
 from wsss.viz import overlay_ids, overlay_row
 
 STAGE = "train-unet"
 
 
 def best_pseudo_variant(paths: Paths) -> str:
-    """The pseudo-mask variant with the highest fg IoU on non-test images (reports/pseudo/*.json)."""
-    reports = sorted((paths.reports / "pseudo").glob("*.json"))
+    """The pseudo-mask variant with the highest fg IoU on non-test images (reports/pseudo/*.json); the
+    label-free priors' masks are the baseline to beat, not candidates."""
+    reports = [p for p in sorted((paths.reports / "pseudo").glob("*.json")) if p.stem not in PRIORS]
     if not reports:
         raise DataError(f"{paths.reports / 'pseudo'}: no pseudo-mask reports; run `wsss make-pseudo` first")
     scored = []

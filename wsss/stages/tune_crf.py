@@ -9,9 +9,9 @@ A trial left ``RUNNING`` by a killed run is marked ``FAIL`` first (:func:`wsss.t
 an explicit storage also gets Optuna's heartbeat. The storage is checked before any work: a bad URL, a
 missing driver, an unreachable server or a refused login is one line naming it (exit 2, 1, 4).
 
-MLflow: one parent run per invocation (stage ``tune-crf``) and one nested run per trial, logged here by
-hand (Optuna's MLflowCallback is deprecated and does not create the parent). A child run ends FINISHED
-(tag ``optuna.state=COMPLETE``), KILLED (``PRUNED``) or FAILED (``FAIL``).
+MLflow: one parent run per invocation (stage ``tune-crf``) and one nested run per trial, logged by hand
+(:mod:`wsss.trial_runs`; Optuna's MLflowCallback is deprecated and does not create the parent). A child run
+ends FINISHED (tag ``optuna.state=COMPLETE``), KILLED (``PRUNED``) or FAILED (``FAIL``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from wsss.errors import DataError
 from wsss.io import write_json
 from wsss.paths import Paths
 from wsss.refiners import REGISTRY
+from wsss.trial_runs import logged_objective, progress, state_counts
+from wsss.trial_runs import n_trials as stored_trials
 from wsss.tuning import (
     Objective,
     best_config,
     build_objective_data,
-    claim_trial,
     create_study,
     default_storage,
     fail_orphaned_trials,
@@ -107,11 +108,11 @@ def run(
         finished: list[int] = []
         with task(f"{STAGE} {variant}: trials", n_trials) as advance:
             study_obj.optimize(
-                logged, n_trials=n_trials, timeout=timeout or None, callbacks=[_progress(advance, finished)],
+                logged, n_trials=n_trials, timeout=timeout or None, callbacks=[progress(advance, finished)],
                 gc_after_trial=False,
             )
         best_cfg, best = best_config(study_obj, params.pseudo, refiners)
-        counts = _state_counts(study_obj)
+        counts = state_counts(study_obj)
         dest = paths.crf_params(variant)
         write_best_params(dest, best_cfg, header=[
             f"Best of Optuna study '{name}' ({sum(counts.values())} trials): trial {best.number}, "
@@ -147,7 +148,7 @@ def _open_study(params: Params, name: str, store: Any, shared: bool, refiners: t
     # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
     # first trials. Workers sharing an explicit storage also get their process id mixed in (their
     # interleaving makes such studies non-reproducible anyway).
-    n_before = _n_trials(store, name)
+    n_before = stored_trials(store, name)
     seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if shared else 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
     study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials, cfg.pruner, cfg.wilcoxon_p)
@@ -160,77 +161,11 @@ def _open_study(params: Params, name: str, store: Any, shared: bool, refiners: t
     return study_obj
 
 
-def _n_trials(storage: Any, name: str) -> int:
-    """Trials already stored in study ``name`` (0 when it does not exist yet)."""
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        return 0
-    return len(storage.get_all_trials(study_id, deepcopy=False))
-
-
-def _state_counts(study: Any) -> dict[str, int]:
-    import optuna
-
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished()}
-
-
 def _log_running(trial: Any, step: int, value: float) -> None:
     tracking.log_metrics({"val_iou_running": value}, step=step)
 
 
-def _logged_objective(objective: Callable[[Any], float], experiment_id: str, variant: str, study: str) -> Callable[[Any], float]:
-    """Wrap the objective so every trial is a nested MLflow run with its params, value and final state."""
-    import mlflow
-    import optuna
-
-    def run_trial(trial: Any) -> float:
-        claim_trial(trial)
-        # Every MLflow call is guarded: a tracking failure mid-study must not fail the trials.
-        tracking.guard(
-            mlflow.start_run,
-            experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True,
-            tags={"wsss.stage": STAGE, "wsss.variant": variant, "optuna.study": study,
-                  "optuna.trial": str(trial.number), "optuna.state": "RUNNING"},
-        )
-        status, state = "FAILED", "FAIL"
-        try:
-            value = objective(trial)
-            tracking.log_metrics({"val_iou_mean": value})
-            status, state = "FINISHED", "COMPLETE"
-            return value
-        except optuna.TrialPruned:
-            status, state = "KILLED", "PRUNED"
-            raise
-        finally:
-            # Params are logged last so a pruned or failed trial still records what it tried.
-            logged = {f"trial.{k}": v for k, v in trial.params.items()}
-            logged.update(trial.user_attrs.get("pseudo", {}))
-            if logged:
-                tracking.guard(mlflow.log_params, logged)
-            tracking.guard(mlflow.set_tag, "optuna.state", state)
-            tracking.guard(mlflow.end_run, status=status)
-
-    return run_trial
-
-
-def _progress(advance: Callable[..., None], finished: list[int]) -> Callable[[Any, Any], None]:
-    """An Optuna callback: one progress step per finished trial, showing the best value so far.
-
-    It runs in the parent run's context, where it also logs each completed trial's value (step = trial
-    number) so the parent's chart shows the study's progress. Trial numbers run here go to ``finished``.
-    """
-
-    def callback(study: Any, trial: Any) -> None:
-        finished.append(trial.number)
-        try:
-            best = f"best {study.best_value:.4f} (#{study.best_trial.number})"
-        except ValueError:  # no completed trial yet
-            best = "no completed trial yet"
-        if trial.value is not None:
-            tracking.log_metrics({"trial_value": trial.value}, step=trial.number)
-        advance(1, info=f"{trial.state.name.lower()}; {best}")
-
-    return callback
-
+def _logged_objective(objective: Callable[[Any], float], experiment_id: str, variant: str,
+                      study: str) -> Callable[[Any], float]:
+    """Every trial a nested MLflow run (:func:`wsss.trial_runs.logged_objective`), logging its pseudo config."""
+    return logged_objective(objective, experiment_id, STAGE, variant, study, attrs_key="pseudo")
