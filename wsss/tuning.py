@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -330,6 +331,11 @@ def make_storage(url: str, shared: bool = False) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ImportError) as exc:
+            # Unknown scheme, malformed URL or a missing database driver (e.g. psycopg2): the user's URL.
+            shown = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+            raise ConfigError(f"Optuna storage {shown} cannot be used ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
             # Workers starting together race to create the schema; the loser finds it made on retry.
             if attempt == 4:
