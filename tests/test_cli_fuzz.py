@@ -432,11 +432,8 @@ def empty_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root.as_posix()}/mlruns/mlflow.db")
-        from wsss.config import load_params
-        from wsss.paths import Paths
-        from wsss.tracking import check_store
-
-        check_store(Paths(root), load_params(root / "params.yaml"))  # creates the store once
+        result = runner.invoke(app, ["runs"])  # creates the store once (a few seconds of migrations)
+        assert result.exit_code == 0 and (root / "mlruns" / "mlflow.db").is_file(), result.output
     return folder
 
 
