@@ -146,3 +146,65 @@ def test_cli_still_takes_good_names(project: Path) -> None:
     result = runner.invoke(app, ["make-pseudo", "--method", "ccam_ccam-none"])
     assert result.exit_code != 2, result.output
     assert "ccam_ccam-none" in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# predict --out: a folder the user names (it may already hold other files, or be a symlink)
+
+
+def _predict_setup(project: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from tests.test_predict import _save_tiny_unet
+
+    _save_tiny_unet(project / "models" / "unet-best")
+    (project / "in").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+        project / "in" / "cat.png")
+
+
+def _foreign(folder: Path) -> dict[str, int]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "thesis.tex").write_text("years of work")
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (folder / "dog_mask.png").write_bytes(b"someone else's file")  # looks like an output, is not this run's
+    return _tree(folder)
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["folder", "symlink"])
+def test_predict_out_keeps_foreign_files(project: Path, linked: bool) -> None:
+    """``--out`` naming an existing folder (or a symlink to one) adds this run's outputs and deletes or
+    rewrites nothing else there."""
+    _predict_setup(project)
+    target = project.parent / "elsewhere" if linked else project / "results"
+    before = _foreign(target)
+    out = project / "results"
+    if linked:
+        out.symlink_to(target, target_is_directory=True)
+    result = runner.invoke(app, ["predict", "in", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    after = _tree(target)
+    assert {k: after.get(k) for k in before} == before  # every foreign file kept, unchanged
+    assert (target / "thesis.tex").read_text() == "years of work"
+    assert sorted(set(after) - set(before)) == ["cat_mask.png", "cat_overlay.png", "index.json"]
+    assert out.is_symlink() is linked  # the link itself is not replaced by a folder
+
+
+@pytest.mark.parametrize("out", ["../outside-out", "/ABS"], ids=["dotdot", "absolute"])
+def test_predict_out_outside_the_project_touches_only_its_outputs(project: Path, out: str) -> None:
+    """A ``..`` or absolute ``--out`` is where the user wants the files: written there, nothing else touched
+    (the project's own outputs included)."""
+    _predict_setup(project)
+    dest = (project / out).resolve() if out.startswith("..") else project.parent / "abs-out"
+    before_dest = _foreign(dest)
+    before_project = _tree(project)
+    arg = out if out.startswith("..") else str(dest)
+    result = runner.invoke(app, ["predict", "in", "--out", arg, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    after = _tree(dest)
+    assert {k: after.get(k) for k in before_dest} == before_dest
+    changed = {k for k in _tree(project).keys() | before_project.keys()
+               if _tree(project).get(k) != before_project.get(k)}
+    assert all(k.startswith("mlruns") for k in changed), changed

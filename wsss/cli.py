@@ -231,12 +231,12 @@ def evaluate(
     """Score a U-Net (or the label-free baselines, or a pseudo-mask method) on the official test split -> reports/eval/."""
     from wsss.stages import evaluate as stage
 
-    if pseudo:
+    if pseudo is not None:  # an empty name is a bad name, not "no option"
         _parse(MapVariant.parse, pseudo, "--pseudo")
-    elif model and not baselines:
+    elif model is not None and not baselines:
         _parse(UnetId.parse, model, "--model")
     params, paths = _load(params_path)
-    if pseudo:
+    if pseudo is not None:
         from wsss.stages.evaluate_pseudo import run_pseudo
 
         run_pseudo(params, paths, pseudo, device=device)

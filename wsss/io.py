@@ -158,9 +158,25 @@ def write_json(dest: str | Path, data: Any) -> None:
         fh.write("\n")
 
 
+class UnreadableJsonError(DataError, ValueError):
+    """A JSON file that is not UTF-8 JSON: a one-line :class:`DataError` naming it (and still a
+    ``ValueError`` for callers that skip unreadable files)."""
+
+
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """Read a JSON file.
+
+    Raises:
+        UnreadableJsonError: the file is not valid UTF-8 JSON (names the file and where it breaks).
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UnreadableJsonError(f"{path}: not UTF-8 text (offset {exc.start}); delete it or rerun the "
+                                  "stage that wrote it") from None
+    except json.JSONDecodeError as exc:
+        raise UnreadableJsonError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                                  f"{exc.colno}); delete it or rerun the stage that wrote it") from None
 
 
 def write_text(dest: str | Path, text: str) -> None:

@@ -291,6 +291,8 @@ def check_store(paths: Paths, params: Params, writes: bool = True) -> str:
 
     uri = connect(paths)
     db = _sqlite_file(uri)
+    if db is not None and db.exists() and not db.is_file():  # MLflow would retry opening it for minutes
+        raise TrackingError(f"MLflow tracking store {uri} cannot be used ({db} is not a file)")
     if writes and db is not None and db.exists():
         try:
             os.close(os.open(db, os.O_RDWR))  # what SQLite needs to write; a read-only store only fails on write

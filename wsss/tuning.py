@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import time
 import warnings
@@ -53,6 +54,9 @@ STUDY_DB = "optuna.db"
 # Heartbeat of trials in a shared storage: beat every HEARTBEAT_S, declared dead after GRACE_S of silence.
 HEARTBEAT_S = 60
 GRACE_S = 300
+# A trial exists (RUNNING) a moment before its process claims it (:func:`claim_trial`, first thing in the
+# objective); one still unclaimed this long after it started was made by a process killed in between.
+UNCLAIMED_GRACE_S = 10
 # Trial user attrs naming the process that runs it: the keys MLflow runs are tagged with.
 HOST_ATTR, PID_ATTR = tracking.process_tags()
 
@@ -472,7 +476,9 @@ def fail_orphaned_trials(study: Any) -> list[int]:
     """Mark the study's ``RUNNING`` trials whose process is gone ``FAIL``; returns their numbers.
 
     A trial of a killed ``wsss tune crf`` would otherwise stay ``RUNNING`` for ever. Gone means: its
-    :func:`claim_trial` host is this one and its pid no longer exists; with a heartbeat storage
+    :func:`claim_trial` host is this one and its pid no longer exists, or it was never claimed and started
+    more than :data:`UNCLAIMED_GRACE_S` ago (killed between Optuna creating it and the objective
+    claiming it); with a heartbeat storage
     (:func:`make_storage` ``shared``) also any trial silent for longer than the grace period, wherever
     it ran.
     """
@@ -482,7 +488,9 @@ def fail_orphaned_trials(study: Any) -> list[int]:
     storage = study._storage  # Optuna's own fail_stale_trials works on it the same way
     before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
     for t in study.get_trials(deepcopy=False, states=(running,)):
-        if process_gone(t.user_attrs.get(HOST_ATTR), t.user_attrs.get(PID_ATTR)):
+        unclaimed = HOST_ATTR not in t.user_attrs and t.datetime_start is not None and (
+            datetime.datetime.now() - t.datetime_start).total_seconds() > UNCLAIMED_GRACE_S
+        if unclaimed or process_gone(t.user_attrs.get(HOST_ATTR), t.user_attrs.get(PID_ATTR)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker did it
                 storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)

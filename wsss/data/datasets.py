@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from wsss.data.breeds import NUM_BREEDS, SPECIES
+from wsss.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,9 +37,16 @@ def load_rgb(prepared_dir: Path, rel: str) -> Image.Image:
 
 
 def load_mask(path: Path) -> np.ndarray:
-    """Read a mask PNG (0 bg, 1 pet, 255 ignore)."""
-    with Image.open(path) as im:
-        return np.asarray(im, dtype=np.uint8).copy()
+    """Read a mask PNG (0 bg, 1 pet, 255 ignore).
+
+    Raises:
+        DataError: the file is missing or not a complete image (names it).
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated data
+        raise DataError(f"{path}: mask cannot be read ({type(exc).__name__}: {exc})") from None
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
