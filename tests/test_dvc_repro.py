@@ -32,7 +32,7 @@ TINY = {
                    "breeds_per_batch": 2, "polarity_images": 8},
     "make_cams": {"scales": [1.0], "batch_size": 8, "shard_size": 16},
     "tune": {"trials": 2, "n_startup_trials": 1},
-    "train_unet": {"input_size": 32, "epochs": 1, "batch_size": 8},
+    "train_unet": {"input_size": 32, "steps": 3, "batch_size": 8},
 }
 REPORT_SECTIONS = (
     "## Label-free baselines", "## Table 1", "## Table 2", "## Ensemble of maps", "## Table 3",
@@ -40,7 +40,7 @@ REPORT_SECTIONS = (
     "## Model registry", "## Figures",
 )
 # Stages that may rerun when a `pseudo.crf` parameter changes: the refiner's stages and what they feed.
-BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|evaluate@best|report)$")
+BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|train-unet-same|evaluate@(same-)?best|report)$")
 
 
 def _copy_worktree(dest: Path) -> None:

@@ -27,8 +27,9 @@ During every run a watcher polls the output folders (and once more after the kil
 ``*.tmp`` name, and every ``.npz .png .json .pt .yaml .parquet .csv .md`` present loads completely.
 After the final run no hidden temporary file of a killed writer is left either.
 
-The default run kills each of make-cams, make-pseudo and train-classifier once, at a moment chosen
-by an event (first shard / first masks / first checkpoint written), so resume is really exercised. The
+The default run kills each of make-cams, make-pseudo, train-classifier and train-unet once, at a moment
+chosen by an event (first shard / first masks / first checkpoint written), so resume is really exercised
+(train-unet: a schedule in optimiser steps whose last epoch is partial, resumed to exactly its steps). The
 ``slow`` sweep kills all six stages at random moments (uniform in [0, T], three seeds, the last one
 killed twice).
 """
@@ -51,7 +52,7 @@ from tests.test_pipeline import TINY_MODELS
 from wsss.cli import app
 
 CAM = "cam_classifier-species"
-TIMING_KEYS = ("seconds", "images_per_s", "train_seconds", "seconds_per_epoch", "train_images_per_s",
+TIMING_KEYS = ("seconds", "images_per_s", "train_seconds", "seconds_per_step", "train_images_per_s",
                "n_refined")
 # Enough epochs / shards / masks that a kill usually lands between two saved units of work.
 KILL_PARAMS = {
@@ -62,7 +63,7 @@ KILL_PARAMS = {
     "make_cams": {**TINY_MODELS["make_cams"], "shard_size": 4},
     "pseudo": {"workers": 2},  # a process pool: the kill must take the workers down too
     "tune": {"trials": 3, "n_startup_trials": 1, "prune_chunks": 2, "refiners": ["crf", "grabcut", "none"]},
-    "train_unet": {**TINY_MODELS["train_unet"], "epochs": 3},
+    "train_unet": {**TINY_MODELS["train_unet"], "steps": 7},  # 3 epochs of 2 steps + 1
 }
 runner = CliRunner()
 
@@ -217,13 +218,13 @@ def _build(root: Path, commands: list[list[str]]) -> Path:
 
 UPSTREAM = [["generate-synthetic"], ["prepare"], ["train-classifier", "--labels", "species"],
             ["make-cams", "--method", "cam", "--model", "classifier-species"],
-            ["make-pseudo", "--method", CAM, "--no-tuned"]]
+            ["make-pseudo", "--method", CAM, "--no-tuned"], ["train-unet", "--masks", CAM]]
 
 
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Prepared data, a species classifier, its CAMs and pseudo-masks: the inputs of every stage under
-    test, and the reference outputs of the stages the default run kills."""
+    """Prepared data, a species classifier, its CAMs, pseudo-masks and U-Net: the inputs of every stage
+    under test, and the reference outputs of the stages the default run kills."""
     return _build(tmp_path_factory.mktemp("kill") / "base", UPSTREAM)
 
 
@@ -246,6 +247,7 @@ def _outputs_of(stage: Stage) -> tuple[str, ...]:
         "train-classifier": ("models/classifier-species", "reports/training/classifier-species.json"),
         "make-cams": (f"cams/{CAM}", f"reports/cams/{CAM}.json", f"reports/cams/curves/{CAM}.csv"),
         "make-pseudo": (f"masks/{CAM}", f"reports/pseudo/{CAM}.json"),
+        "train-unet": (f"models/unet-{CAM}", f"reports/training/unet-{CAM}.json"),
     }.get(stage.name, ())
 
 
@@ -290,7 +292,7 @@ def _reference(base: Path, work: Path, stage: Stage) -> tuple[Path, Outcome]:
 # default run: one kill per stage, at an event that guarantees partial progress
 
 
-@pytest.mark.parametrize("name", ["make-cams", "make-pseudo", "train-classifier"])
+@pytest.mark.parametrize("name", ["make-cams", "make-pseudo", "train-classifier", "train-unet"])
 def test_killed_at_first_saved_unit_resumes_to_identical_outputs(
     base_project: Path, tmp_path: Path, name: str
 ) -> None:
@@ -300,6 +302,10 @@ def test_killed_at_first_saved_unit_resumes_to_identical_outputs(
     assert hit.killed, f"{name} finished before its kill event:\n{hit.describe()}"
     if name == "train-classifier":
         assert "resuming classifier-species after epoch" in final.output
+    if name == "train-unet":  # resumed mid-schedule, and still exactly the configured optimiser steps
+        assert f"resuming unet-{CAM} after epoch" in final.output
+        meta = json.loads((tmp_path / "victim" / "models" / f"unet-{CAM}" / "meta.json").read_text())
+        assert meta["training"]["steps"] == KILL_PARAMS["train_unet"]["steps"]
 
 
 def test_watcher_sees_partial_files(tmp_path: Path) -> None:

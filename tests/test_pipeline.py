@@ -22,7 +22,7 @@ TINY_MODELS = {
     "make_cams": {"scales": [1.0, 1.5], "batch_size": 8, "shard_size": 8,
                   "ensemble_members": ["cam_classifier-species", "ccam_ccam-none"]},
     "tune": {"trials": 2, "n_startup_trials": 1},
-    "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "epochs": 2,
+    "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "steps": 4,
                    "batch_size": 8},
 }
 
