@@ -311,8 +311,8 @@ class MaskSource:
         try:
             return cls("pseudo", MapVariant.parse(rest), same_images=same)
         except ConfigError:
-            raise _bad("mask source", text, f"gt, best, a map variant or {SAME_IMAGES}<best|map variant> "
-                       f"(map variant: {VARIANT_FORMS})") from None
+            raise _bad("mask source", text, f"gt, best or a map variant, or {SAME_IMAGES}<best|map variant> "
+                       f"for the train images with GT only (map variant: {VARIANT_FORMS})") from None
 
     def __str__(self) -> str:
         name = str(self.variant) if self.variant is not None else self.kind
