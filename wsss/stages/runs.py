@@ -23,7 +23,7 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "make-cams": ("iou_mean", "best_iou_mean"),
     "tune-crf": ("best_value", "val_iou_mean"),
     "make-pseudo": ("after_iou_mean", "before_iou_mean"),
-    "train-unet": ("last_val_iou_mean", "final_train_loss"),
+    "train-unet": ("last_val_iou_mean", "final_train_loss", "steps"),
     "evaluate": ("iou_mean", "miou", "ellipse_iou_mean", "grabcut_rect_iou_mean"),
     "report": ("wsss_over_supervised", "n_figures"),
 }
@@ -73,7 +73,7 @@ def fetch_runs(params: Params, paths: Paths, stage: str | None = None, include_a
 
 
 def _fmt_value(name: str, value: float) -> str:
-    countish = name.startswith(("n_", "checks_", "trials_")) or name in ("success", "epochs", "best_epoch", "polarity")
+    countish = name.startswith(("n_", "checks_", "trials_")) or name in ("success", "epochs", "best_epoch", "polarity", "steps")
     if countish and float(value).is_integer():
         return str(int(value))
     return f"{value:.3f}"
