@@ -33,6 +33,7 @@ TINY = {
     "make_cams": {"scales": [1.0], "batch_size": 8, "shard_size": 16},
     "tune": {"trials": 2, "n_startup_trials": 1},
     "train_unet": {"input_size": 32, "steps": 3, "batch_size": 8},
+    "tracking": {"system_metrics": False},
 }
 REPORT_SECTIONS = (
     "## Label-free baselines", "## Table 1", "## Table 2", "## Ensemble of maps", "## Table 3",

@@ -260,7 +260,7 @@ def tune_crf(
     ] = None,
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna storage URL (default: SQLite in studies/<variant>/optuna.db)."),
+        typer.Option(help="Optuna storage URL (default: tune.storage, else SQLite in studies/<variant>/optuna.db)."),
     ] = None,
     study: Annotated[
         str | None, typer.Option(help="Study name (default: crf-<variant>-<fingerprint of the objective>).")
@@ -271,7 +271,7 @@ def tune_crf(
 
     Maximises the mean pet IoU of the refined masks with a seeded TPE study (pruned by chunks of images), logs one MLflow run per trial nested under one run per invocation, and writes the best trial's pseudo section to reports/crf/<variant>.yaml, which make-pseudo uses. Running it again continues the same study.
 
-    Many workers: run this command in several processes or machines with the same --storage pointing at a database server, e.g. --storage postgresql://user:password@host/optuna (needs psycopg2); they share one study (same default name for the same data) and each adds --trials trials. For several processes on one machine a SQLite URL works too, e.g. --storage sqlite:////abs/path/optuna.db.
+    Many workers: run this command in several processes or machines with the same storage (tune.storage in params.yaml, or --storage, which overrides it) pointing at a database server, e.g. --storage postgresql+psycopg://user@host/optuna with the password in PGPASSWORD (pip install 'wsss[postgres]'); they share one study (same default name for the same data) and each adds --trials trials. For several processes on one machine a SQLite URL works too, e.g. --storage sqlite:////abs/path/optuna.db.
     """
     from wsss.stages import tune_crf as stage
 

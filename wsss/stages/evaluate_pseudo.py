@@ -85,7 +85,7 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     write_json(paths.eval_pseudo_report(variant), report)
     with tracking.stage_run(STAGE, f"pseudo-{variant}", params, paths, sections=("evaluate", "make_cams", "pseudo"),
                             extra_tags={"pseudo.source": source}):
-        tracking.log_metrics({f"{k}_{m}": v for k in ("before", "after") for m, v in report[k].items()})
+        tracking.log_metrics({f"test_{k}_{m}": v for k in ("before", "after") for m, v in report[k].items()})
     console.print(f"{variant} pseudo-masks on test ({len(rows)} images, refiner {cfg.refiner}): fg IoU "
                   f"{report['before']['iou_mean']:.3f} -> {report['after']['iou_mean']:.3f}")
     return report

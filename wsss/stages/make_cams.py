@@ -39,6 +39,8 @@ from wsss.variants import ENSEMBLE, IMAGENET, MapVariant
 
 STAGE = "make-cams"
 CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
+# Report keys that score the validation split: logged to MLflow as ``val_<key>``.
+VAL_SCORES = ("iou_mean", "dice_mean", "iou_dataset", "best_iou_mean", "baseline_ellipse_iou", "baseline_whole_iou")
 
 
 def variant_name(method: str, model: str | None) -> str:
@@ -92,9 +94,11 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
                        "images_per_s": n_images / seconds if n_images else None})
         write_json(paths.cams_report(variant), report)
         _write_curve_csv(paths.cams_curve(variant), report)
-        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and v is not None})
+        # MLflow names say the split (val_...): a run's metrics lose the file name that says it in DVC.
+        tracking.log_metrics({(f"val_{k}" if k in VAL_SCORES else k): v for k, v in report.items()
+                              if isinstance(v, (int, float)) and v is not None})
         for t, iou in zip(report["curve"]["threshold"], report["curve"]["iou_mean"], strict=True):
-            tracking.log_metrics({"curve_iou_mean": iou}, step=int(round(t * 100)))
+            tracking.log_metrics({"val_curve_iou_mean": iou}, step=int(round(t * 100)))
         tracking.log_artifact(paths.cams_report(variant))
     console.print(
         f"{variant}: val fg IoU {report['iou_mean']:.3f} at t={params.make_cams.threshold} "
@@ -216,6 +220,7 @@ def map_report(paths: Paths, cams_dir: Path, df: pd.DataFrame, threshold: float,
     best = int(np.argmax(curve["iou_mean"]))
     scores = at_t.result()
     return {
+        "split": "val",
         "n_val_images": len(ids),
         "threshold": threshold,
         "iou_mean": scores.iou_mean,

@@ -1,10 +1,13 @@
 """Stage ``tune-crf``: an Optuna study of the refiner and its parameters on the validation split.
 
 Writes ``reports/crf/<variant>.yaml`` (the best trial's full ``pseudo:`` mapping, which ``make-pseudo``
-prefers over ``params.yaml``) and keeps the study in ``studies/<variant>/optuna.db`` (or any RDB URL).
+prefers over ``params.yaml``) and keeps the study in ``studies/<variant>/optuna.db``, or in the RDB
+given by ``--storage`` / ``tune.storage`` (workers on many machines may share it), and
+``studies/<variant>/study.json`` (study name, storage with its password masked, trial counts).
 Running it again continues the same study; the best-params file always reflects every trial stored.
 A trial left ``RUNNING`` by a killed run is marked ``FAIL`` first (:func:`wsss.tuning.fail_orphaned_trials`);
-an explicit ``--storage`` (workers may share it) also gets Optuna's heartbeat.
+an explicit storage also gets Optuna's heartbeat. The storage is checked before any work: a bad URL, a
+missing driver, an unreachable server or a refused login is one line naming it (exit 2, 1, 4).
 
 MLflow: one parent run per invocation (stage ``tune-crf``) and one nested run per trial, logged here by
 hand (Optuna's MLflowCallback is deprecated and does not create the parent). A child run ends FINISHED
@@ -13,6 +16,7 @@ hand (Optuna's MLflowCallback is deprecated and does not create the parent). A c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +26,7 @@ from wsss import tracking
 from wsss.config import Params
 from wsss.data.manifest import load_manifest
 from wsss.errors import DataError
+from wsss.io import write_json
 from wsss.paths import Paths
 from wsss.refiners import REGISTRY
 from wsss.tuning import (
@@ -33,6 +38,7 @@ from wsss.tuning import (
     default_storage,
     fail_orphaned_trials,
     make_storage,
+    redact,
     search_refiners,
     seed_trials,
     study_name,
@@ -61,8 +67,8 @@ def run(
         variant: map variant under ``cams/`` (e.g. ``cam_classifier-species``).
         trials: trials to add in this invocation (default ``tune.trials``).
         timeout_s: stop starting new trials after this many seconds (default ``tune.timeout_s``; 0 = none).
-        storage: Optuna storage URL (default SQLite in ``studies/<variant>/``); an RDB server lets many
-            workers share one study.
+        storage: Optuna storage URL (default ``tune.storage``, and when that is empty SQLite in
+            ``studies/<variant>/``); an RDB server lets many workers share one study.
         study: study name (default ``crf-<variant>-<fingerprint of the objective>``).
 
     Returns:
@@ -79,21 +85,24 @@ def run(
         require_crf()
     n_trials = cfg.trials if trials is None else trials
     timeout = cfg.timeout_s if timeout_s is None else timeout_s
+    storage = storage or cfg.storage or None
+    paths.study_dir(variant).mkdir(parents=True, exist_ok=True)
+    url = storage or default_storage(paths.study_dir(variant))
+    store = make_storage(url, shared=storage is not None)  # fails fast, before loading anything
     df = load_manifest(paths.manifest)
     with task(f"{STAGE} {variant}: load validation data",
               len(tuning_rows(df, cfg.max_images, cfg.seed))) as advance:
         data = build_objective_data(df, paths.prepared, cams_dir, cfg.max_images, cfg.seed, progress=advance)
-    name = study or study_name(variant, data, params.pseudo, refiners)
-    if storage is None:
-        paths.study_dir(variant).mkdir(parents=True, exist_ok=True)
-    url = storage or default_storage(paths.study_dir(variant))
-    study_obj = _open_study(params, name, url, shared=storage is not None, refiners=refiners)
+    name = study or study_name(variant, data, params.pseudo, refiners, cfg.pruner)
+    study_obj = _open_study(params, name, store, shared=storage is not None, refiners=refiners)
 
     start = time.perf_counter()
-    with tracking.stage_run(STAGE, variant, params, paths, sections=("tune", "pseudo"),
-                            extra_tags={"optuna.study": name, "optuna.storage": _redact(url)}) as parent:
+    # The logged params hold tune.storage with its password masked (the MLflow store is no place for it).
+    logged_params = dataclasses.replace(params, tune=dataclasses.replace(cfg, storage=redact(cfg.storage)))
+    with tracking.stage_run(STAGE, variant, logged_params, paths, sections=("tune", "pseudo"),
+                            extra_tags={"optuna.study": name, "optuna.storage": redact(url)}) as parent:
         objective = Objective(data, params.pseudo, refiners, cfg.prune_chunks, params.pseudo.workers,
-                              on_report=_log_running)
+                              on_report=_log_running, per_image=cfg.pruner == "wilcoxon")
         logged = _logged_objective(objective, parent.info.experiment_id, variant, name)
         finished: list[int] = []
         with task(f"{STAGE} {variant}: trials", n_trials) as advance:
@@ -111,7 +120,7 @@ def run(
         ])
         summary = {
             "study": name,
-            "storage": _redact(url),
+            "storage": redact(url),
             "n_images": len(data),
             "trials_this_run": len(finished),
             **{f"trials_{k.lower()}": v for k, v in counts.items()},
@@ -120,6 +129,7 @@ def run(
             "seconds": round(time.perf_counter() - start, 2),
         }
         tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        write_json(paths.study_dir(variant) / "study.json", {k: v for k, v in summary.items() if k != "seconds"})
         tracking.log_artifact(dest)
     console.print(
         f"{variant}: best val fg IoU {best.value:.4f} (trial {best.number}, refiner {best_cfg.refiner}) "
@@ -128,20 +138,19 @@ def run(
     return summary
 
 
-def _open_study(params: Params, name: str, url: str, shared: bool, refiners: tuple[str, ...]) -> Any:
-    """Create or load study ``name`` at ``url``, seeded to continue its random stream; a new study first gets
+def _open_study(params: Params, name: str, store: Any, shared: bool, refiners: tuple[str, ...]) -> Any:
+    """Create or load study ``name`` in ``store``, seeded to continue its random stream; a new study first gets
     the seed trials (the params.yaml configuration and the label-free rectangle prior)."""
     import optuna
 
     cfg = params.tune
-    store = make_storage(url, shared=shared)
     # Continue the random stream instead of replaying it: a resumed study would otherwise repeat its
     # first trials. Workers sharing an explicit storage also get their process id mixed in (their
     # interleaving makes such studies non-reproducible anyway).
     n_before = _n_trials(store, name)
     seed = cfg.seed + 1_000_003 * n_before + (os.getpid() if shared else 0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and MLflow say it all
-    study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials)
+    study_obj = create_study(name, store, seed % 2**32, cfg.n_startup_trials, cfg.pruner, cfg.wilcoxon_p)
     failed = fail_orphaned_trials(study_obj)
     if failed:
         console.print(f"study '{name}': trial(s) {', '.join(map(str, failed))} of a killed run marked FAIL")
@@ -165,15 +174,6 @@ def _state_counts(study: Any) -> dict[str, int]:
 
     states = [t.state for t in study.get_trials(deepcopy=False)]
     return {s.name: states.count(s) for s in optuna.trial.TrialState if s.is_finished()}
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password (it ends up in MLflow tags and on the console)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def _log_running(trial: Any, step: int, value: float) -> None:
