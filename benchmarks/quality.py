@@ -4,8 +4,10 @@ Builds a work project (``params.yaml`` = a profile from ``benchmarks/profiles/``
 real-data settings) and drives the ``wsss`` commands in it as subprocesses, timing each step:
 
     prepare -> train-classifier / train-ccam -> make-cams -> tune crf -> make-pseudo
-    -> train-unet --masks <best on val> / gt / prior-grabcut (label-free: rectangle-GrabCut masks)
-    -> evaluate --pseudo <variant> (each) / --model unet-<best> / unet-gt / unet-prior-grabcut / --baselines
+    -> train-unet --masks <best on val> / same-<best on val> / gt / prior-grabcut (label-free: rectangle-
+       GrabCut masks)   (every U-Net: train_unet.steps steps)
+    -> evaluate --pseudo <variant> (each) / --model unet-<best> / unet-same-<best> / unet-gt /
+       unet-prior-grabcut / --baselines
 
 The pseudo-mask variant for the weakly-supervised U-Net is chosen by its pseudo-masks' fg IoU on the
 validation split (never on the evaluation images). Everything is scored on the evaluation images: the
@@ -16,8 +18,10 @@ test split is all its images, using the first project's models and tuned refiner
         [--eval-root ROOT] [--profile cpu|gpu|smoke|FILE.yaml] [--workdir DIR] --out FILE.json
 
 Writes FILE.json and FILE.md; prints a table and, as its last line,
-``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=… label_free_unet_iou=…``
-(fg IoU in %; the last is the U-Net trained on the label-free rectangle-GrabCut masks, same schedule).
+``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=… label_free_unet_iou=…
+same_images_unet_iou=… wsss_unet_steps=… same_images_unet_steps=… supervised_unet_steps=…
+label_free_unet_steps=…`` (fg IoU in %; optimiser steps; label_free is the U-Net trained on the label-free
+rectangle-GrabCut masks, same schedule).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROFILES = HERE / "profiles"
 SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_iou", "grabcut_iou",
-                "label_free_unet_iou")
+                "label_free_unet_iou", "same_images_unet_iou", "wsss_unet_steps", "same_images_unet_steps",
+                "supervised_unet_steps", "label_free_unet_steps")
 # The label-free pipeline: the prior-grabcut map's masks (the rectangle-GrabCut baseline) -> a U-Net.
 LABEL_FREE = "prior-grabcut"
 
@@ -296,11 +301,25 @@ def pct(x: float | None) -> float:
 
 
 def summary_line(summary: dict[str, float | None]) -> str:
-    """``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=…`` (%, 1 decimal)."""
-    def fmt(v: float | None) -> str:
-        return "nan" if v is None or not math.isfinite(v) else f"{v:.1f}"
+    """``key=value`` for each of :data:`SUMMARY_KEYS`: IoUs in % (1 decimal), ``*_steps`` as integers."""
+    def fmt(k: str, v: float | None) -> str:
+        if v is None or not math.isfinite(v):
+            return "nan"
+        return f"{int(v)}" if k.endswith("_steps") else f"{v:.1f}"
 
-    return " ".join(f"{k}={fmt(summary.get(k))}" for k in SUMMARY_KEYS)
+    return " ".join(f"{k}={fmt(k, summary.get(k))}" for k in SUMMARY_KEYS)
+
+
+def steps_of(report: dict[str, Any]) -> float:
+    """The optimiser steps a U-Net's eval report says it trained for (nan when absent)."""
+    steps = (report.get("training") or {}).get("steps")
+    return float(steps) if isinstance(steps, (int, float)) else float("nan")
+
+
+def _unet_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    training = report.get("training") or {}
+    return {"name": name, "kind": "unet", "iou": pct(report["iou_mean"]), "dice": pct(report["dice_mean"]),
+            "miou": pct(report.get("miou")), "n_images": training.get("n_images"), "steps": training.get("steps")}
 
 
 def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, float]) -> dict[str, Any]:
@@ -315,16 +334,14 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
                      "iou_before_refine": pct(rep["before"]["iou_mean"]), "val_iou": pct(val_scores.get(variant)),
                      "n_images": rep.get("n_images")})
     wsss_unet = read_json(reports / "eval" / f"{best}.json")
+    same_unet = read_json(reports / "eval" / f"same-{best}.json")
     gt_unet = read_json(reports / "eval" / "gt.json")
     base = read_json(reports / "eval" / "baselines.json")
-    rows.append({"name": f"U-Net on pseudo-masks ({best})", "kind": "unet", "iou": pct(wsss_unet["iou_mean"]),
-                 "dice": pct(wsss_unet["dice_mean"]), "miou": pct(wsss_unet.get("miou"))})
-    rows.append({"name": "U-Net on GT (supervised)", "kind": "unet", "iou": pct(gt_unet["iou_mean"]),
-                 "dice": pct(gt_unet["dice_mean"]), "miou": pct(gt_unet.get("miou"))})
+    rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), all train images", wsss_unet))
+    rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), the GT train images only", same_unet))
+    rows.append(_unet_row("U-Net on GT (supervised)", gt_unet))
     free_unet = read_json(reports / "eval" / f"{LABEL_FREE}.json")
-    rows.append({"name": "U-Net on label-free rectangle-GrabCut masks (no labels)", "kind": "unet",
-                 "iou": pct(free_unet["iou_mean"]), "dice": pct(free_unet["dice_mean"]),
-                 "miou": pct(free_unet.get("miou"))})
+    rows.append(_unet_row("U-Net on label-free rectangle-GrabCut masks (no labels)", free_unet))
     for key, label in (("ellipse", "centred ellipse (label-free)"), ("grabcut_rect", "GrabCut, centred 85% rectangle (label-free)"),
                        ("whole_image", "whole image (label-free)")):
         rows.append({"name": label, "kind": "baseline", "iou": pct(base[key]["iou_mean"]),
@@ -332,7 +349,10 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
     best_row = next(r for r in rows if r.get("variant") == best)
     summary = {"pseudo_iou": best_row["iou"], "wsss_unet_iou": pct(wsss_unet["iou_mean"]),
                "supervised_unet_iou": pct(gt_unet["iou_mean"]), "ellipse_iou": pct(base["ellipse"]["iou_mean"]),
-               "grabcut_iou": pct(base["grabcut_rect"]["iou_mean"]), "label_free_unet_iou": pct(free_unet["iou_mean"])}
+               "grabcut_iou": pct(base["grabcut_rect"]["iou_mean"]), "label_free_unet_iou": pct(free_unet["iou_mean"]),
+               "same_images_unet_iou": pct(same_unet["iou_mean"]), "wsss_unet_steps": steps_of(wsss_unet),
+               "same_images_unet_steps": steps_of(same_unet), "supervised_unet_steps": steps_of(gt_unet),
+               "label_free_unet_steps": steps_of(free_unet)}
     return {"rows": rows, "summary": summary}
 
 
@@ -352,12 +372,18 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- machine: {result['machine']}",
         f"- total wall time: {result['total_seconds'] / 60:.1f} min",
         "",
-        "| method | fg IoU % | Dice % | fg IoU before refinement % | val fg IoU % (selection) |",
-        "|---|---|---|---|---|",
+        "| method | fg IoU % | Dice % | fg IoU before refinement % | val fg IoU % (selection) | train images | "
+        "optimiser steps |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def count(v: Any) -> str:
+        return "—" if v is None else str(v)
+
     for r in result.get("rows", []):
         lines.append(f"| {r['name']} | {num(r['iou'])} | {num(r['dice'])} | {num(r.get('iou_before_refine'))} | "
-                     f"{num(r.get('val_iou'))} |")
+                     f"{num(r.get('val_iou'))} | {count(r.get('n_images') if r['kind'] == 'unet' else None)} | "
+                     f"{count(r.get('steps'))} |")
     lines += ["", "| step | project | command | seconds |", "|---|---|---|---|"]
     for s in result["steps"]:
         lines.append(f"| {s['step']} | {s['project']} | `{s['command']}` | {s['seconds']:.1f} |")
@@ -371,14 +397,15 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"fg IoU on {result['eval']['description']} ({result['profile']} profile)")
-    for col in ("method", "fg IoU %", "Dice %", "before refine %", "val IoU %"):
+    for col in ("method", "fg IoU %", "Dice %", "before refine %", "val IoU %", "steps"):
         table.add_column(col, justify="left" if col == "method" else "right")
 
     def num(v: Any) -> str:
         return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.1f}"
 
     for r in result.get("rows", []):
-        table.add_row(r["name"], num(r["iou"]), num(r["dice"]), num(r.get("iou_before_refine")), num(r.get("val_iou")))
+        table.add_row(r["name"], num(r["iou"]), num(r["dice"]), num(r.get("iou_before_refine")), num(r.get("val_iou")),
+                      "—" if r.get("steps") is None else str(r["steps"]))
     console = Console(width=max(120, Console().width))  # no wrapping when piped to a log
     console.print(table)
     console.print(f"ImageNet weights: {result['imagenet_summary']}; total {result['total_seconds'] / 60:.1f} min; "
@@ -420,6 +447,7 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner)
     best = max(plan.variants, key=lambda v: val_scores[v])
     print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
     run(f"train-unet {best}", "train-unet", "--masks", best)
+    run(f"train-unet same-{best}", "train-unet", "--masks", f"same-{best}")
     run("train-unet gt", "train-unet", "--masks", "gt")
     run(f"make-cams {LABEL_FREE}", "make-cams", "--method", LABEL_FREE)
     run(f"make-pseudo {LABEL_FREE} (label-free)", "make-pseudo", "--method", LABEL_FREE)
@@ -444,6 +472,7 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner)
     for variant in plan.variants:
         run(f"evaluate pseudo {variant}", "evaluate", "--pseudo", variant, project=project)
     run(f"evaluate unet-{best}", "evaluate", "--model", f"unet-{best}", project=project)
+    run(f"evaluate unet-same-{best}", "evaluate", "--model", f"unet-same-{best}", project=project)
     run("evaluate unet-gt", "evaluate", "--model", "unet-gt", project=project)
     run(f"evaluate unet-{LABEL_FREE}", "evaluate", "--model", f"unet-{LABEL_FREE}", project=project)
     run("evaluate baselines", "evaluate", "--baselines", project=project)

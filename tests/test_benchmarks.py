@@ -140,9 +140,13 @@ def _fake_reports(root: Path, variants: list[str]) -> None:
     for i, v in enumerate(variants):
         (root / "reports" / "eval-pseudo" / f"{v}.json").write_text(json.dumps(
             {"variant": v, "refiner": "crf", "n_images": 7, "before": scores(0.3), "after": scores(0.4 + 0.1 * i)}))
-    (root / "reports" / "eval" / f"{variants[1]}.json").write_text(json.dumps(scores(0.55)))
-    (root / "reports" / "eval" / "gt.json").write_text(json.dumps(scores(0.7)))
-    (root / "reports" / "eval" / "prior-grabcut.json").write_text(json.dumps(scores(0.681)))
+    def unet(iou: float, n_images: int) -> dict[str, object]:
+        return {**scores(iou), "training": {"steps": 400, "n_images": n_images, "images": "gt", "epochs": 34}}
+
+    (root / "reports" / "eval" / f"{variants[1]}.json").write_text(json.dumps(unet(0.55, 1307)))
+    (root / "reports" / "eval" / f"same-{variants[1]}.json").write_text(json.dumps(unet(0.525, 198)))
+    (root / "reports" / "eval" / "gt.json").write_text(json.dumps(unet(0.7, 198)))
+    (root / "reports" / "eval" / "prior-grabcut.json").write_text(json.dumps(unet(0.681, 1307)))
     (root / "reports" / "eval" / "baselines.json").write_text(json.dumps(
         {"whole_image": scores(0.3), "ellipse": scores(0.456), "grabcut_rect": scores(0.5), "split": "test"}))
 
@@ -153,18 +157,25 @@ def test_collect_and_summary_line(tmp_path: Path) -> None:
     _fake_reports(tmp_path, plan.variants)
     got = quality.collect(tmp_path, plan, best, {v: 0.5 for v in plan.variants})
     assert got["summary"] == pytest.approx({"pseudo_iou": 50.0, "wsss_unet_iou": 55.0, "supervised_unet_iou": 70.0,
-                                            "ellipse_iou": 45.6, "grabcut_iou": 50.0, "label_free_unet_iou": 68.1})
+                                            "ellipse_iou": 45.6, "grabcut_iou": 50.0, "label_free_unet_iou": 68.1,
+                                            "same_images_unet_iou": 52.5,
+                                            "wsss_unet_steps": 400, "same_images_unet_steps": 400,
+                                            "supervised_unet_steps": 400, "label_free_unet_steps": 400})
     line = quality.summary_line(got["summary"])
     assert line == ("pseudo_iou=50.0 wsss_unet_iou=55.0 supervised_unet_iou=70.0 ellipse_iou=45.6 grabcut_iou=50.0 "
-                    "label_free_unet_iou=68.1")
+                    "label_free_unet_iou=68.1 same_images_unet_iou=52.5 wsss_unet_steps=400 "
+                    "same_images_unet_steps=400 supervised_unet_steps=400 label_free_unet_steps=400")
     assert "U-Net on label-free rectangle-GrabCut masks (no labels)" in [r["name"] for r in got["rows"]]
     assert quality.summary_line({"pseudo_iou": math.nan}).startswith("pseudo_iou=nan wsss_unet_iou=nan")
+    assert quality.summary_line({}).endswith("supervised_unet_steps=nan label_free_unet_steps=nan")
     result = {"profile": "smoke", "train_root": "t", "extra_train_roots": ["x"], "machine": "m",
               "eval": {"description": "the test split", "n_images": 7}, "imagenet_summary": "no",
               "total_seconds": 60.0, "steps": [{"step": "prepare", "project": "train", "command": "wsss prepare",
                                                 "seconds": 1.0, "rc": 0}], "summary_line": line, **got}
     md = quality.to_markdown(result)
     assert "(selected)" in md and "| prepare | train | `wsss prepare` | 1.0 |" in md and line in md
+    assert f"| U-Net on pseudo-masks ({best}), the GT train images only | 52.5 | 62.5 | — | — | 198 | 400 |" in md
+    assert f"| U-Net on pseudo-masks ({best}), all train images | 55.0 | 65.0 | — | — | 1307 | 400 |" in md
 
 
 # --- pretraining.py ----------------------------------------------------------------------------------------

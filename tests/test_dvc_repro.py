@@ -33,7 +33,7 @@ TINY = {
     "make_cams": {"scales": [1.0], "batch_size": 8, "shard_size": 16},
     "tune": {"trials": 2, "n_startup_trials": 1},
     "tune_ensemble": {"trials": 2, "n_startup_trials": 1},
-    "train_unet": {"input_size": 32, "epochs": 1, "batch_size": 8},
+    "train_unet": {"input_size": 32, "steps": 3, "batch_size": 8},
     "tracking": {"system_metrics": False},
 }
 REPORT_SECTIONS = (
@@ -42,7 +42,7 @@ REPORT_SECTIONS = (
     "## Model registry", "## Figures",
 )
 # Stages that may rerun when a `pseudo.crf` parameter changes: the refiner's stages and what they feed.
-BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|evaluate@best|report)$")
+BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|train-unet-same|evaluate@(same-)?best|report)$")
 
 
 def _copy_worktree(dest: Path) -> None:

@@ -30,9 +30,10 @@ During every run a watcher polls the output folders (and once more after the kil
 ``*.tmp`` name, and every ``.npz .png .json .pt .yaml .parquet .csv .md`` present loads completely.
 After the final run no hidden temporary file of a killed writer is left either.
 
-The default run kills each of make-cams, make-pseudo, train-classifier and report once, at a moment
-chosen by an event (first shard / first masks / first checkpoint / first figure written), so resume is
-really exercised. The ``slow`` sweep kills all eight stages at random moments (uniform in [0, T],
+The default run kills each of make-cams, make-pseudo, train-classifier, train-unet and report once, at a
+moment chosen by an event (first shard / first masks / first checkpoint / first figure written), so resume
+is really exercised (train-unet: a schedule in optimiser steps whose last epoch is partial, resumed to
+exactly its steps). The ``slow`` sweep kills all eight stages at random moments (uniform in [0, T],
 :data:`SEEDS`, the last one killed twice).
 """
 
@@ -58,7 +59,7 @@ from wsss.cli import app
 from wsss.tuning import UNCLAIMED_GRACE_S
 
 CAM = "cam_classifier-species"
-TIMING_KEYS = ("seconds", "images_per_s", "train_seconds", "seconds_per_epoch", "train_images_per_s",
+TIMING_KEYS = ("seconds", "images_per_s", "train_seconds", "seconds_per_step", "train_images_per_s",
                "n_refined")
 # Enough epochs / shards / masks that a kill usually lands between two saved units of work.
 KILL_PARAMS = {
@@ -69,7 +70,7 @@ KILL_PARAMS = {
     "make_cams": {**TINY_MODELS["make_cams"], "shard_size": 4},
     "pseudo": {"workers": 2},  # a process pool: the kill must take the workers down too
     "tune": {"trials": 3, "n_startup_trials": 1, "prune_chunks": 2, "refiners": ["crf", "grabcut", "none"]},
-    "train_unet": {**TINY_MODELS["train_unet"], "epochs": 3},
+    "train_unet": {**TINY_MODELS["train_unet"], "steps": 7},  # 3 epochs of 2 steps + 1
 }
 runner = CliRunner()
 
@@ -339,7 +340,7 @@ def _reference(base: Path, work: Path, stage: Stage) -> tuple[Path, Outcome]:
 # default run: one kill per stage, at an event that guarantees partial progress
 
 
-@pytest.mark.parametrize("name", ["make-cams", "make-pseudo", "train-classifier", "report"])
+@pytest.mark.parametrize("name", ["make-cams", "make-pseudo", "train-classifier", "train-unet", "report"])
 def test_killed_at_first_saved_unit_resumes_to_identical_outputs(
     base_project: Path, tmp_path: Path, name: str
 ) -> None:
@@ -349,6 +350,10 @@ def test_killed_at_first_saved_unit_resumes_to_identical_outputs(
     assert hit.killed, f"{name} finished before its kill event:\n{hit.describe()}"
     if name == "train-classifier":
         assert "resuming classifier-species after epoch" in final.output
+    if name == "train-unet":  # resumed mid-schedule, and still exactly the configured optimiser steps
+        assert f"resuming unet-{CAM} after epoch" in final.output
+        meta = json.loads((tmp_path / "victim" / "models" / f"unet-{CAM}" / "meta.json").read_text())
+        assert meta["training"]["steps"] == KILL_PARAMS["train_unet"]["steps"]
 
 
 def test_watcher_sees_partial_files(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ TINY_MODELS = {
     "make_cams": {"scales": [1.0, 1.5], "batch_size": 8, "shard_size": 8,
                   "ensemble_members": ["cam_classifier-species", "ccam_ccam-none"]},
     "tune": {"trials": 2, "n_startup_trials": 1},
-    "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "epochs": 2,
+    "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "steps": 4,
                    "batch_size": 8},
 }
 
@@ -56,14 +56,16 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_project: Path) -> None:
         invoke("tune", "crf", "--method", variant, "--trials", "2")
         invoke("make-pseudo", "--method", variant)
     invoke("train-unet", "--masks", "best")
+    invoke("train-unet", "--masks", "same-best")
     invoke("train-unet", "--masks", "gt")
     invoke("evaluate", "--model", "unet-best")
+    invoke("evaluate", "--model", "unet-same-best")
     invoke("evaluate", "--model", "unet-gt")
     invoke("evaluate", "--baselines")
     invoke("report")
 
     for name in ("classifier-species", "classifier-breed-bg", "ccam-none", "ccam-none-perbreed",
-                 "ccam-cls-species-ecs", "unet-best", "unet-gt"):
+                 "ccam-cls-species-ecs", "unet-best", "unet-same-best", "unet-gt"):
         assert (root / "models" / name / "model.pt").exists(), name
         assert (root / "models" / name / "meta.json").exists(), name
     meta = json.loads((root / "models" / "ccam-none" / "meta.json").read_text())
@@ -83,10 +85,14 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_project: Path) -> None:
     assert values <= {0, 1, 255}
     assert (root / "reports" / "crf" / "ensemble.yaml").exists()
 
-    for source in ("best", "gt", "baselines"):
+    for source in ("best", "same-best", "gt", "baselines"):
         assert (root / "reports" / "eval" / f"{source}.json").exists(), source
+    for source in ("best", "same-best", "gt"):  # equal schedules whatever the images
+        ev = json.loads((root / "reports" / "eval" / f"{source}.json").read_text())
+        assert ev["training"]["steps"] == TINY_MODELS["train_unet"]["steps"], source
     report = (root / "reports" / "report.md").read_text()
     assert "Table 1" in report and "Table 3" in report
+    assert "| WSSS, same images | `unet-same-best` |" in report
 
 
 def test_training_resumes_from_checkpoint(tiny_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -136,14 +136,50 @@ def test_sections_from_in_memory_reports() -> None:
     assert t3["CCAM+dCRF"]["37-Class IoU"] == "68.44 (59.79)"
     assert t3["CCAM+dCRF"]["37-Class/U-Net IoU"] == "70.00 (61.58)"  # unet-best was trained on PERBREED
     assert t3["WSSS / supervised"]["Pretrained IoU"] == "87.5 (90.2)"
-    assert markdown_table(md, "## U-Nets on the official")["`unet-best`"]["IoU / supervised"] == "87.5"
+    assert markdown_table(md, "## U-Nets on the official")["WSSS, all images"]["IoU / supervised"] == "87.5"
+
+
+def _unet_eval(iou: float, masks: str, n_images: int, steps: int, images: str) -> dict:
+    return {**_scores(iou, iou + 0.05), "masks": masks,
+            "training": {"steps": steps, "n_images": n_images, "images": images, "batch_size": 16, "epochs": 3}}
+
+
+def test_unet_table_compares_supervised_same_images_and_all_images_at_their_steps() -> None:
+    evals = {"gt": _unet_eval(0.6, "gt", 198, 400, "gt"),
+             "same-best": _unet_eval(0.54, "same-ccam_ccam-none", 198, 400, "gt"),
+             "best": _unet_eval(0.66, "ccam_ccam-none", 1307, 400, "all"),
+             PERBREED: _unet_eval(0.3, PERBREED, 1307, 400, "all"), "baselines": {"ellipse": _scores(0.4, 0.5)}}
+    md = tables.unets_section(Reports({}, {}, evals))
+    t = markdown_table(md, "## U-Nets")
+    assert list(t) == ["supervised", "WSSS, same images", "WSSS, all images", "—"]  # extra U-Nets after the rows
+    assert [(t[k]["images"], t[k]["steps"]) for k in list(t)[:3]] == [("198", "400"), ("198", "400"), ("1307", "400")]
+    assert t["WSSS, same images"]["model"] == "`unet-same-best`"
+    assert t["WSSS, same images"]["trained on"] == "pseudo-masks (`same-ccam_ccam-none`)"
+    assert t["supervised"]["trained on"] == "GT masks" and t["—"]["model"] == f"`unet-{PERBREED}`"
+    assert t["WSSS, same images"]["IoU / supervised"] == "90.0" and t["WSSS, all images"]["IoU / supervised"] == "110.0"
+    assert "(WSSS same images / supervised): IoU 90.0 %, Dice 90.8 %." in md
+    assert "both WSSS rows train on the same images" not in md
+    # A U-Net row is one entry of UNET_ROWS: the table follows it.
+    extra = tables.UnetRow("label-free", PERBREED, "GrabCut-rectangle masks")
+    original = tables.UNET_ROWS
+    try:
+        tables.UNET_ROWS = (*original, extra)
+        t = markdown_table(tables.unets_section(Reports({}, {}, evals)), "## U-Nets")
+    finally:
+        tables.UNET_ROWS = original
+    assert list(t) == ["supervised", "WSSS, same images", "WSSS, all images", "label-free"]
+    assert t["label-free"]["IoU"] == "30.00" and t["label-free"]["images"] == "1307"
+    # Every train image with GT (the embedded default): said, so the equal rows are not a surprise.
+    evals["best"] = _unet_eval(0.55, "ccam_ccam-none", 198, 400, "all")
+    assert "both WSSS rows train on the same images" in tables.unets_section(Reports({}, {}, evals))
 
 
 def test_empty_reports_are_dashes_and_ensemble_uses_params() -> None:
     empty = Reports({}, {}, {})
     assert markdown_table(tables.table1_section(empty), "## Table 1")["CCAM+ECS"]["37-Class IoU"] == "— (24.59)"
     assert "_No report filled any cell of this table yet._" in tables.table2_section(empty)
-    assert markdown_table(tables.unets_section(empty), "## U-Nets")["—"]["IoU"] == "—"
+    unets = markdown_table(tables.unets_section(empty), "## U-Nets")
+    assert list(unets) == [row.label for row in tables.UNET_ROWS] and unets["supervised"]["IoU"] == "—"
     params = replace(Params(), make_cams=CamsConfig(ensemble_members=("a", "b"), ensemble_weights=(2.0, 1.0)))
     ens = tables.ensemble_section(Reports({"ensemble": _scores(0.6789, 0.7)}, {}, {}), params)
     row = markdown_table(ens, "## Ensemble of maps")["Ensemble"]

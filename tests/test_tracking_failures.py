@@ -121,7 +121,7 @@ def test_health_check_accepts_a_server_that_answers(monkeypatch: pytest.MonkeyPa
 
 @pytest.fixture
 def prepared(project: Path) -> Path:
-    write_params(project, {**TINY_MODELS, "train_unet": {**TINY_MODELS["train_unet"], "epochs": 3}})
+    write_params(project, {**TINY_MODELS, "train_unet": {**TINY_MODELS["train_unet"], "steps": 6}})
     for command in (["generate-synthetic"], ["prepare"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.output

@@ -28,7 +28,8 @@ from wsss.variants import (
 MODELS = ["classifier-species", "classifier-breed", "classifier-species-bg", "classifier-breed-bg",
           "ccam-none", "ccam-imagenet", "ccam-cls-species", "ccam-cls-breed-bg", "ccam-cls-species-ecs",
           "ccam-none-perbreed", "ccam-imagenet-perbreed", "ccam-pre-default", "ccam-pre-my_net.v2-ecs-perbreed",
-          "unet-gt", "unet-best", "unet-ccam_ccam-none-perbreed", "unet-ensemble", "pretrain-default",
+          "unet-gt", "unet-best", "unet-ccam_ccam-none-perbreed", "unet-ensemble", "unet-same-best",
+          "unet-same-ccam_ccam-none", "unet-same-ensemble", "pretrain-default",
           "pretrain-mocov2", "imagenet"]
 VARIANTS = ["cam_classifier-species", "ecs_classifier-breed-bg", "ccam_ccam-none", "ccam_ccam-cls-breed",
             "ccam-ecs_ccam-cls-species-ecs", "ccam_ccam-none-perbreed", "cam_imagenet", "ensemble"]

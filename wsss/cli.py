@@ -198,12 +198,13 @@ def make_cams(
 @_user_errors
 def train_unet(
     masks: Annotated[
-        str, typer.Option(help="gt (supervised baseline), a pseudo-mask variant, or best (by non-test IoU).")
+        str, typer.Option(help="gt (supervised baseline), a pseudo-mask variant, or best (by non-test IoU); "
+                          "same-best / same-<variant>: those pseudo-masks on the train images with GT only.")
     ] = "best",
     params_path: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = None,
 ) -> None:
-    """Train a U-Net on pseudo-masks or GT masks (fixed schedule, last epoch kept). Resumes after a kill."""
+    """Train a U-Net on pseudo-masks or GT masks for train_unet.steps optimiser steps (the same for every U-Net, last step kept). Resumes after a kill."""
     from wsss.stages import train_unet as stage
 
     _parse(MaskSource.parse, masks, "--masks")

@@ -281,13 +281,17 @@ class TuneEnsembleConfig:
 
 @dataclass(frozen=True)
 class UnetConfig:
-    """Segmenter trained on pseudo-masks (or GT for the supervised baseline)."""
+    """Segmenter trained on pseudo-masks (or GT for the supervised baseline).
+
+    The schedule is in optimiser steps, not epochs: every U-Net gets ``steps`` steps whatever its number
+    of training images, so the supervised, same-images and all-images U-Nets compare at equal schedules.
+    """
 
     architecture: Literal["smp", "plain"] = "smp"
     encoder: str = "resnet34"
     encoder_weights: str = "none"  # imagenet | none | pretrain:<name> | path/to/backbone.pt
     input_size: int = _f(256, 32, 2048)
-    epochs: int = _f(20, 1)
+    steps: int = _f(4000, 1)  # optimiser steps (batches of batch_size), the same for every U-Net
     batch_size: int = _f(16, 1)
     lr: float = _f(1e-3, 0.0)
     weight_decay: float = _f(1e-4, 0.0)
@@ -402,10 +406,18 @@ def _check_range(value: Any, meta: dict[str, Any], key: str, source: str) -> Non
         raise ConfigError(f"{source}: '{key}' = {value} is outside its range [{lo_s}, {hi_s}]")
 
 
+# Keys that were replaced: the error says by what.
+_REPLACED = {"train_unet.epochs": "'train_unet.steps' (optimiser steps, equal for every U-Net whatever its "
+                                  "number of images; epochs x images / batch_size gives the old schedule)"}
+
+
 def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    for name in unknown:
+        if prefix + name in _REPLACED:
+            raise ConfigError(f"{source}: '{prefix}{name}' was replaced by {_REPLACED[prefix + name]}")
     if unknown:
         raise ConfigError(
             f"{source}: unknown key '{prefix}{unknown[0]}' "

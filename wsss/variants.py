@@ -5,7 +5,7 @@ The grammar (every string is what the stages have always written)::
 
     model id     classifier-<labels>[-bg]        labels: species | breed
                  ccam-<init>[-ecs][-perbreed]    init: none | imagenet | cls-<labels>[-bg] | pre-<name>
-                 unet-<source>                   source: gt | best | <map variant>
+                 unet-<source>                   source: gt | best | <map variant> | same-<best|map variant>
                  pretrain-<name>
                  imagenet                        the ImageNet classifier (the paper's "Pretrained" maps)
     map variant  <method>_<model id> | ensemble | <prior>
@@ -59,7 +59,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CCAM_SUFFIXES = ("-ecs", "-perbreed")
 
 MODEL_FORMS = ("classifier-<species|breed>[-bg], ccam-<none|imagenet|cls-<labels>[-bg]|pre-<name>>[-ecs][-perbreed], "
-               "unet-<gt|best|map variant>, pretrain-<name> or imagenet")
+               "unet-<gt|best|map variant|same-<best|map variant>>, pretrain-<name> or imagenet")
 VARIANT_FORMS = (f"<method>_<model> (method {', '.join(MODEL_METHODS)}; model classifier-<species|breed>[-bg], "
                  f"ccam-<none|imagenet|cls-<labels>[-bg]|pre-<name>>[-ecs][-perbreed] or imagenet), {ENSEMBLE} "
                  f"or a label-free prior ({', '.join(PRIORS)})")
@@ -294,29 +294,43 @@ class MapVariant:
         return self.method if self.model is None else f"{self.method}_{self.model}"
 
 
+SAME_IMAGES = "same-"  # mask-source prefix: only the train images that have GT (as the supervised U-Net)
+
+
 @dataclass(frozen=True)
 class MaskSource:
-    """What a U-Net trains on: ``gt``, ``best`` (chosen from the pseudo-mask reports) or a map variant's masks."""
+    """What a U-Net trains on: ``gt``, ``best`` (chosen from the pseudo-mask reports) or a map variant's masks.
+
+    ``same-best`` / ``same-<variant>`` (``same_images``): those pseudo-masks on exactly the train images
+    that have GT, the images the supervised U-Net (``gt``) trains on: weak vs full labels on the same images.
+    """
 
     kind: Literal["gt", "best", "pseudo"]
     variant: MapVariant | None = None
+    same_images: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("gt", "best", "pseudo") or (self.kind == "pseudo") != (self.variant is not None):
             raise ConfigError(f"mask source {self.kind!r}: use gt, best or a map variant")
+        if self.same_images and self.kind == "gt":
+            raise ConfigError(f"mask source {SAME_IMAGES}gt: the GT masks are on those images already; use gt")
 
     @classmethod
     def parse(cls, text: str) -> MaskSource:
-        """Parse ``gt``, ``best`` or a map variant."""
-        if text in ("gt", "best"):
-            return cls(text)  # type: ignore[arg-type]
+        """Parse ``gt``, ``best``, a map variant, ``same-best`` or ``same-<map variant>``."""
+        same = isinstance(text, str) and text.startswith(SAME_IMAGES)
+        rest = text.removeprefix(SAME_IMAGES) if same else text
+        if rest == "best" or (rest == "gt" and not same):
+            return cls(rest, same_images=same)  # type: ignore[arg-type]
         try:
-            return cls("pseudo", MapVariant.parse(text))
+            return cls("pseudo", MapVariant.parse(rest), same_images=same)
         except ConfigError:
-            raise _bad("mask source", text, f"gt, best or a map variant: {VARIANT_FORMS}") from None
+            raise _bad("mask source", text, f"gt, best or a map variant, or {SAME_IMAGES}<best|map variant> "
+                       f"for the train images with GT only (map variant: {VARIANT_FORMS})") from None
 
     def __str__(self) -> str:
-        return str(self.variant) if self.variant is not None else self.kind
+        name = str(self.variant) if self.variant is not None else self.kind
+        return SAME_IMAGES + name if self.same_images else name
 
 
 @dataclass(frozen=True)
@@ -327,13 +341,13 @@ class UnetId:
 
     @classmethod
     def parse(cls, text: str) -> UnetId:
-        """Parse ``unet-<gt|best|map variant>``."""
+        """Parse ``unet-<gt|best|map variant|same-best|same-<map variant>>``."""
         if text.startswith("unet-"):
             try:
                 return cls(MaskSource.parse(text.removeprefix("unet-")))
             except ConfigError:
                 pass
-        raise _bad("U-Net", text, "unet-<gt|best|map variant>")
+        raise _bad("U-Net", text, "unet-<gt|best|map variant|same-<best|map variant>>")
 
     def __str__(self) -> str:
         return f"unet-{self.source}"

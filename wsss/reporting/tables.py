@@ -9,6 +9,8 @@ Which variant fills which cell: ``wsss.reporting.slots``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from wsss.config import Params
 from wsss.reporting.inputs import Reports, get, ratio
@@ -248,18 +250,70 @@ def table3_section(rep: Reports) -> str:
     ])
 
 
+@dataclass(frozen=True)
+class UnetRow:
+    """One row of the U-Net comparison: the eval report it reads (``reports/eval/<source>.json``, the
+    mask source of ``unet-<source>``) and what supervised that U-Net."""
+
+    label: str
+    source: str
+    supervision: str
+
+
+SUPERVISED = UnetRow("supervised", "gt", "GT masks")
+SAME_IMAGES = UnetRow("WSSS, same images", "same-best", "pseudo-masks")
+ALL_IMAGES = UnetRow("WSSS, all images", "best", "pseudo-masks")
+# The comparison, in this order, at equal optimiser steps (`train_unet.steps`). A new row is one entry here.
+UNET_ROWS: tuple[UnetRow, ...] = (SUPERVISED, SAME_IMAGES, ALL_IMAGES)
+
+
+def _unet_cells(data: Mapping[str, Any] | None, gt_iou: float | None) -> list[str]:
+    """images, steps, IoU, Dice, dataset IoU, mIoU and IoU / supervised of one eval report."""
+    def count(key: str) -> str:
+        value = get(data, "training", key)
+        return DASH if value is None else str(int(value))
+
+    iou = get(data, "iou_mean")
+    return [count("n_images"), count("steps"), pct(iou), pct(get(data, "dice_mean")), pct(get(data, "iou_dataset")),
+            pct(get(data, "miou")), pct(ratio(iou, gt_iou), 1)]
+
+
 def unets_section(rep: Reports) -> str:
-    """Every evaluated U-Net on the test split, with its fraction of the supervised IoU."""
-    gt_iou = get(rep.eval.get("gt"), "iou_mean")
+    """The U-Net comparison (:data:`UNET_ROWS`: supervised, same-images and all-images WSSS, each with its
+    images and optimiser steps), then every other evaluated U-Net, and the same-images ratio."""
+    gt = rep.eval.get(SUPERVISED.source)
+    gt_iou = get(gt, "iou_mean")
     rows = []
+    for row in UNET_ROWS:
+        data = rep.eval.get(row.source)
+        masks = (data or {}).get("masks")
+        trained_on = row.supervision + (f" (`{masks}`)" if masks and masks != "gt" else "")
+        rows.append([row.label, f"`unet-{row.source}`", trained_on, *_unet_cells(data, gt_iou)])
+    listed = {row.source for row in UNET_ROWS}
     for name, data in sorted(rep.unet_evals.items()):
-        iou = get(data, "iou_mean")
-        rows.append([f"`unet-{name}`", f"`{data.get('masks', DASH)}`", pct(iou), pct(get(data, "dice_mean")),
-                     pct(get(data, "iou_dataset")), pct(get(data, "miou")), pct(ratio(iou, gt_iou), 1)])
-    if not rows:
-        rows.append([DASH] * 7)
-    headers = ["model", "trained on", "IoU", "Dice", "dataset IoU", "mIoU (bg, pet)", "IoU / supervised"]
-    return "\n".join(["## U-Nets on the official test split", "", md_table(headers, rows)])
+        if name not in listed:
+            rows.append([DASH, f"`unet-{name}`", f"`{data.get('masks', DASH)}`", *_unet_cells(data, gt_iou)])
+    same, every = rep.eval.get(SAME_IMAGES.source), rep.eval.get(ALL_IMAGES.source)
+    iou_r, dice_r = ratio(get(same, "iou_mean"), gt_iou), ratio(get(same, "dice_mean"), get(gt, "dice_mean"))
+    line = ("Weak vs full labels on the same images (WSSS same images / supervised): "
+            + (f"IoU {pct(iou_r, 1)} %, Dice {pct(dice_r, 1)} %." if iou_r is not None else f"{DASH}."))
+    n_same, n_all = get(same, "training", "n_images"), get(every, "training", "n_images")
+    if n_same is not None and n_same == n_all:
+        line += " Every train image has GT here, so both WSSS rows train on the same images."
+    headers = ["U-Net", "model", "trained on", "images", "steps", "IoU", "Dice", "dataset IoU", "mIoU (bg, pet)",
+               "IoU / supervised"]
+    return "\n".join([
+        "## U-Nets on the official test split",
+        "",
+        "Every U-Net trains for the same number of optimiser steps (`train_unet.steps`) whatever its number "
+        "of images, so the rows compare at equal schedules. *Same images*: the best pseudo-masks of exactly "
+        "the train images with GT, the supervised U-Net's images (weak vs full labels); *all images*: the "
+        "same pseudo-masks on every train image (more images with weak labels).",
+        "",
+        md_table(headers, rows),
+        "",
+        line,
+    ])
 
 
 def variants_section(rep: Reports) -> str:

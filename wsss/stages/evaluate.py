@@ -16,7 +16,7 @@ from wsss import tracking
 from wsss.config import Params
 from wsss.data.manifest import official_test_rows
 from wsss.data.readers import read_mask, read_rgb
-from wsss.io import write_json
+from wsss.io import read_json, write_json
 from wsss.paths import Paths
 from wsss.ui import console, task
 from wsss.variants import UnetId
@@ -49,14 +49,19 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
             advance(len(chunk))
     seconds = time.perf_counter() - start
     scores = meter.result().to_dict()
+    # How it was trained (steps, images), so the report can show the schedules side by side.
+    training = read_json(paths.model_dir(model) / "meta.json").get("training")
+    training = training if isinstance(training, dict) else {}
     report = {"model": model, "masks": meta.masks, "split": "test", **scores,
+              **({"training": training} if training else {}),
               "seconds": round(seconds, 2), "images_per_s": len(rows) / max(seconds, 1e-9)}
     source = str(UnetId.parse(model).source)
     write_json(paths.eval_report(source), report)
     with tracking.stage_run(STAGE, source, params, paths, sections=("evaluate",)):
         # MLflow names say the split (test_...); the report's keys are the SegScores names, as in every report.
-        tracking.log_metrics({(f"test_{k}" if k in scores else k): v for k, v in report.items()
-                              if isinstance(v, (int, float))})
+        logged = {(f"test_{k}" if k in scores else k): v for k, v in report.items() if isinstance(v, (int, float))}
+        logged.update({f"train_{k}": v for k, v in training.items() if isinstance(v, (int, float))})
+        tracking.log_metrics(logged)
     console.print(f"{model} on test: fg IoU {scores['iou_mean']:.3f} (dataset {scores['iou_dataset']:.3f}), "
                   f"Dice {scores['dice_mean']:.3f}, mIoU {scores['miou']:.3f} over {len(rows)} images")
     return report

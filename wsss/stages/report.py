@@ -37,9 +37,11 @@ def run(params: Params, paths: Paths, register: bool = True, device: str | None 
         if paths.figures.is_dir() and any(paths.figures.iterdir()):
             tracking.guard(mlflow.log_artifacts, str(paths.figures), artifact_path="figures")
         gt, best = get(rep.eval.get("gt"), "iou_mean"), get(rep.eval.get("best"), "iou_mean")
+        same = get(rep.eval.get("same-best"), "iou_mean")
         summary: dict[str, Any] = {
             "n_map_variants": len(rep.cams), "n_pseudo_variants": len(rep.pseudo), "n_figures": len(figures),
             "test_iou_best": best, "test_iou_gt": gt, "wsss_over_supervised": ratio(best, gt),
+            "test_iou_same_images": same, "same_images_over_supervised": ratio(same, gt),
         }
         tracking.log_metrics({k: v for k, v in summary.items() if v is not None})
         for r in regs or []:

@@ -24,7 +24,7 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "tune-crf": ("best_value", "val_iou_mean"),
     "tune-ensemble": ("best_value", "best_single_member_value", "val_iou_mean"),
     "make-pseudo": ("trainval_after_iou_mean", "trainval_before_iou_mean"),
-    "train-unet": ("last_val_iou_mean", "final_train_loss"),
+    "train-unet": ("last_val_iou_mean", "final_train_loss", "steps"),
     "evaluate": ("test_iou_mean", "test_miou", "test_after_iou_mean", "test_ellipse_iou_mean",
                  "test_grabcut_rect_iou_mean"),
     "report": ("wsss_over_supervised", "n_figures"),
@@ -75,7 +75,7 @@ def fetch_runs(params: Params, paths: Paths, stage: str | None = None, include_a
 
 
 def _fmt_value(name: str, value: float) -> str:
-    countish = name.startswith(("n_", "checks_", "trials_")) or name in ("success", "epochs", "best_epoch", "polarity")
+    countish = name.startswith(("n_", "checks_", "trials_")) or name in ("success", "epochs", "best_epoch", "polarity", "steps")
     if countish and float(value).is_integer():
         return str(int(value))
     return f"{value:.3f}"

@@ -1,9 +1,12 @@
 """Stage ``train-unet``: a segmenter trained on pseudo-masks (weak supervision) or on GT (the baseline).
 
-Both are trained the same way, with a fixed schedule and the last epoch kept: the weakly-supervised
-U-Net must never select epochs with GT, and the supervised baseline follows the same recipe so the
-two are comparable. Per-epoch validation IoU is logged for information only. Cross-entropy with
-``ignore_index=255`` (+ optional soft Dice), augmentation, AMP/bf16 + channels_last, resume.
+Every U-Net is trained the same way, for ``train_unet.steps`` optimiser steps whatever its number of
+images, with the last step kept: the weakly-supervised U-Net must never select epochs with GT, and the
+supervised baseline follows the same recipe, so the two compare at equal schedules (an epoch schedule
+would give the U-Net on the few GT images several times fewer steps). ``--masks same-<best|variant>``
+trains on the pseudo-masks of exactly the train images that have GT, the supervised U-Net's images.
+Per-epoch validation IoU is logged for information only. Cross-entropy with ``ignore_index=255``
+(+ optional soft Dice), augmentation, AMP/bf16 + channels_last, a per-step cosine LR, resume.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from wsss.evaluation import IGNORE
 from wsss.io import read_json
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
+from wsss.training.schedule import StepSchedule
 from wsss.training.trainer import Trainer
 from wsss.ui import console
-from wsss.variants import PRIORS, MapVariant, MaskSource
+from wsss.variants import PRIORS, MapVariant, MaskSource, UnetId
 from wsss.viz import overlay_ids, overlay_row
 
 STAGE = "train-unet"
@@ -53,20 +57,36 @@ def best_pseudo_variant(paths: Paths) -> str:
     return max(scored)[1]
 
 
-def resolve_source(paths: Paths, masks: str) -> str:
-    """``gt``, a pseudo-mask variant, or ``best`` (resolved from the pseudo-mask reports)."""
+def resolve_source(paths: Paths, masks: str) -> MaskSource:
+    """``gt``, a pseudo-mask variant, or ``best`` (resolved from the pseudo-mask reports); ``same-`` kept."""
     source = MaskSource.parse(masks)
-    return str(MapVariant.parse(best_pseudo_variant(paths)) if source.kind == "best" else source)
+    if source.kind != "best":
+        return source
+    return MaskSource("pseudo", MapVariant.parse(best_pseudo_variant(paths)), source.same_images)
 
 
-def training_rows(df: pd.DataFrame, paths: Paths, source: str) -> tuple[pd.DataFrame, Path | None]:
-    """Training images and the mask folder (None = GT masks from the manifest)."""
-    if source == "gt":
-        return pets(df, "train", with_mask=True), None
-    masks_dir = paths.masks_dir(source)
+def training_rows(df: pd.DataFrame, paths: Paths, source: MaskSource) -> tuple[pd.DataFrame, Path | None]:
+    """Training images and the mask folder (None = GT masks from the manifest).
+
+    ``gt`` and ``same-<variant>`` train on the same rows, in the same order: the train images with a GT
+    mask. A same-images U-Net needs a pseudo-mask for every one of them (else the comparison is not on
+    the same images); an all-images one takes every train image that has a pseudo-mask.
+    """
+    gt_rows = pets(df, "train", with_mask=True)
+    if source.variant is None:
+        if source.kind != "gt":
+            raise DataError(f"mask source {source}: resolve 'best' to a variant first")
+        return gt_rows, None
+    masks_dir = paths.masks_dir(source.variant)
     if not masks_dir.exists():
-        raise DataError(f"{masks_dir}: pseudo-masks not found; run `wsss make-pseudo --method {source}`")
+        raise DataError(f"{masks_dir}: pseudo-masks not found; run `wsss make-pseudo --method {source.variant}`")
     have = {p.stem for p in masks_dir.glob("*.png")}
+    if source.same_images:
+        missing = sorted(set(gt_rows["id"]) - have)
+        if missing:
+            raise DataError(f"{masks_dir}: {len(missing)} of the {len(gt_rows)} train images with GT have no "
+                            f"pseudo-mask (e.g. {missing[0]}); rerun `wsss make-pseudo --method {source.variant}`")
+        return gt_rows, masks_dir
     train = pets(df, "train")
     return train[train["id"].isin(have)], masks_dir
 
@@ -81,14 +101,15 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> dict[str, Any]:
-    """Train ``models/unet-<source>/`` on GT or pseudo-masks."""
+    """Train ``models/unet-<masks>/`` on GT or pseudo-masks for ``train_unet.steps`` optimiser steps."""
     from wsss.device import precision_from, prepare_model, seed_everything
     from wsss.models.unet import build_unet
     from wsss.training.checkpoint import fingerprint
 
     cfg = params.train_unet
+    requested = MaskSource.parse(masks)
+    name = str(UnetId(requested))  # unet-best / unet-same-best keep the unresolved name
     source = resolve_source(paths, masks)
-    name = f"unet-{source}" if masks != "best" else "unet-best"
     df = load_manifest(paths.manifest)
     train_df, masks_dir = training_rows(df, paths, source)
     require_rows(len(train_df), "training images with masks", f"check masks for source '{source}'", paths.manifest)
@@ -101,47 +122,58 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
         weights_path = resolve_weights(cfg.encoder_weights, paths)
     model = prepare_model(build_unet(cfg, num_classes=2, weights_path=weights_path), prec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    # Cosine over optimiser steps (stepped by trainer.step), so every U-Net anneals on the same curve.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     mask_fp = None if masks_dir is None else sorted((p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
     trainer = Trainer(STAGE, name, name, params, paths, prec,
-                      fingerprint(to_dict(cfg), source, params.base.seed, tracking.data_hash(paths), mask_fp))
+                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp))
     train_ds = SegmentationDataset(train_df, paths.prepared, cfg.input_size, train=True, masks_dir=masks_dir)
     val_ds = SegmentationDataset(val_df, paths.prepared, cfg.input_size, train=False)
     train_dl = trainer.loader(train_ds, cfg.batch_size)
     val_dl = loader(val_ds, cfg.batch_size, params, shuffle=False)
+    schedule = StepSchedule(cfg.steps, len(train_dl))
+    steps_before = trainer.optimizer_steps  # > 0 when resuming
 
-    with trainer.session(sections=("train_unet",), extra_tags={"masks": source}):
+    images = "gt" if (source.kind == "gt" or source.same_images) else "all"
+    with trainer.session(sections=("train_unet",), extra_tags={"masks": str(source), "images": images}):
         result = trainer.fit(
-            model, optimizer, scheduler, cfg.epochs, len(train_dl),
-            lambda epoch: _train_epoch(trainer, model, optimizer, train_dl, cfg.dice_weight),
+            model, optimizer, scheduler, schedule.epochs, schedule.steps_per_epoch,
+            lambda epoch: _train_epoch(trainer, model, optimizer, scheduler, train_dl, cfg.dice_weight,
+                                       schedule.steps_in(epoch)),
             validate=(lambda epoch: _validate(model, val_dl, prec)) if len(val_ds) else None,
             overlays=lambda: _overlay_grid(model, val_ds, val_df, masks_dir, paths, prec),
+            total_steps=schedule.steps, scheduler_per_step=True,
         )
         model.load_state_dict(result.best_state)
+        training = {"steps": trainer.optimizer_steps, "n_images": len(train_df), "images": images,
+                    "batch_size": cfg.batch_size, "epochs": schedule.epochs}
         meta = {"kind": "unet", "architecture": cfg.architecture, "encoder": cfg.encoder,
-                "input_size": cfg.input_size, "masks": source, "num_classes": 2,
-                "plain_filters": list(cfg.plain_filters)}
+                "input_size": cfg.input_size, "masks": str(source), "num_classes": 2,
+                "plain_filters": list(cfg.plain_filters), "training": training}
         last = result.history[-1] if result.history else {}
         final = {
-            "masks": source, "epochs": cfg.epochs, "n_train": len(train_df),
+            "masks": str(source), "images": images, "steps": trainer.optimizer_steps, "epochs": schedule.epochs,
+            "steps_per_epoch": schedule.steps_per_epoch, "n_train": len(train_df),
             "train_seconds": trainer.seconds,
-            "seconds_per_epoch": trainer.seconds / max(cfg.epochs - result.resumed_from, 1),
+            "seconds_per_step": trainer.seconds / max(trainer.optimizer_steps - steps_before, 1),
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
         }
         trainer.save(model, meta, final, logged=final)
         tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
-    console.print(f"saved {paths.model_dir(name)} ({source}; last val IoU {final['last_val_iou_mean']:.3f})")
+    console.print(f"saved {paths.model_dir(name)} ({source} on {len(train_df)} images, {trainer.optimizer_steps} "
+                  f"steps; last val IoU {final['last_val_iou_mean']:.3f})")
     return final
 
 
-def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dl: DataLoader,
-                 dice_weight: float) -> dict[str, float]:
-    """One epoch of cross-entropy (ignoring 255) + ``dice_weight`` x soft Dice of the pet class."""
+def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 dl: DataLoader, dice_weight: float, n_steps: int) -> dict[str, float]:
+    """``n_steps`` steps (a whole epoch, or the schedule's remainder) of cross-entropy (ignoring 255) +
+    ``dice_weight`` x soft Dice of the pet class; the LR scheduler steps with the optimiser."""
     from wsss.device import autocast, to_device
 
     prec = trainer.prec
-    loss_sum, n, t0 = 0.0, 0, time.perf_counter()
+    loss_sum, n, steps, t0 = 0.0, 0, 0, time.perf_counter()
     for x, y in dl:
         x, y = to_device(x, prec), y.to(prec.device)
         with autocast(prec):
@@ -150,11 +182,15 @@ def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.opti
         loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
         if dice_weight > 0:
             loss = loss + dice_weight * soft_dice_loss(logits, y)
-        trainer.step(loss, optimizer)
+        trainer.step(loss, optimizer, scheduler)
         loss_sum += float(loss.detach()) * len(x)
         n += len(x)
+        steps += 1
         trainer.advance(1)
-    return {"train_loss": loss_sum / max(n, 1), "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9)}
+        if steps == n_steps:  # before the next batch is loaded (its augmentation would draw random numbers)
+            break
+    return {"train_loss": loss_sum / max(n, 1), "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
+            "optimizer_steps": float(trainer.optimizer_steps)}
 
 
 def _validate(model: torch.nn.Module, dl: DataLoader, prec: Precision) -> dict[str, float]:

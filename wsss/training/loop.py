@@ -54,6 +54,7 @@ def fit(
     progress: Callable[[int, str], None] | None = None,
     generators: Sequence[torch.Generator] = (),
     log: bool = True,
+    scheduler_per_step: bool = False,
 ) -> FitResult:
     """Train for ``epochs`` epochs, resuming from ``state`` (a loaded checkpoint) if given.
 
@@ -68,6 +69,8 @@ def fit(
             first epoch's order after a resume, and the resumed run would diverge from an uninterrupted one.
         ckpt, log: ``None`` / ``False`` on the data-parallel ranks other than 0, which train in step with
             rank 0 but leave checkpoints and MLflow logging to it.
+        scheduler_per_step: ``train_epoch`` steps ``scheduler`` after each optimiser step (a schedule in
+            steps); the loop then only checkpoints it instead of stepping it after each epoch.
     """
     sign = 1.0 if mode == "max" else -1.0
     start, best_epoch, best_value = 0, -1, -math.inf
@@ -97,7 +100,7 @@ def fit(
             with torch.no_grad():
                 metrics.update(validate(epoch))
         metrics["lr"] = float(optimizer.param_groups[0]["lr"])
-        if scheduler is not None:
+        if scheduler is not None and not scheduler_per_step:
             scheduler.step()
         value = sign * metrics[select] if select else float(epoch)
         if best_state is None or value > best_value:

@@ -3,7 +3,8 @@
 A stage builds its model, data and loss; :class:`Trainer` does the rest the same way for all of them:
 the resume checkpoint (``.wsss/state/<stage>/<variant>/``, loaded on every rank, written by rank 0), the
 MLflow run kept across a resume (its id is stored in each checkpoint), the progress bar, the optimiser
-step with a ``GradScaler`` only where the precision needs one (fp16 on CUDA), per-epoch metrics logged
+step with a ``GradScaler`` only where the precision needs one (fp16 on CUDA) and its count (a schedule in
+optimiser steps: :mod:`wsss.training.schedule`), per-epoch metrics logged
 with ``step=epoch``, the per-epoch overlay grid, the final model + training report, and deleting the
 checkpoint once the outputs are written. It takes the process's :class:`DistContext`, so a stage trains
 data-parallel by building its loader with :meth:`Trainer.loader` and stepping :meth:`Trainer.data_parallel`'s
@@ -77,6 +78,8 @@ class Trainer:
         self.state: dict[str, Any] | None = self._ckpt.load()  # every rank resumes from the same file
         self.scaler = grad_scaler(prec)
         self.run_id: str | None = None
+        # Optimiser steps taken by this run, resume included (checkpointed beside the run id).
+        self.optimizer_steps = int((self.state or {}).get("optimizer_steps", 0))
         self.advance: Callable[..., None] = _no_progress
         self.started = time.perf_counter()
         self._generators: list[torch.Generator] = []
@@ -125,16 +128,20 @@ class Trainer:
         device = self.ctx.device
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """One optimiser step on ``loss``, through the ``GradScaler`` when the precision needs one."""
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any | None = None) -> None:
+        """One optimiser step on ``loss``, through the ``GradScaler`` when the precision needs one; then
+        ``scheduler.step()`` if given (a schedule in steps: pass ``scheduler_per_step=True`` to :meth:`fit`)."""
         optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
             optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        self.optimizer_steps += 1
+        if scheduler is not None:
+            scheduler.step()
 
     # --- the run ----------------------------------------------------------------------------------
 
@@ -172,6 +179,8 @@ class Trainer:
         overlays: Callable[[], np.ndarray | None] | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
         title: str | None = None,
+        total_steps: int | None = None,
+        scheduler_per_step: bool = False,
     ) -> FitResult:
         """Train (or finish training) under a progress bar; see :func:`wsss.training.loop.fit`.
 
@@ -180,6 +189,12 @@ class Trainer:
         grid (or ``None``), computed on rank 0 in eval mode without gradients and logged as ``overlays``
         at ``step=epoch``. ``extra_state`` adds entries to each checkpoint beside the MLflow run id.
         ``title`` is the bar's text (default ``<stage> <variant>``).
+
+        A schedule in optimiser steps (:class:`wsss.training.schedule.StepSchedule`): pass its ``epochs``,
+        its ``steps_per_epoch`` and ``total_steps=schedule.steps`` (the bar's total; ``train_epoch`` stops
+        the last epoch at :meth:`StepSchedule.steps_in`), and ``scheduler_per_step=True`` when the LR
+        scheduler is stepped by :meth:`step` rather than once per epoch. :attr:`optimizer_steps` counts
+        the steps taken, across a resume.
         """
         from wsss.training import loop
 
@@ -199,21 +214,23 @@ class Trainer:
                 tracking.log_image(grid, key="overlays", step=epoch)
             model.train()
 
-        bar = task(title or f"{self.stage} {self.variant}", epochs * steps_per_epoch) if is_main \
+        total = epochs * steps_per_epoch if total_steps is None else total_steps
+        bar = task(title or f"{self.stage} {self.variant}", total) if is_main \
             else contextlib.nullcontext(_no_progress)
         with bar as advance:
             self.advance = advance
             if state is not None and is_main:
                 done = int(state["epoch"]) + 1
-                advance(completed=done * steps_per_epoch, info="resumed")
-                console.print(f"resuming {self.name} after epoch {done}")
+                advance(completed=min(done * steps_per_epoch, total), info="resumed")
+                console.print(f"resuming {self.name} after epoch {done} ({self.optimizer_steps} optimiser steps)")
             result = loop.fit(
                 model, optimizer, scheduler, epochs, self._ckpt if is_main else None, epoch_with_samplers,
                 validate if (is_main or select) else None, select=select, scaler=self.scaler,
                 on_epoch_end=log_overlays if (overlays is not None and is_main) else None,
-                extra_state=lambda: {"run_id": self.run_id, **(extra_state() if extra_state else {})},
+                extra_state=lambda: {"run_id": self.run_id, "optimizer_steps": self.optimizer_steps,
+                                     **(extra_state() if extra_state else {})},
                 state=state, progress=lambda done, summary: advance(0, info=summary),
-                generators=self._generators, log=is_main,
+                generators=self._generators, log=is_main, scheduler_per_step=scheduler_per_step,
             )
         self.advance = _no_progress
         return result
