@@ -362,9 +362,7 @@ def _trained_cases() -> list[Case]:
         Case("train-unet/truncated-train-mask", COMMANDS["train-unet"], 1, (CAM, "mask"),
              lambda root: _truncate(_mask_of(root, "train")), **t),
         Case("train-unet/truncated-val-mask", COMMANDS["train-unet"], 1, (CAM, "mask"),
-             lambda root: _truncate(_mask_of(root, "val")),
-             xfail="train_unet._mask_for_overlay opens a val pseudo-mask with PIL unguarded (traceback); "
-                   "train_unet.py is being changed on the defect-2 branch", **t),
+             lambda root: _truncate(_mask_of(root, "val")), **t),
         # report reads whatever reports exist: an unreadable one is skipped with a warning naming it.
         Case("report/corrupt-eval-json", COMMANDS["report"], 0, (),
              lambda root: _replace(root / "reports" / "eval" / f"{CAM}.json", b"{not json"), **t),
@@ -440,7 +438,7 @@ def empty_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TRAINED_PARAMS = {
     **TINY_MODELS, "base": {"num_workers": 0}, "pseudo": {"workers": 1},
     "train_classifier": {**TINY_MODELS["train_classifier"], "epochs": 1},
-    "train_unet": {**TINY_MODELS["train_unet"], "epochs": 1},
+    "train_unet": {**TINY_MODELS["train_unet"], "steps": 2},
     "tune": {"trials": 1, "n_startup_trials": 1},
 }
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from wsss import tracking
 from wsss.config import Params, to_dict
-from wsss.data.datasets import SegmentationDataset, denormalize_uint8
+from wsss.data.datasets import SegmentationDataset, denormalize_uint8, load_mask
 from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
 from wsss.device import Precision
@@ -230,8 +230,8 @@ def _mask_for_overlay(row: pd.Series, masks_dir: Path | None, paths: Paths, shap
     path = (masks_dir / f"{row['id']}.png") if masks_dir is not None else paths.prepared / row["mask_path"]
     if not path.exists():
         return np.full(shape, IGNORE, np.uint8)
-    with Image.open(path) as im:
-        return np.asarray(im.resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
+    mask = Image.fromarray(load_mask(path))  # a damaged file: DataError naming it
+    return np.asarray(mask.resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
 
 
 def log_mlflow_model(model: torch.nn.Module, size: int) -> None:
