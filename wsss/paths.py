@@ -90,6 +90,10 @@ class Paths:
         """``reports/training/<model name>.json``: final metrics of a training stage (DVC metrics)."""
         return self.reports / "training" / f"{_model(name)}.json"
 
+    def training_curve(self, name: ModelId | str) -> Path:
+        """``reports/training/curves/<model name>.csv``: per-epoch metrics of a training stage (DVC plots)."""
+        return self.reports / "training" / "curves" / f"{_model(name)}.csv"
+
     def state_dir(self, stage: str, key: str) -> Path:
         """Resume state of a running stage (outside DVC outs, which DVC deletes before a rerun).
 
