@@ -20,12 +20,12 @@ def test_curves_csv_has_one_row_per_epoch_and_every_metric() -> None:
     assert curves_csv([]) == "epoch\n"
 
 
-@pytest.fixture(scope="module")
-def index() -> tuple[dict[str, set[str]], list[dict]]:
-    """Each stage's outputs (paths relative to the repository) and the top-level plot definitions."""
+@pytest.fixture(scope="module", params=[".", "pipelines/paper-tables"])
+def index(request: pytest.FixtureRequest) -> tuple[dict[str, set[str]], list[dict]]:
+    """Each stage's outputs (paths relative to the pipeline's folder) and the top-level plot definitions."""
     from dvc.repo import Repo
 
-    with Repo(str(REPO)) as repo:
+    with Repo(str(REPO / request.param)) as repo:
         outs = {s.addressing: {o.def_path for o in s.outs} for s in repo.index.stages}
         (plots,) = repo.index._plots.values()
     return outs, plots
