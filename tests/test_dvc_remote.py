@@ -63,6 +63,10 @@ def test_push_clone_pull_then_repro_is_a_noop(tmp_path: Path) -> None:
     _dvc(origin, "repro")
     times["repro"] = time.perf_counter() - t
     _check_plots(origin, tmp_path / "plots")
+    # Metrics and reports are the same files on any machine: no absolute path of this copy in them.
+    for f in sorted((origin / "reports").rglob("*")):
+        if f.suffix in (".json", ".csv", ".yaml", ".md"):
+            assert str(tmp_path) not in f.read_text(), f
 
     remote = tmp_path / "remote"
     _dvc(origin, "remote", "add", "-d", "local", str(remote))
