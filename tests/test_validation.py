@@ -109,6 +109,15 @@ def test_valid_folder_passes(prepared: tuple[pd.DataFrame, Path]) -> None:
     json.dumps(res.gx_result)
 
 
+def test_species_missing_from_val_only_warns(prepared: tuple[pd.DataFrame, Path]) -> None:
+    df, root = prepared
+    set_("american_bulldog_3", split="train")(df, root)
+    res = validate_manifest(df, root, CFG)
+    assert res.success, res.summary()
+    coverage = next(c for c in res.checks if c.name == "class_coverage")
+    assert "warning: no dog pet in val" in coverage.details
+
+
 def test_duplicate_within_a_split_only_warns(prepared: tuple[pd.DataFrame, Path]) -> None:
     df, root = prepared
     copy_file("images/Abyssinian_1.jpg", "images/Abyssinian_2.jpg")(df, root)
@@ -270,7 +279,9 @@ CASES = [
     ("id in two splits", add_copy("Abyssinian_1", split="test"), None,
      {"split_leak", E + "unique(id)", E + "unique(image_path)", "duplicate_content"}),
     ("species under floor", drop_row("american_bulldog_2"), None, {"class_counts"}),
-    ("no dog in val", set_("american_bulldog_3", split="test"), None, {"class_coverage"}),
+    ("no cat in train (no count floor)",
+     combine(drop_row("Abyssinian_1"), drop_row("Abyssinian_2"), drop_row("x0_Bengal_1")),
+     {"min_images_per_class": 0}, {"class_coverage"}),
     ("no cat in test", combine(drop_row("Abyssinian_4")), None, {"class_coverage"}),
     ("test breed without train images", set_("american_bulldog_4", breed=2), None, {"class_coverage"}),
     ("val breed without train images", set_("Abyssinian_3", breed=6), None, {"class_coverage"}),
