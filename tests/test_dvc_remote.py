@@ -4,7 +4,10 @@ What a second user (or machine) relies on: after ``dvc repro``, committing ``dvc
 uncached reports and ``dvc push`` to a remote, a fresh ``git clone`` + ``dvc pull`` has every output
 and ``dvc repro`` there runs nothing. The remote is a local folder (the same protocol as ``s3://``
 minus the plugin). On the way, the top-level plots render (``dvc plots show``, ``dvc plots diff``).
-Slow (a whole tiny pipeline), so out of the default run; ``.ci/run`` runs it on its own.
+Slow (a whole tiny pipeline), so out of the default run; ``.ci/run`` runs it on its own. Measured on
+the shared 2-core development machine under load (load average ~10): the first ``dvc repro`` 25.5 min,
+``dvc push`` 8 s, ``dvc pull`` 17.5 s, the clone's no-op ``dvc repro`` 13.8 s; the round trip after the
+first repro (plots, commit, push, clone, pull, repro, status) 72 s.
 """
 
 from __future__ import annotations
