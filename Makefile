@@ -3,6 +3,8 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# postgres: psycopg for an Optuna storage on PostgreSQL (tests/test_tuning_postgres.py, README "Tuning").
+EXTRAS ?= dev,postgres
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export GX_ANALYTICS_ENABLED ?= false
@@ -13,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
-	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c requirements/constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install wsss + dev tools

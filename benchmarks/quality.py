@@ -4,8 +4,8 @@ Builds a work project (``params.yaml`` = a profile from ``benchmarks/profiles/``
 real-data settings) and drives the ``wsss`` commands in it as subprocesses, timing each step:
 
     prepare -> train-classifier / train-ccam -> make-cams -> tune crf -> make-pseudo
-    -> train-unet --masks <best on val> / gt
-    -> evaluate --pseudo <variant> (each) / --model unet-<best> / --model unet-gt / --baselines
+    -> train-unet --masks <best on val> / gt / prior-grabcut (label-free: rectangle-GrabCut masks)
+    -> evaluate --pseudo <variant> (each) / --model unet-<best> / unet-gt / unet-prior-grabcut / --baselines
 
 The pseudo-mask variant for the weakly-supervised U-Net is chosen by its pseudo-masks' fg IoU on the
 validation split (never on the evaluation images). Everything is scored on the evaluation images: the
@@ -16,7 +16,8 @@ test split is all its images, using the first project's models and tuned refiner
         [--eval-root ROOT] [--profile cpu|gpu|smoke|FILE.yaml] [--workdir DIR] --out FILE.json
 
 Writes FILE.json and FILE.md; prints a table and, as its last line,
-``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=…`` (fg IoU in %).
+``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=… label_free_unet_iou=…``
+(fg IoU in %; the last is the U-Net trained on the label-free rectangle-GrabCut masks, same schedule).
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ import yaml
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROFILES = HERE / "profiles"
-SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_iou", "grabcut_iou")
+SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_iou", "grabcut_iou",
+                "label_free_unet_iou")
+# The label-free pipeline: the prior-grabcut map's masks (the rectangle-GrabCut baseline) -> a U-Net.
+LABEL_FREE = "prior-grabcut"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,6 +321,10 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
                  "dice": pct(wsss_unet["dice_mean"]), "miou": pct(wsss_unet.get("miou"))})
     rows.append({"name": "U-Net on GT (supervised)", "kind": "unet", "iou": pct(gt_unet["iou_mean"]),
                  "dice": pct(gt_unet["dice_mean"]), "miou": pct(gt_unet.get("miou"))})
+    free_unet = read_json(reports / "eval" / f"{LABEL_FREE}.json")
+    rows.append({"name": "U-Net on label-free rectangle-GrabCut masks (no labels)", "kind": "unet",
+                 "iou": pct(free_unet["iou_mean"]), "dice": pct(free_unet["dice_mean"]),
+                 "miou": pct(free_unet.get("miou"))})
     for key, label in (("ellipse", "centred ellipse (label-free)"), ("grabcut_rect", "GrabCut, centred 85% rectangle (label-free)"),
                        ("whole_image", "whole image (label-free)")):
         rows.append({"name": label, "kind": "baseline", "iou": pct(base[key]["iou_mean"]),
@@ -324,7 +332,7 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
     best_row = next(r for r in rows if r.get("variant") == best)
     summary = {"pseudo_iou": best_row["iou"], "wsss_unet_iou": pct(wsss_unet["iou_mean"]),
                "supervised_unet_iou": pct(gt_unet["iou_mean"]), "ellipse_iou": pct(base["ellipse"]["iou_mean"]),
-               "grabcut_iou": pct(base["grabcut_rect"]["iou_mean"])}
+               "grabcut_iou": pct(base["grabcut_rect"]["iou_mean"]), "label_free_unet_iou": pct(free_unet["iou_mean"])}
     return {"rows": rows, "summary": summary}
 
 
@@ -413,6 +421,9 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner)
     print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
     run(f"train-unet {best}", "train-unet", "--masks", best)
     run("train-unet gt", "train-unet", "--masks", "gt")
+    run(f"make-cams {LABEL_FREE}", "make-cams", "--method", LABEL_FREE)
+    run(f"make-pseudo {LABEL_FREE} (label-free)", "make-pseudo", "--method", LABEL_FREE)
+    run(f"train-unet {LABEL_FREE} (label-free)", "train-unet", "--masks", LABEL_FREE)
 
     eval_project, project = work, "train"
     if eval_root is not None:
@@ -434,6 +445,7 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner)
         run(f"evaluate pseudo {variant}", "evaluate", "--pseudo", variant, project=project)
     run(f"evaluate unet-{best}", "evaluate", "--model", f"unet-{best}", project=project)
     run("evaluate unet-gt", "evaluate", "--model", "unet-gt", project=project)
+    run(f"evaluate unet-{LABEL_FREE}", "evaluate", "--model", f"unet-{LABEL_FREE}", project=project)
     run("evaluate baselines", "evaluate", "--baselines", project=project)
     runner.root = work
     return eval_project, best, val_scores

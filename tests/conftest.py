@@ -18,6 +18,7 @@ TINY_PARAMS: dict = {
     "synthetic": {"n_trainval": 24, "n_test": 8, "n_background": 6, "image_size": 64, "breeds_per_species": 2},
     "prepare": {"max_side": 64, "val_fraction": 0.25},
     "validate": {"min_images_per_class": 1},
+    "tracking": {"system_metrics": False},
 }
 
 

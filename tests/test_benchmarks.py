@@ -142,6 +142,7 @@ def _fake_reports(root: Path, variants: list[str]) -> None:
             {"variant": v, "refiner": "crf", "n_images": 7, "before": scores(0.3), "after": scores(0.4 + 0.1 * i)}))
     (root / "reports" / "eval" / f"{variants[1]}.json").write_text(json.dumps(scores(0.55)))
     (root / "reports" / "eval" / "gt.json").write_text(json.dumps(scores(0.7)))
+    (root / "reports" / "eval" / "prior-grabcut.json").write_text(json.dumps(scores(0.681)))
     (root / "reports" / "eval" / "baselines.json").write_text(json.dumps(
         {"whole_image": scores(0.3), "ellipse": scores(0.456), "grabcut_rect": scores(0.5), "split": "test"}))
 
@@ -152,9 +153,11 @@ def test_collect_and_summary_line(tmp_path: Path) -> None:
     _fake_reports(tmp_path, plan.variants)
     got = quality.collect(tmp_path, plan, best, {v: 0.5 for v in plan.variants})
     assert got["summary"] == pytest.approx({"pseudo_iou": 50.0, "wsss_unet_iou": 55.0, "supervised_unet_iou": 70.0,
-                                            "ellipse_iou": 45.6, "grabcut_iou": 50.0})
+                                            "ellipse_iou": 45.6, "grabcut_iou": 50.0, "label_free_unet_iou": 68.1})
     line = quality.summary_line(got["summary"])
-    assert line == "pseudo_iou=50.0 wsss_unet_iou=55.0 supervised_unet_iou=70.0 ellipse_iou=45.6 grabcut_iou=50.0"
+    assert line == ("pseudo_iou=50.0 wsss_unet_iou=55.0 supervised_unet_iou=70.0 ellipse_iou=45.6 grabcut_iou=50.0 "
+                    "label_free_unet_iou=68.1")
+    assert "U-Net on label-free rectangle-GrabCut masks (no labels)" in [r["name"] for r in got["rows"]]
     assert quality.summary_line({"pseudo_iou": math.nan}).startswith("pseudo_iou=nan wsss_unet_iou=nan")
     result = {"profile": "smoke", "train_root": "t", "extra_train_roots": ["x"], "machine": "m",
               "eval": {"description": "the test split", "n_images": 7}, "imagenet_summary": "no",

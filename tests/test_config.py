@@ -23,7 +23,7 @@ def test_repository_params_yaml_loads() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.base.dataset == "synthetic"
     paper = load_params(REPO / "pipelines" / "paper-tables" / "params.yaml")  # names checked through the types
-    assert paper.train_ccam.ecs_classifier == "breed" and len(paper.make_cams.ensemble_members) == 3
+    assert paper.train_ccam.ecs_classifier == "breed" and len(paper.make_cams.ensemble_members) == 5
 
 
 def test_defaults_when_sections_missing(tmp_path: Path) -> None:

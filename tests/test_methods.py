@@ -70,10 +70,11 @@ def two_squares(bright: float = 3.0, dim: float = 1.0, dim_channel: int = 0, bat
 
 
 def test_registry_names_and_attributes() -> None:
-    assert METHODS.names() == ["cam", "ecs", "ccam", "ccam-ecs", "ensemble"]
+    assert METHODS.names() == ["cam", "ecs", "ccam", "ccam-ecs", "ensemble", "prior-grabcut", "prior-ellipse"]
     kinds = {n: (METHODS.get(n).needs_model, METHODS.get(n).model_kind) for n in METHODS.names()}
     assert kinds == {"cam": (True, "classifier"), "ecs": (True, "classifier"), "ccam": (True, "ccam"),
-                     "ccam-ecs": (True, "ccam"), "ensemble": (False, None)}
+                     "ccam-ecs": (True, "ccam"), "ensemble": (False, None), "prior-grabcut": (False, None),
+                     "prior-ellipse": (False, None)}
     assert all(METHODS.get(n).name == n for n in METHODS.names())
     assert METHODS.get("ccam-ecs").base is METHODS.get("ccam")
     assert METHODS.get("ecs").base is METHODS.get("cam")

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from wsss import tracking
@@ -38,8 +39,10 @@ def _post(url: str, body: dict) -> dict:
 
 def test_mlflow_ui_serves_stage_runs_with_their_tags(project: Path) -> None:
     params, paths = load_params(project / "params.yaml"), Paths(project)
+    paths.manifest.parent.mkdir(parents=True)
+    pd.DataFrame({"id": ["a", "b"], "split": ["train", "test"]}).to_parquet(paths.manifest)
     with tracking.stage_run("make-cams", "cam_classifier-species", params, paths):
-        tracking.log_metrics({"iou_mean": 0.42})
+        tracking.log_metrics({"val_iou_mean": 0.42})
 
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -64,14 +67,20 @@ def test_mlflow_ui_serves_stage_runs_with_their_tags(project: Path) -> None:
             time.sleep(0.5)
 
         experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 50})["experiments"]
-        ids = [e["experiment_id"] for e in experiments if e["name"].startswith("wsss-")]
+        ours = [e for e in experiments if e["name"].startswith("wsss-")]
+        ids = [e["experiment_id"] for e in ours]
         assert ids, experiments
+        # The kind the UI reads to open on the runs table (model training), not on the GenAI overview.
+        assert all({t["key"]: t["value"] for t in e.get("tags", [])}.get("mlflow.experimentKind")
+                   == "custom_model_development" for e in ours), ours
         runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids, "max_results": 10})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
         assert any(t.get("wsss.stage") == "make-cams" and t.get("wsss.variant") == "cam_classifier-species"
                    and "git_commit" in t and "data_hash" in t for t in tags), tags
         metrics = {m["key"]: m["value"] for r in runs for m in r["data"].get("metrics", [])}
-        assert metrics.get("iou_mean") == pytest.approx(0.42)
+        assert metrics.get("val_iou_mean") == pytest.approx(0.42)
+        datasets = [d["dataset"] for r in runs for d in r.get("inputs", {}).get("dataset_inputs", [])]
+        assert [d["name"] for d in datasets] == ["synthetic-prepared"], datasets
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker, by the PID we started
         try:

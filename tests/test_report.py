@@ -189,7 +189,6 @@ def _train_unet_artifacts(project: Path, name: str, masks: str) -> None:
 
 
 def test_registry_champion_and_supervised(project: Path) -> None:
-    import mlflow
     from mlflow import MlflowClient
 
     _train_unet_artifacts(project, "unet-best", PERBREED)
@@ -203,7 +202,10 @@ def test_registry_champion_and_supervised(project: Path) -> None:
     champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
     assert champion.tags["wsss.masks"] == PERBREED
     assert champion.tags["input_size"] == "64"
-    model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    from wsss.serving.loader import load_mlflow_unet  # the safe loader: nothing unpickled
+
+    model, meta = load_mlflow_unet(f"models:/{REGISTERED_MODEL}@champion")
+    assert meta["masks"] == PERBREED and meta["input_size"] == 64
     with torch.no_grad():
         out = model(torch.rand(1, 3, 40, 56))
     assert out.shape == (1, 2, 40, 56)

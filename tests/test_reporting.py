@@ -184,3 +184,23 @@ def test_threshold_figure_and_section(tmp_path: Path) -> None:
     assert figures.figures_section([dest], paths) == "## Figures\n\n![iou_vs_threshold](figures/iou_vs_threshold.png)"
     assert "None yet" in figures.figures_section([], paths)
     assert figures.figure_rows(paths) == []  # no manifest: no grids
+
+
+def test_priors_section_and_label_free_unet_row() -> None:
+    curve = {"threshold": [round(0.05 * i, 2) for i in range(21)], "iou_mean": [0.01 * i for i in range(21)]}
+    cams = {"prior-grabcut": {**_scores(0.3, 0.4), "curve": curve, "best_threshold": 0.45, "best_iou_mean": 0.62}}
+    rep = Reports(cams, {"prior-grabcut": {"after": {"iou_mean": 0.66}}},
+                  {"prior-grabcut": {"iou_mean": 0.681, "dice_mean": 0.8, "masks": "prior-grabcut"}})
+    md = tables.priors_section(rep)
+    row = markdown_table(md, "## Label-free priors as maps")["`prior-grabcut`"]
+    assert row["IoU at 0.5 (= hard baseline)"] == "10.00" and row["IoU at best τ"] == "62.00"
+    assert "test IoU 68.10" in md and "IoU 66.00" in md
+    t3 = markdown_table(tables.table3_section(rep), "## Table 3")
+    assert t3["U-Net on label-free masks (`prior-grabcut`), test"]["Pretrained IoU"].startswith("68.10")
+    assert tables.priors_section(Reports({}, {}, {})) is None
+    ens = tables.ensemble_section(Reports({"ensemble": {**_scores(0.6, 0.7), "weights_source": "tuned",
+                                                        "members": ["a", "prior-grabcut"], "weights": [0.25, 1.0]}},
+                                          {}, {}), Params())
+    row = markdown_table(ens, "## Ensemble of maps")["Ensemble"]
+    assert row["members"] == "`a`, `prior-grabcut`" and row["fusion (weights)"] == "mean (0.25, 1)"
+    assert "tuned on val" in ens

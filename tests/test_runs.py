@@ -25,7 +25,7 @@ def test_runs_lists_latest_per_stage_and_variant(project: Path) -> None:
     with tracking.stage_run("train-classifier", "species", params, paths):  # newer run of the same variant
         tracking.log_metrics({"final_val_acc": 0.875})
     with tracking.stage_run("make-cams", "cam_classifier-species", params, paths):
-        tracking.log_metrics({"iou_mean": 0.4321, "best_iou_mean": 0.5})
+        tracking.log_metrics({"val_iou_mean": 0.4321, "val_best_iou_mean": 0.5})
     with tracking.stage_run("tune-crf", "cam_classifier-species", params, paths) as parent:
         tracking.log_metrics({"best_value": 0.61})
         with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name="trial-0", nested=True,
@@ -37,7 +37,7 @@ def test_runs_lists_latest_per_stage_and_variant(project: Path) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "train-classifier" in out and "final_val_acc 0.875" in out and "0.250" not in out
-    assert "cam_classifier-species" in out and "iou_mean 0.432" in out and "best_iou_mean 0.500" in out
+    assert "cam_classifier-species" in out and "val_iou_mean 0.432" in out and "val_best_iou_mean 0.500" in out
     assert "best_value 0.610" in out and "FINISHED" in out
     assert "trial 0" not in out
 

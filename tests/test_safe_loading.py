@@ -268,3 +268,189 @@ def test_a_refused_pickle_is_explained_in_our_words_never_by_suggesting_weights_
     for message in messages:
         assert "weights_only" not in message and "False" not in message and "trusted source" not in message, message
         assert "refused" in message and "Python object print" in message and "\n" not in message, message
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow models (issue 17, defect 2): loaded without unpickling, checksums verified first
+
+
+class _Planter:
+    """Unpickling this creates ``marker``: the proof that a loader ran a pickle's code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def _tiny_plain_unet():  # noqa: ANN202
+    import torch
+
+    from wsss.config import UnetConfig
+    from wsss.models.unet import build_unet
+
+    torch.manual_seed(0)
+    return build_unet(UnetConfig(architecture="plain", plain_filters=(4, 8, 16, 32), input_size=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def mlflow_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A U-Net MLflow model folder in the current (safetensors) format."""
+    from wsss.serving.export import save_unet
+
+    return save_unet(tmp_path_factory.mktemp("mlflow-unet") / "model", _tiny_plain_unet(), 32, masks="gt")
+
+
+@pytest.fixture
+def model_copy(mlflow_unet: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "model"
+    shutil.copytree(mlflow_unet, dest)
+    return dest
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "pet.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (29, 47, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _old_pickle_model(dest: Path, marker: Path) -> Path:
+    """An MLflow model as train-unet logged it before (mlflow.pytorch, pickle format), its pickle malicious."""
+    import mlflow.pytorch
+    import torch
+
+    mlflow.pytorch.save_model(_tiny_plain_unet(), str(dest), serialization_format="pickle", pip_requirements=["torch"])
+    pickled = dest / "data" / "model.pth"
+    assert pickled.is_file(), sorted(p.name for p in (dest / "data").iterdir())
+    torch.save(_Planter(marker), pickled)
+    return dest
+
+
+def test_predict_never_unpickles_an_mlflow_model(project: Path, image: Path) -> None:
+    """Defect 2: a model folder whose data/model.pth is a malicious pickle ran it before the load failed."""
+    marker = project / "pwned"
+    model = _old_pickle_model(project / "evil-model", marker)
+    result = runner.invoke(app, ["predict", str(image), "--model", str(model), "--out", "out", "--device", "cpu"])
+    assert not marker.exists(), "the pickle was unpickled"
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    text = " ".join(result.output.split())
+    assert "old pickle format" in text and "retrain" in text and "re-register" in text and "evil-model" in text
+    assert not (project / "out").exists()
+
+
+def test_the_registry_check_never_unpickles_either(tmp_path: Path) -> None:
+    from wsss.reporting.registry import _state_matches
+
+    marker = tmp_path / "pwned"
+    model = _old_pickle_model(tmp_path / "evil-model", marker)
+    assert _state_matches(str(model), "0" * 64) is False
+    assert _state_matches(str(model), None) is False  # no checksum to compare: still never loaded
+    assert not marker.exists()
+
+
+def _predict(model: Path, image: Path, out: Path):  # noqa: ANN202
+    return runner.invoke(app, ["predict", str(image), "--model", str(model), "--out", str(out), "--device", "cpu"])
+
+
+def test_an_intact_mlflow_model_predicts_without_any_unpickling_loader(
+        model_copy: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pyfunc
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an unpickling loader was called")
+
+    for owner, name in ((mlflow.pytorch, "load_model"), (mlflow.pyfunc, "load_model"), (torch, "load")):
+        monkeypatch.setattr(owner, name, refuse)
+    result = _predict(model_copy, image, tmp_path / "out")
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    assert "input 32px" in result.output and "masks gt" in result.output
+    with Image.open(tmp_path / "out" / "pet_mask.png") as m:
+        assert m.size == (47, 29) and set(np.unique(np.asarray(m))) <= {0, 1}
+
+    from wsss.reporting.registry import _state_matches
+    from wsss.training.checkpoint import state_sha256
+
+    sha = state_sha256(_tiny_plain_unet().state_dict())
+    assert _state_matches(str(model_copy), sha) and not _state_matches(str(model_copy), "f" * 64)
+
+
+def _meta(model: Path) -> dict:
+    return json.loads((model / "artifacts" / "wsss_unet.json").read_text())
+
+
+def _write_meta(model: Path, meta: dict) -> None:
+    (model / "artifacts" / "wsss_unet.json").write_text(json.dumps(meta))
+
+
+def test_a_tampered_weights_file_is_refused_before_it_is_read(
+        model_copy: Path, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    weights = model_copy / "artifacts" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight changed; the file still parses
+    weights.write_bytes(bytes(data))
+    parsed = []
+    monkeypatch.setattr(safetensors.torch, "load", lambda *a, **k: parsed.append(1))
+    result = _predict(model_copy, image, tmp_path / "out")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "weights.safetensors" in text and "SHA-256 differs" in text and "refused before reading" in text, text
+    assert not parsed, "the weights were parsed before their checksum was checked"
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_and_checksum_replaced_together_fail_the_state_check(model_copy: Path, image: Path,
+                                                                     tmp_path: Path) -> None:
+    import hashlib
+
+    import safetensors.torch
+    import torch
+
+    weights = model_copy / "artifacts" / "weights.safetensors"
+    state = safetensors.torch.load(weights.read_bytes())
+    state = {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}
+    data = safetensors.torch.save(state)
+    weights.write_bytes(data)
+    meta = _meta(model_copy)
+    meta["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
+    _write_meta(model_copy, meta)
+    text = _one_clear_error(["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o")],
+                            "weights.safetensors", "state SHA-256 differs")
+    assert "retrain" in text
+    assert torch.is_tensor(next(iter(state.values())))
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (lambda m: m["weights"].update(file="../../MLmodel"), ("wsss_unet.json", "weights file name")),
+    (lambda m: m.update(format_version=99), ("format version 99", "upgrade wsss")),
+    (lambda m: m.update(plain_filters=[8, 16, 32, 64]), ("weights.safetensors", "does not fit")),
+    (lambda m: m.update(architecture="deeplab"), ("wsss_unet.json", "architecture 'deeplab'")),
+    (lambda m: m["preprocessing"].update(mean=[0.5, 0.5, 0.5]), ("ImageNet mean/std",)),
+])
+def test_metadata_that_lies_is_one_clear_error(model_copy: Path, image: Path, tmp_path: Path, edit,  # noqa: ANN001
+                                               words: tuple[str, ...]) -> None:
+    meta = _meta(model_copy)
+    edit(meta)
+    _write_meta(model_copy, meta)
+    _one_clear_error(["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o")], *words)
+
+
+def test_an_mlflow_model_of_another_kind_is_refused(model_copy: Path, image: Path, tmp_path: Path) -> None:
+    mlmodel = model_copy / "MLmodel"
+    conf = yaml.safe_load(mlmodel.read_text())
+    conf.pop("metadata")
+    mlmodel.write_text(yaml.safe_dump(conf))
+    _one_clear_error(["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o")],
+                     "not a wsss U-Net MLflow model", "wsss_format")

@@ -271,3 +271,98 @@ def test_shared_storage_has_heartbeat_and_constant_liar(tmp_path: Path, monkeypa
     time.sleep(2.5)
     assert tuning.fail_orphaned_trials(study) == [0]
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+@pytest.mark.parametrize(("tune", "ok"), [
+    ({"storage": ""}, True),
+    ({"storage": "postgresql+psycopg://u:pw@db.internal:5432/optuna"}, True),
+    ({"storage": "sqlite:////abs/optuna.db"}, True),
+    ({"storage": "db.internal/optuna"}, False),  # not a URL
+    ({"pruner": "wilcoxon", "wilcoxon_p": 0.05}, True),
+    ({"pruner": "hyperband"}, False),
+    ({"wilcoxon_p": 1.5}, False),
+])
+def test_tune_storage_and_pruner_are_validated(tune: dict, ok: bool) -> None:
+    from wsss.errors import ConfigError
+
+    if ok:
+        assert params_from_dict({"tune": tune}).tune.storage == tune.get("storage", "")
+    else:
+        with pytest.raises(ConfigError, match="tune") as err:
+            params_from_dict({"tune": tune}, "params.yaml")
+        assert "pw" not in str(err.value)
+
+
+def test_storage_errors_are_one_line_with_the_password_masked() -> None:
+    import socket
+
+    from wsss.errors import ConfigError, TrackingError
+    from wsss.tuning import check_storage, redact, storage_url
+
+    assert redact("postgresql+psycopg://u:pw@h:5/d") == "postgresql+psycopg://u:***@h:5/d"
+    assert redact("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert storage_url("postgresql://u@h/d") == storage_url("postgres://u@h/d") == "postgresql+psycopg://u@h/d"
+    with pytest.raises(ConfigError, match="unknown database dialect"):
+        check_storage("nosuchdb://u:pw@h/d")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pytest.importorskip("psycopg")  # the `postgres` extra
+    with pytest.raises(TrackingError) as err:
+        check_storage(f"postgresql+psycopg://wsss:topsecret@127.0.0.1:{port}/optuna")
+    msg = str(err.value)
+    assert f"wsss:***@127.0.0.1:{port}/optuna: cannot connect" in msg
+    assert "topsecret" not in msg and "\n" not in msg
+
+
+def test_tune_storage_param_is_used_and_the_cli_overrides_it(project: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsss.cli import app
+    from wsss.io import read_json
+
+    paths = build_project(project, {**PARAMS, "tune": {**PARAMS["tune"], "trials": 1,
+                                                       "storage": f"sqlite:///{project}/from-params.db"}})
+    other = project / "from-cli.db"
+    for args, db in (([], project / "from-params.db"), (["--storage", f"sqlite:///{other}"], other)):
+        result = CliRunner().invoke(app, ["tune", "crf", "--method", VARIANT, *args])
+        assert result.exit_code == 0, result.output
+        summary = read_json(paths.study_dir(VARIANT) / "study.json")
+        assert summary["storage"] == f"sqlite:///{db}" and summary["trials_this_run"] == 1
+        assert len(optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{db}").trials) == 1
+    assert not (paths.study_dir(VARIANT) / "optuna.db").exists()
+    result = CliRunner().invoke(app, ["tune", "crf", "--method", VARIANT, "--storage", "nosuchdb://x/y"])
+    assert result.exit_code == 2 and "Optuna storage nosuchdb://x/y: unknown database dialect" in result.output
+
+
+@pytest.mark.parametrize("pruner", ["median", "wilcoxon"])
+def test_pruner_wiring_reports_what_the_pruner_compares(project: Path, pruner: str) -> None:
+    from wsss.tuning import create_study, study_name
+
+    paths = build_project(project, PARAMS)
+    data = build_objective_data(load_manifest(paths.manifest), paths.prepared, paths.cams_dir(VARIANT))
+    study = create_study("s", None, seed=0, n_startup_trials=1, pruner=pruner, wilcoxon_p=0.1)
+    expected = {"median": optuna.pruners.MedianPruner, "wilcoxon": optuna.pruners.WilcoxonPruner}[pruner]
+    assert isinstance(study.pruner, expected)
+    objective = Objective(data, PseudoConfig(), ["none"], prune_chunks=2, workers=1, per_image=pruner == "wilcoxon")
+    good, bad = {"refiner": "none", "threshold": 0.5}, {"refiner": "none", "threshold": 0.95}
+    for p in (good, good, bad):
+        study.enqueue_trial(p)
+    study.optimize(objective, n_trials=3)
+    first, _, worst = study.trials
+    # median: the running mean after each of the 2 chunks; wilcoxon: each image's IoU at its index.
+    steps = list(range(len(data))) if pruner == "wilcoxon" else [0, 1]
+    assert sorted(first.intermediate_values) == steps
+    if pruner == "wilcoxon":
+        from wsss.evaluation import SegMeter
+
+        meter = SegMeter()
+        per_image = [meter.add(m >= np.float32(0.5), g) for m, g in zip(data.maps, data.gts, strict=True)]
+        assert [first.intermediate_values[i] for i in steps] == pytest.approx(per_image)
+    # An almost empty mask is worse on every image: pruned after the first half (a paired test on 4 images
+    # reaches p = 1/16 < 0.1; the median of 2 earlier trials is theirs).
+    assert worst.state == optuna.trial.TrialState.PRUNED
+    assert len(worst.intermediate_values) == (len(data) // 2 if pruner == "wilcoxon" else 1)
+    # The two pruners store different intermediate values, so they never share a study.
+    names = {study_name(VARIANT, data, PseudoConfig(), ["none"], p) for p in ("median", "wilcoxon")}
+    assert len(names) == 2

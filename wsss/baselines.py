@@ -2,7 +2,9 @@
 
 Pets in Oxford-IIIT Pet are mostly large and centred, so these priors score far above zero; a method
 is only interesting by its margin over them. (GrabCut from a centred rectangle lives in
-:mod:`wsss.refine`.)
+:mod:`wsss.refine`.) The soft versions of these priors (:func:`centred_prior` here, the soft GrabCut map in
+:mod:`wsss.refine`) are map methods too (:mod:`wsss.methods.priors`): thresholded at
+:data:`PRIOR_THRESHOLD` each gives back its hard baseline exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ import numpy as np
 # each side, i.e. a border band of (1 - frac) / 2 is certain background. One definition for every report.
 RECT_BASELINE_FRAC = 0.85
 RECT_BASELINE_ITERATIONS = 5
+# The soft priors' decision point: a prior map thresholded here is its hard baseline, pixel for pixel.
+PRIOR_THRESHOLD = 0.5
+# The largest value below PRIOR_THRESHOLD that survives the float16 map shards (wsss.cams): a prior pixel
+# outside its baseline is at most this, so a stored map still thresholds to the baseline exactly.
+PRIOR_BELOW = float(np.nextafter(np.float16(PRIOR_THRESHOLD), np.float16(0)))
+# Width of the soft ellipse's edge, in units of the elliptical radius (logistic scale): the map falls from
+# 0.73 to 0.27 between radius 0.9 and 1.1.
+ELLIPSE_PRIOR_SOFTNESS = 0.1
 
 
 def _check(h: int, w: int, scale: float | None = None) -> None:
@@ -43,3 +53,19 @@ def centred_ellipse(h: int, w: int, scale: float) -> np.ndarray:
     """
     _check(h, w, scale)
     return (_radius_sq(h, w, scale) <= 1.0).astype(np.uint8)
+
+
+def centred_prior(h: int, w: int, scale: float, softness: float = ELLIPSE_PRIOR_SOFTNESS) -> np.ndarray:
+    """The centred ellipse as a soft map: ``sigmoid((1 - r) / softness)`` of the elliptical radius ``r``.
+
+    float32 (h, w) in (0, 1), largest at the centre. ``>= PRIOR_THRESHOLD`` is exactly
+    :func:`centred_ellipse` with the same ``scale`` (pixels on the ellipse are pinned to their side of 0.5,
+    so rounding cannot move one across).
+    """
+    _check(h, w, scale)
+    if softness <= 0:
+        raise ValueError(f"softness must be positive, got {softness}")
+    r2 = _radius_sq(h, w, scale)
+    soft = (1.0 / (1.0 + np.exp((np.sqrt(r2) - 1.0) / softness))).astype(np.float32)
+    return np.where(r2 <= 1.0, np.maximum(soft, np.float32(PRIOR_THRESHOLD)),
+                    np.minimum(soft, np.float32(PRIOR_BELOW)))

@@ -175,7 +175,8 @@ def train_ccam(
 @app.command("make-cams")
 @_user_errors
 def make_cams(
-    method: Annotated[MethodName, typer.Option(help="Map method (ensemble fuses make_cams.ensemble_members).")],
+    method: Annotated[MethodName, typer.Option(help="Map method (ensemble fuses make_cams.ensemble_members; "
+                                                    "prior-grabcut and prior-ellipse are label-free, no model).")],
     model: Annotated[
         str | None, typer.Option(help="Model folder under models/ (e.g. classifier-species), or imagenet.")
     ] = None,
@@ -187,7 +188,7 @@ def make_cams(
 
     if model is not None:  # ensemble ignores --model, but a bad name is still refused
         _parse(parse_model, model, "--model")
-        if method is not MethodName.ensemble:
+        if method is not MethodName.ensemble:  # a prior given a model is refused here
             _parse(lambda m: MapVariant.of(method.value, m), model, "--model")
     params, paths = _load(params_path)
     stage.run(params, paths, method.value, model, device=device)
@@ -259,7 +260,7 @@ def tune_crf(
     ] = None,
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna storage URL (default: SQLite in studies/<variant>/optuna.db)."),
+        typer.Option(help="Optuna storage URL (default: tune.storage, else SQLite in studies/<variant>/optuna.db)."),
     ] = None,
     study: Annotated[
         str | None, typer.Option(help="Study name (default: crf-<variant>-<fingerprint of the objective>).")
@@ -270,13 +271,41 @@ def tune_crf(
 
     Maximises the mean pet IoU of the refined masks with a seeded TPE study (pruned by chunks of images), logs one MLflow run per trial nested under one run per invocation, and writes the best trial's pseudo section to reports/crf/<variant>.yaml, which make-pseudo uses. Running it again continues the same study.
 
-    Many workers: run this command in several processes or machines with the same --storage pointing at a database server, e.g. --storage postgresql://user:password@host/optuna (needs psycopg2); they share one study (same default name for the same data) and each adds --trials trials. For several processes on one machine a SQLite URL works too, e.g. --storage sqlite:////abs/path/optuna.db.
+    Many workers: run this command in several processes or machines with the same storage (tune.storage in params.yaml, or --storage, which overrides it) pointing at a database server, e.g. --storage postgresql+psycopg://user@host/optuna with the password in PGPASSWORD (pip install 'wsss[postgres]'); they share one study (same default name for the same data) and each adds --trials trials. For several processes on one machine a SQLite URL works too, e.g. --storage sqlite:////abs/path/optuna.db.
     """
     from wsss.stages import tune_crf as stage
 
     _parse(MapVariant.parse, method, "--method")
     params, paths = _load(params_path)
     stage.run(params, paths, method, trials=trials, timeout_s=timeout, storage=storage, study=study)
+
+
+@tune_app.command("ensemble")
+@_user_errors
+def tune_ensemble(
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="Trials to add in this run (default: tune_ensemble.trials).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Start no new trial after this many seconds (0: no limit).")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL (default: SQLite in studies/ensemble-weights/optuna.db)."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study name (default: ensemble-<fingerprint of the objective>).")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Tune the ensemble's member weights on the validation split (never test).
+
+    Maximises the mean pet IoU of the fused map (make_cams.ensemble_members, make_cams.ensemble_fusion) at its best threshold with a seeded TPE study. A new study first scores every single-member weighting, so the result is never worse on val than the best member. Logs one MLflow run per trial nested under one run per invocation and writes reports/ensemble-weights.yaml, which make-cams --method ensemble uses. Running it again continues the same study.
+    """
+    from wsss.stages import tune_ensemble as stage
+
+    params, paths = _load(params_path)
+    stage.run(params, paths, trials=trials, timeout_s=timeout, storage=storage, study=study)
 
 
 @app.command("make-pseudo")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -21,6 +22,9 @@ import yaml
 
 from wsss.errors import ConfigError
 from wsss.variants import ClassifierId, MapVariant, WeightSpec, safe_name
+
+# SQLAlchemy's `dialect[+driver]://...` form (what Optuna's RDBStorage takes); the rest is checked on use.
+_STORAGE_URL = re.compile(r"^[a-z][a-z0-9]*(\+[a-z0-9_]+)?://", re.IGNORECASE)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 # The registered refiners' names (wsss.refiners.REGISTRY, which imports cv2; a test keeps them equal).
@@ -255,6 +259,24 @@ class TuneConfig:
     prune_chunks: int = _f(4, 1)
     refiners: tuple[str, ...] = REFINERS
     max_images: int = _f(0, 0)  # 0 = the whole validation split
+    # median: running mean IoU vs other trials' at each chunk; wilcoxon: paired signed-rank test of the
+    # per-image IoUs against the best trial's (benchmarks/results/pruners.md compares them).
+    pruner: Literal["median", "wilcoxon"] = "median"
+    wilcoxon_p: float = _f(0.1, 0.0, 1.0)  # prune when the test says "worse than the best" at this p
+    # Optuna storage URL shared by every worker (e.g. postgresql+psycopg://user@host/db); empty = the
+    # SQLite file studies/<variant>/optuna.db. `wsss tune crf --storage` overrides it.
+    storage: str = ""
+
+
+@dataclass(frozen=True)
+class TuneEnsembleConfig:
+    """Optuna study of the ensemble's member weights on the validation split (tune-ensemble)."""
+
+    trials: int = _f(24, 1)  # added per run, on top of the seed trials of a new study
+    timeout_s: float = _f(0.0, 0.0)  # 0 = no timeout
+    seed: int = _f(0, 0)
+    n_startup_trials: int = _f(8, 0)
+    max_images: int = _f(0, 0)  # 0 = the whole validation split
 
 
 @dataclass(frozen=True)
@@ -282,6 +304,16 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow observability of every stage run. No stage output depends on it (no ``dvc.yaml`` lists it)."""
+
+    # MLflow system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) in each run's
+    # "System metrics" tab, sampled every ``system_metrics_interval_s`` seconds by a background thread.
+    system_metrics: bool = True
+    system_metrics_interval_s: float = _f(10.0, 0.1, 3600.0)
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -295,8 +327,10 @@ class Params:
     make_cams: CamsConfig = field(default_factory=CamsConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tune_ensemble: TuneEnsembleConfig = field(default_factory=TuneEnsembleConfig)
     train_unet: UnetConfig = field(default_factory=UnetConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,6 +467,9 @@ def _validate_cross_fields(p: Params, source: str) -> None:
     for r in p.tune.refiners:
         if r not in REFINERS:
             raise ConfigError(f"{source}: 'tune.refiners' entry {r!r}; valid: {', '.join(REFINERS)}")
+    if p.tune.storage and not _STORAGE_URL.match(p.tune.storage):
+        raise ConfigError(f"{source}: 'tune.storage' must be empty (SQLite under studies/) or a database URL "
+                          "such as postgresql+psycopg://user@host/db or sqlite:////abs/path.db")
 
 
 def params_from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> Params:

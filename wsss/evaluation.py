@@ -129,6 +129,10 @@ class SegMeter:
         )
 
 
+# Thresholds every map report's IoU curve is read at (and the ensemble tuning's threshold choices).
+THRESHOLD_GRID: list[float] = [round(0.05 * i, 2) for i in range(21)]
+
+
 def threshold_curve(
     maps: Iterable[np.ndarray], gts: Iterable[np.ndarray], thresholds: Sequence[float]
 ) -> dict[str, list[float]]:

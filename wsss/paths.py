@@ -127,6 +127,16 @@ class Paths:
     def study_dir(self, variant: MapVariant | str) -> Path:
         return self.root / "studies" / _variant(variant)
 
+    @property
+    def ensemble_weights(self) -> Path:
+        """``reports/ensemble-weights.yaml``: the member weights ``wsss tune ensemble`` chose on val."""
+        return self.reports / "ensemble-weights.yaml"
+
+    @property
+    def ensemble_study_dir(self) -> Path:
+        """``studies/ensemble-weights/``: the weight study (``studies/ensemble/`` is tune-crf's of the fused maps)."""
+        return self.root / "studies" / "ensemble-weights"
+
     def masks_dir(self, variant: MapVariant | str) -> Path:
         return self.masks_root / _variant(variant)
 

@@ -12,15 +12,23 @@ from wsss.paths import Paths
 
 
 def effective_config(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> tuple[PseudoConfig, str]:
-    """The pseudo-mask configuration to use and where it came from (``tuned`` or ``params``).
+    """The pseudo-mask configuration to use and where it came from (``tuned``, ``params`` or ``label-free``).
 
     The tuned file (``reports/crf/<variant>.yaml``) replaces the whole ``pseudo`` section except ``workers``
-    (a machine setting).
+    (a machine setting). A label-free prior's masks are its map at
+    :data:`wsss.baselines.PRIOR_THRESHOLD` with no refiner, always: that is its hard baseline (e.g. the
+    rectangle-GrabCut mask), and anything tuned on val would use labels.
 
     Raises:
         ConfigError: the tuned file exists but is invalid.
     """
+    from wsss.baselines import PRIOR_THRESHOLD
     from wsss.tuning import load_best_params
+    from wsss.variants import MapVariant
+
+    if MapVariant.parse(variant).is_prior:
+        # Defaults but for these: no other pseudo value can touch (or re-fingerprint) the label-free masks.
+        return PseudoConfig(refiner="none", threshold=PRIOR_THRESHOLD, workers=params.pseudo.workers), "label-free"
 
     tuned = paths.crf_params(variant)
     if use_tuned and tuned.exists():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
+from wsss.baselines import PRIOR_BELOW, RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import CrfConfig, GrabCutConfig, PseudoConfig
 from wsss.errors import MissingDependencyError
 
@@ -240,8 +240,10 @@ def grabcut_seeds(prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
     return seeds
 
 
-def _run_grabcut(image: np.ndarray, seeds: np.ndarray, iterations: int) -> np.ndarray | None:
-    """GrabCut from an initial mask; None when the seeds cannot fit both colour models."""
+def _fit_grabcut(image: np.ndarray, seeds: np.ndarray,
+                 iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """GrabCut from an initial mask: (labels {0, 1}, bg GMM, fg GMM in cv2's 65-float layout), or None
+    when the seeds cannot fit both colour models."""
     is_fg = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
     n_fg = int(is_fg.sum())
     if min(n_fg, is_fg.size - n_fg) < _GMM_COMPONENTS:
@@ -256,7 +258,13 @@ def _run_grabcut(image: np.ndarray, seeds: np.ndarray, iterations: int) -> np.nd
         cv2.grabCut(bgr, mask, None, bgd, fgd, iterations, cv2.GC_INIT_WITH_MASK)
     except cv2.error:
         return None
-    return ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.uint8)
+    return ((mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)).astype(np.uint8), bgd, fgd
+
+
+def _run_grabcut(image: np.ndarray, seeds: np.ndarray, iterations: int) -> np.ndarray | None:
+    """GrabCut from an initial mask; None when the seeds cannot fit both colour models."""
+    fit = _fit_grabcut(image, seeds, iterations)
+    return None if fit is None else fit[0]
 
 
 def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray:
@@ -278,6 +286,18 @@ def grabcut(image: np.ndarray, prob: np.ndarray, g: GrabCutConfig) -> np.ndarray
     return fg_at(prob, g.pfg_threshold).astype(np.uint8) if out is None else out
 
 
+def rect_seeds(h: int, w: int, frac: float = RECT_BASELINE_FRAC) -> np.ndarray:
+    """GrabCut seeds of the centred-rectangle baseline: GC_PR_FGD inside a centred rectangle covering ``frac``
+    of each side, GC_BGD outside (what GC_INIT_WITH_RECT does)."""
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"frac must lie in (0, 1], got {frac}")
+    rw, rh = max(1, round(w * frac)), max(1, round(h * frac))
+    x0, y0 = (w - rw) // 2, (h - rh) // 2
+    seeds = np.full((h, w), cv2.GC_BGD, dtype=np.uint8)
+    seeds[y0 : y0 + rh, x0 : x0 + rw] = cv2.GC_PR_FGD
+    return seeds
+
+
 def grabcut_rect_baseline(image: np.ndarray, frac: float = RECT_BASELINE_FRAC,
                           iterations: int = RECT_BASELINE_ITERATIONS) -> np.ndarray:
     """Label-free baseline: GrabCut initialised with a centred rectangle covering ``frac`` of each side.
@@ -293,16 +313,65 @@ def grabcut_rect_baseline(image: np.ndarray, frac: float = RECT_BASELINE_FRAC,
         uint8 (H, W) labels in {0, 1}.
     """
     image = _check_image(image)
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"frac must lie in (0, 1], got {frac}")
-    h, w = image.shape[:2]
-    rw, rh = max(1, round(w * frac)), max(1, round(h * frac))
-    x0, y0 = (w - rw) // 2, (h - rh) // 2
-    seeds = np.full((h, w), cv2.GC_BGD, dtype=np.uint8)
-    seeds[y0 : y0 + rh, x0 : x0 + rw] = cv2.GC_PR_FGD
-    # Same as GC_INIT_WITH_RECT (outside = certain bg, inside = probable fg) but shares the checks.
+    seeds = rect_seeds(*image.shape[:2], frac)
     out = _run_grabcut(image, seeds, iterations)
     return (seeds == cv2.GC_PR_FGD).astype(np.uint8) if out is None else out
+
+
+def _gmm_log_likelihood(pixels: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """log p(colour | GMM) of (N, 3) float64 BGR pixels under a cv2 GrabCut GMM (1 x 65 floats: 5 weights,
+    5 x 3 means, 5 x 3 x 3 covariances)."""
+    flat = model.reshape(-1)
+    k = _GMM_COMPONENTS
+    weights, means, covs = flat[:k], flat[k : 4 * k].reshape(k, 3), flat[4 * k :].reshape(k, 3, 3)
+    parts = []
+    for j in range(k):
+        if weights[j] <= 0:
+            continue
+        cov = covs[j] + np.eye(3) * 1e-6  # cv2 regularises singular ones the same way when it fits them
+        inv = np.linalg.inv(cov)
+        _, logdet = np.linalg.slogdet(cov)
+        d = pixels - means[j]
+        maha = np.einsum("ni,ij,nj->n", d, inv, d)
+        parts.append(np.log(weights[j]) - 0.5 * (maha + logdet + 3 * np.log(2 * np.pi)))
+    if not parts:  # GrabCut ended with no pixel on this side: its model is empty
+        return np.full(len(pixels), -np.inf)
+    return np.logaddexp.reduce(np.stack(parts), axis=0)
+
+
+def grabcut_rect_soft(image: np.ndarray, frac: float = RECT_BASELINE_FRAC,
+                      iterations: int = RECT_BASELINE_ITERATIONS) -> np.ndarray:
+    """The centred-rectangle GrabCut as a soft map: its hard mask plus its colour-model posterior.
+
+    ``(G + q) / 2`` where ``G`` is :func:`grabcut_rect_baseline`'s mask and ``q`` the per-pixel colour
+    posterior under the foreground and background GMMs GrabCut ends with, tempered:
+    ``q = sigmoid(llr / median |llr|)`` with ``llr = log p_fg - log p_bg`` and the median over the
+    rectangle (0 outside it, certain background). So the map is ``>= 0.5`` exactly on ``G``
+    (:data:`wsss.baselines.PRIOR_THRESHOLD`), and within each side of the cut it grades how sure the
+    colour models are: a fusion can overturn the cut where they are unsure. When GrabCut cannot run the
+    map is the rectangle (0.75 inside, 0 outside).
+
+    Returns:
+        float32 (H, W) in [0, 1].
+    """
+    image = _check_image(image)
+    h, w = image.shape[:2]
+    seeds = rect_seeds(h, w, frac)
+    inside = seeds == cv2.GC_PR_FGD
+    fit = _fit_grabcut(image, seeds, iterations)
+    if fit is None:
+        return np.where(inside, 0.75, 0.0).astype(np.float32)
+    labels, bgd, fgd = fit
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR).reshape(-1, 3).astype(np.float64)
+    log_fg, log_bg = _gmm_log_likelihood(bgr, fgd), _gmm_log_likelihood(bgr, bgd)
+    llr = np.clip(np.nan_to_num(log_fg - log_bg), -1e3, 1e3).reshape(h, w)
+    # The raw GMM ratio is extreme (|llr| of tens): its posterior would be as binary as the cut. Tempered by
+    # the image's own median |llr| inside the rectangle, q is graded: 0.73 / 0.27 at a typical pixel.
+    scale = max(float(np.median(np.abs(llr[inside]))), 1e-3)
+    q = np.where(inside, 1.0 / (1.0 + np.exp(np.clip(-llr / scale, -50.0, 50.0))), 0.0)
+    soft = (labels + q) / 2.0
+    # A background pixel of the cut stays below 0.5, also in the float16 shards.
+    return np.where(labels == 1, soft, np.minimum(soft, PRIOR_BELOW)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

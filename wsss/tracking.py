@@ -1,7 +1,21 @@
 """MLflow setup: SQLite backend under ``mlruns/``, one experiment per dataset, tagged stage runs.
 
-Every stage run carries the tags ``wsss.stage``, ``wsss.variant``, ``git_commit``, ``data_hash`` and
-``dataset`` so the MLflow UI's compare view lines up the variants of one stage.
+Every stage run carries the tags ``wsss.stage``, ``wsss.variant``, ``data_hash`` and ``dataset`` so the
+MLflow UI's compare view lines up the variants of one stage, MLflow's own source tags
+(``mlflow.source.git.commit``, ``mlflow.source.name``; ``git_commit`` beside them adds ``-dirty`` for
+uncommitted changes) and, when DVC runs the stage, ``dvc.stage``, ``dvc.exp_name`` and
+``dvc.exp_baseline_rev`` (from the ``DVC_STAGE``, ``DVC_EXP_NAME`` and ``DVC_EXP_BASELINE_REV`` variables
+DVC exports to stage commands). The prepared manifest is logged as the run's dataset input (``mlflow.data``)
+and the experiment is tagged ``mlflow.experimentKind=custom_model_development``, so the MLflow UI opens
+on its runs (not on the GenAI overview). ``tracking.system_metrics`` turns MLflow's system metrics on.
+
+The store
+---------
+``MLFLOW_TRACKING_URI`` when set (make it absolute: a relative one moves with the working directory), else
+``sqlite:///<project>/mlruns/mlflow.db``. Under ``dvc exp run --temp`` or ``--queue`` DVC runs the stages
+in a temporary copy of the repository (``.dvc/tmp/exps/...``) that it deletes afterwards, and exports the
+original repository's root as ``DVC_ROOT``: the default store (and its artifacts) is then the original
+repository's ``mlruns/`` (:func:`store_dir`), so those runs are kept beside the workspace ones.
 
 Tracking failures
 -----------------
@@ -58,6 +72,16 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 DEFAULT_HEALTH_TIMEOUT_S = 5.0
+# The experiment kind the MLflow UI (3.x) reads to choose its layout: "custom_model_development" is model
+# training (runs table first); without it the UI may infer "genai_development" (traces, GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# What DVC exports to every stage command (dvc/env.py) -> the run tag that records it.
+DVC_ENV_TAGS = {"DVC_STAGE": "dvc.stage", "DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev"}
+# How each stage uses the prepared dataset (the ``mlflow.data.context`` of its dataset input).
+DATASET_CONTEXT = {"pretrain": "training", "train-classifier": "training", "train-ccam": "training",
+                   "train-unet": "training", "make-cams": "validation", "tune-crf": "validation",
+                   "make-pseudo": "training", "evaluate": "testing"}
 SETUP_LOCK_TIMEOUT_S = 300.0
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -65,15 +89,52 @@ _checked: set[str] = set()  # URIs found reachable in this process
 _failure: dict[str, str] = {}  # set on the first tracking error after a run started: tracking is off
 
 
+def _dvc_workspace(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding a ``.dvc`` folder (the DVC repository's root)."""
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def store_dir(paths: Paths) -> Path:
+    """The folder of the default store (absolute): the project's ``mlruns/``, or, inside a DVC experiment's
+    temporary copy, the same folder in the original repository (``DVC_ROOT``), which outlives the copy."""
+    mlruns = paths.mlruns.resolve()
+    origin = os.environ.get("DVC_ROOT")
+    if not origin or not os.environ.get("DVC_EXP_NAME"):
+        return mlruns
+    workspace = _dvc_workspace(mlruns.parent)
+    origin_root = Path(origin).resolve()
+    if workspace is None or workspace == origin_root or not (origin_root / ".dvc").is_dir():
+        return mlruns
+    return origin_root / mlruns.relative_to(workspace)
+
+
 def default_tracking_uri(paths: Paths) -> str:
-    """``sqlite:////abs/path/mlruns/mlflow.db`` (four slashes: an absolute path)."""
-    db = (paths.mlruns / "mlflow.db").resolve()
+    """``sqlite:////abs/path/mlruns/mlflow.db`` (four slashes: an absolute path); see :func:`store_dir`."""
+    db = store_dir(paths) / "mlflow.db"
     return f"sqlite:///{db.as_posix()}"  # the path starts with "/", giving the four slashes
 
 
 def tracking_uri(paths: Paths) -> str:
     """``MLFLOW_TRACKING_URI`` if set, else the project's SQLite database."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(paths)
+
+
+def dvc_tags() -> dict[str, str]:
+    """``dvc.stage`` / ``dvc.exp_name`` / ``dvc.exp_baseline_rev`` from the variables DVC sets (those present)."""
+    return {tag: os.environ[var] for var, tag in DVC_ENV_TAGS.items() if os.environ.get(var)}
+
+
+def source_tags(stage: str, commit: str) -> dict[str, str]:
+    """MLflow's standard source tags: the commit (without ``-dirty``) and what ran (the DVC stage, or the
+    ``wsss`` command)."""
+    tags = {"mlflow.source.name": os.environ.get("DVC_STAGE") or f"wsss {stage}", "mlflow.source.type": "LOCAL"}
+    sha = commit.removesuffix("-dirty")
+    if sha != "unknown":
+        tags["mlflow.source.git.commit"] = sha
+    return tags
 
 
 def git_commit(root: Path = Path(".")) -> str:
@@ -196,8 +257,11 @@ def connect(paths: Paths) -> str:
     # reported in one line (store_error), so the log would only bury the reason.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # retry chatter of a dead server
-    paths.mlruns.mkdir(parents=True, exist_ok=True)
+    # Four INFO lines per run (started, stopped, "Skip logging GPU metrics", ...) on every stage's console.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     uri = tracking_uri(paths)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        store_dir(paths).mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     db = _sqlite_file(uri)
     if db is not None and not db.exists():
@@ -293,7 +357,7 @@ def _create_sqlite_store(db: Path, paths: Paths) -> None:
     os.unlink(tmp)  # SQLite creates the file itself
     tmp_uri = f"sqlite:///{Path(tmp).resolve().as_posix()}"
     try:
-        store = SqlAlchemyStore(tmp_uri, (paths.mlruns / "artifacts").resolve().as_uri())
+        store = SqlAlchemyStore(tmp_uri, (db.parent / "artifacts").as_uri())
         store.engine.dispose()  # no connection may stay open on the file that becomes the database
         with contextlib.suppress(Exception):
             SqlAlchemyStore._engine_map.pop(tmp_uri, None)
@@ -311,14 +375,19 @@ def _select_experiment(mlflow: Any, paths: Paths, params: Params) -> str:
     if exp is None:
         # Artifacts next to the DB (absolute), not relative to whichever cwd the client runs in.
         artifact_root = None
-        if not _is_http(os.environ.get("MLFLOW_TRACKING_URI", "")):
-            artifact_root = (paths.mlruns / "artifacts").resolve().as_uri()
+        uri = mlflow.get_tracking_uri()
+        if not _is_http(uri):
+            db = _sqlite_file(uri)
+            artifact_root = ((db.parent if db is not None else store_dir(paths)) / "artifacts").resolve().as_uri()
         try:
-            return mlflow.create_experiment(name, artifact_location=artifact_root)
+            return mlflow.create_experiment(name, artifact_location=artifact_root,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created concurrently by another process
             exp = mlflow.get_experiment_by_name(name)
             if exp is None:
                 raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # an experiment made before this tag (a user's choice is kept)
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -398,29 +467,40 @@ def stage_run(
     import mlflow
 
     exp_id = _setup(paths, params)
+    commit = git_commit(paths.root)
     tags = {
         "wsss.stage": stage,
         "wsss.variant": variant,
-        "git_commit": git_commit(paths.root),
+        "git_commit": commit,
         "data_hash": data_hash(paths),
         "dataset": params.base.dataset,
+        **source_tags(stage, commit),
+        **dvc_tags(),
         **process_tags(),
         **(extra_tags or {}),
     }
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    run_name = f"{stage}:{variant}" + (f" [{exp_name}]" if exp_name else "")
+    cfg = params.tracking
     try:
         resumed = run_id is not None and _run_exists(run_id)
+        if cfg.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval_s)
         run = mlflow.start_run(
             run_id=run_id if resumed else None,
             experiment_id=None if resumed else exp_id,
-            run_name=None if resumed else f"{stage}:{variant}",
+            run_name=None if resumed else run_name,
             tags=None if resumed else tags,
+            log_system_metrics=cfg.system_metrics,
         )
     except Exception as exc:
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()} "
                             f"({type(exc).__name__}: {_reason(exc)})") from None
     _failure.clear()  # a new run: tracking works (it just started one)
     if resumed:
-        guard(mlflow.set_tags, process_tags())
+        guard(mlflow.set_tags, {**process_tags(), **dvc_tags()})
+    else:
+        guard(log_dataset, paths, params, stage)
     guard(close_orphaned_runs, run.info.experiment_id, stage, variant, keep=run.info.run_id)
     status = "FAILED"  # what `with mlflow.start_run()` records for an exception (crash = FAILED)
     try:
@@ -442,6 +522,35 @@ def stage_run(
         else:
             # end_run pops the run before it contacts the store, so a failure here leaves no active run.
             guard(mlflow.end_run, status=status)
+
+
+def log_dataset(paths: Paths, params: Params, stage: str) -> bool:
+    """Log the prepared manifest as the active run's dataset input (``mlflow.log_input``).
+
+    Named ``<dataset>-prepared``, with the manifest's MD5 (the ``data_hash`` tag) as its digest, its
+    project-relative path as its source and the stage's use of it (:data:`DATASET_CONTEXT`) as its context.
+    Returns False when there is no manifest yet (nothing is logged).
+    """
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    if not paths.manifest.exists():
+        return False
+    df = pd.read_parquet(paths.manifest)
+    try:
+        source = paths.manifest.resolve().relative_to(paths.root.resolve()).as_posix()
+    except ValueError:
+        source = paths.manifest.as_posix()
+    # MLflow warns that the source "can be interpreted in multiple ways" (a local path is meant) and that
+    # integer columns cannot hold missing values (a model-signature hint; this is no model input).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(df, source=source, name=f"{params.base.dataset}-prepared",
+                                          digest=data_hash(paths))
+        mlflow.log_input(dataset, context=DATASET_CONTEXT.get(stage, stage))
+    return True
 
 
 def process_tags() -> dict[str, str]:

@@ -2,8 +2,11 @@
 
 The objective is the mean per-image pet IoU of the refined masks on the **validation split only**
 (``split == 'val'``, pets with a GT mask; never test), loaded once into :class:`ObjectiveData`. Each trial
-refines those images in a process pool (:func:`wsss.refiners.refine_many`) chunk by chunk, reports the
-running mean after every chunk and stops early when the pruner says so.
+refines those images in a process pool (:func:`wsss.refiners.refine_many`) chunk by chunk and asks the
+pruner after every chunk whether to stop. What it reports depends on ``tune.pruner``: ``median`` gets the
+running mean after each chunk (step = chunk), ``wilcoxon`` every image's IoU (step = the image's position
+in the fixed evaluation order, the same in every trial of a study), which Optuna's ``WilcoxonPruner``
+pairs with the best trial's to test "worse than the best".
 
 Search space (conditional on the refiner; parameters a refiner does not use are not sampled and keep
 their ``params.yaml`` values): ``refiner`` from ``tune.refiners`` (CRF-based ones dropped when
@@ -39,7 +42,7 @@ from wsss.baselines import RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
 from wsss.config import PseudoConfig, flatten, params_from_dict, to_dict
 from wsss.data.manifest import pets
 from wsss.data.readers import read_mask, read_rgb
-from wsss.errors import ConfigError, DataError
+from wsss.errors import ConfigError, DataError, MissingDependencyError, TrackingError
 from wsss.io import process_gone
 from wsss.refiners import REGISTRY, Suggest
 
@@ -234,9 +237,11 @@ class Objective:
         data: the validation images, maps and GT (:func:`build_objective_data`).
         base: ``params.yaml``'s ``pseudo`` section.
         refiners: refiner choices (:func:`search_refiners`).
-        prune_chunks: number of chunks; the running mean is reported after each and may prune the trial.
+        prune_chunks: number of chunks; the pruner is asked after each whether to stop the trial.
         workers: refinement processes (0 = every CPU core).
-        on_report: called with ``(trial, step, running mean)`` after each chunk (e.g. to log it).
+        on_report: called with ``(trial, chunk, running mean)`` after each chunk (e.g. to log it).
+        per_image: report every image's IoU (step = its index) instead of the running mean per chunk
+            (step = chunk index); what :class:`optuna.pruners.WilcoxonPruner` needs.
     """
 
     def __init__(
@@ -247,6 +252,7 @@ class Objective:
         prune_chunks: int = 1,
         workers: int = 0,
         on_report: Callable[[Any, int, float], None] | None = None,
+        per_image: bool = False,
     ) -> None:
         if not len(data):
             raise DataError("no images to tune on")
@@ -256,6 +262,7 @@ class Objective:
         self.ends = chunk_ends(len(data), prune_chunks)
         self.workers = workers
         self.on_report = on_report
+        self.per_image = per_image
 
     def __call__(self, trial: Any) -> float:
         """Score one trial's configuration; raises ``optuna.TrialPruned`` when the pruner stops it."""
@@ -273,10 +280,13 @@ class Objective:
         try:
             for step, end in enumerate(self.ends):
                 for i in range(start, end):
-                    meter.add(next(masks), self.data.gts[i])
+                    iou = meter.add(next(masks), self.data.gts[i])
+                    if self.per_image:
+                        trial.report(iou, i)
                 start = end
                 value = meter.result().iou_mean
-                trial.report(value, step)
+                if not self.per_image:
+                    trial.report(value, step)
                 if self.on_report is not None:
                     self.on_report(trial, step, value)
                 # The last chunk completes the trial: pruning it would only throw the result away.
@@ -297,40 +307,110 @@ def default_storage(study_dir: Path) -> str:
     return f"sqlite:///{db.as_posix()}"
 
 
-def study_name(variant: str, data: ObjectiveData, base: PseudoConfig, refiners: Sequence[str]) -> str:
+def study_name(variant: str, data: ObjectiveData, base: PseudoConfig, refiners: Sequence[str],
+               pruner: str = "median") -> str:
     """``crf-<variant>-<fingerprint>``: a new study whenever trials would be scored differently.
 
     The fingerprint covers what a trial's value depends on besides its sampled parameters: the
     validation data (ids and pixels, so new maps start afresh), the refiner choices, ``pseudo.confident``
-    and :data:`SPACE_VERSION`. Other ``pseudo`` values only fill fields a trial does not use, and budgets,
-    seeds and pruning settings do not change values either, so a rerun after changing them continues the
-    same study.
+    and :data:`SPACE_VERSION`, plus the pruner kind (``median`` and ``wilcoxon`` store different
+    intermediate values, which the other could not compare). Other ``pseudo`` values only fill fields a
+    trial does not use, and budgets, seeds and the other pruning settings do not change values either, so
+    a rerun after changing them continues the same study.
     """
     h = hashlib.sha1()
-    for part in (data.digest(), ",".join(refiners), str(base.confident), str(SPACE_VERSION)):
+    for part in (data.digest(), ",".join(refiners), str(base.confident), str(SPACE_VERSION), pruner):
         h.update(part.encode())
         h.update(b"\0")
     return f"crf-{variant}-{h.hexdigest()[:10]}"
 
 
-def make_storage(url: str, shared: bool = False) -> Any:
-    """An Optuna RDB storage; SQLite waits for its lock (several local workers) instead of failing.
+def redact(url: str) -> str:
+    """A storage URL without its password (it ends up in MLflow tags, on the console and in errors)."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}{':***' if ':' in creds else ''}@{host}"
+    return url
 
-    A ``shared`` storage (an explicit ``--storage``, possibly used by workers on other hosts) also gets
-    Optuna's heartbeat: a running trial records a heartbeat every :data:`HEARTBEAT_S` seconds, and a
-    trial silent for :data:`GRACE_S` is marked ``FAIL`` when any worker starts its next trial.
+
+def storage_url(url: str) -> str:
+    """``url`` with a bare ``postgresql://`` (or ``postgres://``) given the driver of the ``postgres`` extra.
+
+    SQLAlchemy's default PostgreSQL driver is psycopg2; ``pip install 'wsss[postgres]'`` installs psycopg 3,
+    which SQLAlchemy names ``postgresql+psycopg``.
+    """
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare):]
+    return url
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 120}}  # wait for the lock (several local workers)
+    if url.startswith("postgresql+psycopg"):
+        return {"connect_args": {"connect_timeout": 10}}  # an unroutable host fails in seconds, not minutes
+    return {}
+
+
+def check_storage(url: str) -> None:
+    """Connect to ``url`` once, so a bad URL, a missing driver, an unreachable server or refused credentials
+    end in one line naming the storage (password masked) before any work.
+
+    Raises:
+        ConfigError: the URL is not a database URL SQLAlchemy knows (exit 2).
+        MissingDependencyError: its driver is not installed (exit 1).
+        TrackingError: the server cannot be reached, or refuses the login or the database (exit 4).
+    """
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    shown = redact(url)
+    try:
+        engine = sqlalchemy.create_engine(url, **_engine_kwargs(url))
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ConfigError(f"Optuna storage {shown}: unknown database dialect (e.g. postgresql+psycopg://, "
+                          "sqlite:///)") from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise ConfigError(f"Optuna storage {shown}: not a database URL ({_first_line(exc)})") from None
+    except ImportError as exc:
+        hint = " (pip install 'wsss[postgres]')" if url.startswith("postgres") else ""
+        raise MissingDependencyError(f"Optuna storage {shown}: driver not installed: {exc}{hint}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:
+        raise TrackingError(f"Optuna storage {shown}: cannot connect: {_first_line(exc.orig)}") from None
+    finally:
+        engine.dispose()
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
+
+
+def make_storage(url: str, shared: bool = False) -> Any:
+    """An Optuna RDB storage at ``url`` (checked first with :func:`check_storage`).
+
+    SQLite waits for its lock (several local workers) instead of failing. A ``shared`` storage
+    (``tune.storage`` or ``--storage``, possibly used by workers on other hosts) also gets Optuna's
+    heartbeat: a running trial records a heartbeat every :data:`HEARTBEAT_S` seconds, and a trial silent
+    for :data:`GRACE_S` is marked ``FAIL`` when any worker starts its next trial.
     """
     import optuna
     import sqlalchemy.exc
 
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    url = storage_url(url)
+    check_storage(url)
     heartbeat = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S} if shared else {}
     for attempt in range(5):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+                return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url) or None, **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
             # Workers starting together race to create the schema; the loser finds it made on retry.
             if attempt == 4:
                 raise
@@ -338,14 +418,32 @@ def make_storage(url: str, shared: bool = False) -> Any:
     raise AssertionError("unreachable")
 
 
-def create_study(name: str, storage: Any, seed: int, n_startup_trials: int) -> Any:
-    """Create or load (``load_if_exists``) a maximising study with a seeded TPE sampler and median pruner.
+def make_pruner(kind: str, n_startup_trials: int, wilcoxon_p: float = 0.1) -> Any:
+    """The study's pruner: ``median`` (running mean per chunk vs the other trials' median at that chunk,
+    after ``n_startup_trials`` trials) or ``wilcoxon`` (per-image IoUs vs the best trial's, at
+    ``wilcoxon_p``). The objective must report accordingly (:class:`Objective` ``per_image``)."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=max(1, n_startup_trials), n_warmup_steps=0)
+    if kind == "wilcoxon":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=wilcoxon_p, n_startup_steps=2)
+    raise ConfigError(f"'tune.pruner' {kind!r}; valid: median, wilcoxon")
+
+
+def create_study(name: str, storage: Any, seed: int, n_startup_trials: int, pruner: str = "median",
+                 wilcoxon_p: float = 0.1) -> Any:
+    """Create or load (``load_if_exists``) a maximising study with a seeded TPE sampler and ``pruner``.
 
     Args:
         name: study name.
         storage: an Optuna storage or URL.
         seed: sampler seed.
-        n_startup_trials: random trials before TPE models the results; also the pruner's warm-up in trials.
+        n_startup_trials: random trials before TPE models the results; also the median pruner's warm-up.
+        pruner: ``median`` or ``wilcoxon`` (:func:`make_pruner`).
+        wilcoxon_p: the Wilcoxon pruner's p-value threshold.
     """
     import optuna
 
@@ -357,10 +455,9 @@ def create_study(name: str, storage: Any, seed: int, n_startup_trials: int) -> A
         sampler = optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=n_startup_trials, multivariate=True, group=True, constant_liar=True
         )
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=max(1, n_startup_trials), n_warmup_steps=0)
     return optuna.create_study(
-        study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction="maximize",
-        load_if_exists=True,
+        study_name=name, storage=storage, sampler=sampler, pruner=make_pruner(pruner, n_startup_trials, wilcoxon_p),
+        direction="maximize", load_if_exists=True,
     )
 
 

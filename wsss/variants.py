@@ -8,7 +8,8 @@ The grammar (every string is what the stages have always written)::
                  unet-<source>                   source: gt | best | <map variant>
                  pretrain-<name>
                  imagenet                        the ImageNet classifier (the paper's "Pretrained" maps)
-    map variant  <method>_<model id> | ensemble  method: a map method that needs a model
+    map variant  <method>_<model id> | ensemble | <prior>
+                 method: a map method that needs a model; prior: prior-grabcut | prior-ellipse (label-free)
     CCAM init    none | imagenet | classifier:<labels>[-bg] | pretrain:<name>    (``train-ccam --init``)
     weights      imagenet | none | pretrain:<name> | <file>.pt / <file>.pth
     <name>       1-64 letters, digits, '_', '-', '.'; not starting with '.', no '..'
@@ -34,6 +35,8 @@ class MethodName(str, Enum):
     ccam = "ccam"
     ccam_ecs = "ccam-ecs"
     ensemble = "ensemble"
+    prior_grabcut = "prior-grabcut"
+    prior_ellipse = "prior-ellipse"
 
 
 class Labels(str, Enum):
@@ -45,8 +48,12 @@ class Labels(str, Enum):
 
 LABELS = tuple(label.value for label in Labels)
 ENSEMBLE = MethodName.ensemble.value
-# Map methods that compute maps with a model; ``ensemble`` fuses stored maps instead.
-MODEL_METHODS = tuple(m.value for m in MethodName if m is not MethodName.ensemble)
+# Label-free priors: maps computed from the image alone (no model, no label); the variant is the method name.
+PRIORS = (MethodName.prior_grabcut.value, MethodName.prior_ellipse.value)
+# Map methods that compute maps with a model; ``ensemble`` fuses stored maps, the priors need none.
+MODEL_METHODS = tuple(m.value for m in MethodName if m is not MethodName.ensemble and m.value not in PRIORS)
+# Variants that are a method name alone (no model).
+MODEL_FREE = (ENSEMBLE, *PRIORS)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Suffixes of a CCAM id: a pretrained backbone's name must not end in one, or the id would be ambiguous.
 _CCAM_SUFFIXES = ("-ecs", "-perbreed")
@@ -54,7 +61,8 @@ _CCAM_SUFFIXES = ("-ecs", "-perbreed")
 MODEL_FORMS = ("classifier-<species|breed>[-bg], ccam-<none|imagenet|cls-<labels>[-bg]|pre-<name>>[-ecs][-perbreed], "
                "unet-<gt|best|map variant>, pretrain-<name> or imagenet")
 VARIANT_FORMS = (f"<method>_<model> (method {', '.join(MODEL_METHODS)}; model classifier-<species|breed>[-bg], "
-                 f"ccam-<none|imagenet|cls-<labels>[-bg]|pre-<name>>[-ecs][-perbreed] or imagenet) or {ENSEMBLE}")
+                 f"ccam-<none|imagenet|cls-<labels>[-bg]|pre-<name>>[-ecs][-perbreed] or imagenet), {ENSEMBLE} "
+                 f"or a label-free prior ({', '.join(PRIORS)})")
 INIT_FORMS = "none, imagenet, classifier:<species|breed>[-bg] or pretrain:<name>"
 WEIGHT_FORMS = "imagenet, none, pretrain:<name> or a .pt/.pth state_dict file"
 NAME_FORM = "1-64 letters, digits, '_', '-', '.', not starting with '.', no '..'"
@@ -241,26 +249,27 @@ class CcamId:
 
 @dataclass(frozen=True)
 class MapVariant:
-    """``<method>_<model id>`` or ``ensemble``: a folder of maps under ``cams/`` (and its masks, reports)."""
+    """``<method>_<model id>``, ``ensemble`` or a prior: a folder of maps under ``cams/`` (and its masks, reports)."""
 
     method: str
     model: ClassifierId | CcamId | ImagenetId | None = None
 
     def __post_init__(self) -> None:
-        if self.method == ENSEMBLE:
+        if self.method in MODEL_FREE:
             if self.model is not None:
-                raise ConfigError(f"map variant {ENSEMBLE!r} fuses stored maps and takes no model")
+                what = "fuses stored maps" if self.method == ENSEMBLE else "is a label-free prior"
+                raise ConfigError(f"map variant {self.method!r} {what} and takes no model")
         elif self.method not in MODEL_METHODS:
-            raise _bad("map method", self.method, ", ".join((*MODEL_METHODS, ENSEMBLE)))
+            raise _bad("map method", self.method, ", ".join((*MODEL_METHODS, *MODEL_FREE)))
         elif not isinstance(self.model, (ClassifierId, CcamId, ImagenetId)):
             raise ConfigError(f"map method {self.method!r} needs a classifier, CCAM or imagenet model, "
                               f"got {str(self.model) if self.model is not None else 'none'!r}")
 
     @classmethod
     def parse(cls, text: str) -> MapVariant:
-        """Parse ``<method>_<model id>`` or ``ensemble``."""
-        if text == ENSEMBLE:
-            return cls(ENSEMBLE)
+        """Parse ``<method>_<model id>``, ``ensemble`` or a prior name."""
+        if text in MODEL_FREE:
+            return cls(text)
         method, sep, model = text.partition("_")
         if sep and method in MODEL_METHODS:
             try:
@@ -273,8 +282,13 @@ class MapVariant:
 
     @classmethod
     def of(cls, method: str, model: str | None) -> MapVariant:
-        """The variant of ``method`` with the model id ``model`` (None for ``ensemble``), both checked."""
+        """The variant of ``method`` with the model id ``model`` (None for ``ensemble`` and the priors), both checked."""
         return cls(method, None if model is None else parse_model(model))  # type: ignore[arg-type]
+
+    @property
+    def is_prior(self) -> bool:
+        """Whether this is a label-free prior (its masks are the label-free baseline, never tuned)."""
+        return self.method in PRIORS
 
     def __str__(self) -> str:
         return self.method if self.model is None else f"{self.method}_{self.model}"

@@ -1,7 +1,8 @@
 """Map methods by name: ``METHODS.get("ccam")``.
 
-Registered names: ``cam``, ``ecs`` (ECS around CAM), ``ccam``, ``ccam-ecs`` (ECS around CCAM) and
-``ensemble`` (fuses stored maps, no model). Model-backed methods share the template of
+Registered names: ``cam``, ``ecs`` (ECS around CAM), ``ccam``, ``ccam-ecs`` (ECS around CCAM),
+``ensemble`` (fuses stored maps, no model) and the label-free priors ``prior-grabcut`` and ``prior-ellipse``
+(maps from the image alone, :mod:`wsss.methods.priors`). Model-backed methods share the template of
 :class:`wsss.methods.base.MapMethod`.
 
 ``METHODS`` is built on first access (PEP 562 ``__getattr__``) so that importing this package stays
@@ -21,6 +22,7 @@ from wsss.variants import MethodName
 if TYPE_CHECKING:
     from wsss.methods.base import MapMethod
     from wsss.methods.ensemble import Ensemble
+    from wsss.methods.priors import Prior
 
 
 class UnknownMethodError(ConfigError, KeyError):
@@ -34,14 +36,14 @@ class UnknownMethodError(ConfigError, KeyError):
 class MethodRegistry:
     """Name -> method object, in registration order."""
 
-    def __init__(self, methods: Iterable[MapMethod | Ensemble]) -> None:
-        self._methods: dict[str, MapMethod | Ensemble] = {}
+    def __init__(self, methods: Iterable[MapMethod | Ensemble | Prior]) -> None:
+        self._methods: dict[str, MapMethod | Ensemble | Prior] = {}
         for m in methods:
             if m.name in self._methods:
                 raise ValueError(f"method {m.name!r} registered twice")
             self._methods[m.name] = m
 
-    def get(self, name: str) -> MapMethod | Ensemble:
+    def get(self, name: str) -> MapMethod | Ensemble | Prior:
         """The method called ``name``.
 
         Raises:
@@ -66,9 +68,11 @@ def _build() -> MethodRegistry:
     from wsss.methods.ccam import CCAM
     from wsss.methods.ecs import ECS
     from wsss.methods.ensemble import Ensemble
+    from wsss.methods.priors import EllipsePrior, GrabCutPrior
 
     cam, ccam = CAM(), CCAM()
-    return MethodRegistry([cam, ECS(cam, "ecs"), ccam, ECS(ccam, "ccam-ecs"), Ensemble()])
+    return MethodRegistry([cam, ECS(cam, "ecs"), ccam, ECS(ccam, "ccam-ecs"), Ensemble(), GrabCutPrior(),
+                           EllipsePrior()])
 
 
 _registry: MethodRegistry | None = None

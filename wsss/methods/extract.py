@@ -14,7 +14,7 @@ import pandas as pd
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.config import CamsConfig, Params
+from wsss.config import Params
 from wsss.errors import ConfigError, DataError
 from wsss.models.loading import ModelMeta, load_model
 from wsss.paths import Paths
@@ -68,17 +68,6 @@ def compute_maps(params: Params, paths: Paths, method: Any, model: nn.Module, me
                    float(peak[j]))
         if progress is not None:
             progress(len(x))
-
-
-def ensemble_members(cfg: CamsConfig) -> tuple[list[str], list[float]]:
-    """The ensemble's member variants and their weights (equal when ``ensemble_weights`` is empty).
-
-    Raises:
-        ConfigError: fewer than two members.
-    """
-    if len(cfg.ensemble_members) < 2:
-        raise ConfigError("params.yaml: 'make_cams.ensemble_members' must list at least two map variants")
-    return list(cfg.ensemble_members), list(cfg.ensemble_weights) or [1.0] * len(cfg.ensemble_members)
 
 
 def fuse_members(members: Sequence[Mapping[str, np.ndarray]], image_id: str, weights: Sequence[float],

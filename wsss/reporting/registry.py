@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
+
 from wsss.io import read_json
 from wsss.paths import Paths
 from wsss.reporting.inputs import get
@@ -55,19 +57,20 @@ def _logged_model_uri(run: Any) -> str | None:
 
 
 def _state_matches(uri: str, sha: str | None) -> bool:
-    """Whether the MLflow model's weights are those saved under ``models/`` (same state SHA-256)."""
-    if not sha:
-        return True
-    import mlflow
+    """Whether the MLflow model's weights are those saved under ``models/`` (same state SHA-256).
 
-    from wsss.training.checkpoint import state_sha256
+    Loaded with the safe loader (format, weights checksum and state SHA-256 checked; nothing unpickled),
+    so an old pickle-format model or a tampered one is skipped with a warning, never loaded.
+    """
+    from wsss.errors import DataError
+    from wsss.serving.loader import load_mlflow_unet
 
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except Exception as exc:  # e.g. pickled with a class that no longer exists: try an older run
-        console.print(f"[yellow]registry: cannot load {uri} ({type(exc).__name__}: {exc})[/]")
+        _, meta = load_mlflow_unet(uri)
+    except DataError as exc:  # e.g. an old pickle-format model: try an older run
+        console.print(f"[yellow]registry: skipped {escape(str(exc))}[/]")
         return False
-    return state_sha256(model.state_dict()) == sha
+    return not sha or meta.get("state_sha256") == sha
 
 
 def _registered_exists(client: Any) -> bool:

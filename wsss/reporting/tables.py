@@ -71,6 +71,43 @@ def baselines_section(rep: Reports) -> str:
     ])
 
 
+def priors_section(rep: Reports) -> str | None:
+    """The label-free priors as map variants (validation), their masks and the label-free U-Net (test)."""
+    from wsss.baselines import PRIOR_THRESHOLD
+    from wsss.evaluation import THRESHOLD_GRID
+    from wsss.variants import PRIORS
+
+    found = [p for p in PRIORS if p in rep.cams]
+    if not found:
+        return None
+    at = THRESHOLD_GRID.index(PRIOR_THRESHOLD)
+    rows = []
+    for prior in found:
+        data = rep.cams[prior]
+        curve = data.get("curve") if isinstance(data.get("curve"), dict) else {}
+        ious = curve.get("iou_mean") if isinstance(curve.get("iou_mean"), list) else []
+        hard = ious[at] if len(ious) > at else None
+        rows.append([f"`{prior}`", pct(get({"v": hard}, "v")), pct(get(data, "iou_mean")),
+                     str(data.get("best_threshold", DASH)), pct(get(data, "best_iou_mean"))])
+    pseudo = rep.pseudo.get("prior-grabcut")
+    unet = rep.eval.get("prior-grabcut")
+    return "\n".join([
+        "## Label-free priors as maps",
+        "",
+        "The baselines as soft maps (`make-cams --method prior-grabcut|prior-ellipse`, no model, no label): "
+        "GrabCut from the centred rectangle (its cut plus its colour-model posterior) and the centred "
+        f"ellipse with a soft edge. Thresholded at {PRIOR_THRESHOLD} each is its hard baseline; as ensemble "
+        "members they bring graded evidence. Validation pet IoU in %.",
+        "",
+        md_table(["prior", f"IoU at {PRIOR_THRESHOLD} (= hard baseline)", "IoU at `make_cams.threshold`",
+                  "best τ", "IoU at best τ"], rows),
+        "",
+        f"Label-free pipeline: the `prior-grabcut` masks (trainval with GT: IoU "
+        f"{pct(get(pseudo, 'after', 'iou_mean'))}) train `unet-prior-grabcut` with the WSSS U-Net's schedule: "
+        f"test IoU {pct(get(unet, 'iou_mean'))}. That is the U-Net the weakly-supervised one must beat.",
+    ])
+
+
 def paper_map_table(rep: Reports, title: str, intro: str, columns: Sequence[str],
                     paper: Mapping[str, Mapping[str, Pair]]) -> str:
     """Table 1 or 2: method rows × label-space columns, IoU and Dice, ``ours (paper)``."""
@@ -115,8 +152,10 @@ def ensemble_section(rep: Reports, params: Params) -> str | None:
     if ens is None:
         return None
     cfg = params.make_cams
-    members = ", ".join(f"`{m}`" for m in cfg.ensemble_members) or DASH
-    weights = ", ".join(f"{w:g}" for w in cfg.ensemble_weights) or "equal"
+    tuned = ens.get("weights_source") == "tuned" and isinstance(ens.get("weights"), list)
+    members = ", ".join(f"`{m}`" for m in (ens.get("members") if tuned else cfg.ensemble_members)) or DASH
+    weights = ", ".join(f"{w:.2g}" if tuned else f"{w:g}"
+                        for w in (ens["weights"] if tuned else cfg.ensemble_weights)) or "equal"
     pseudo = rep.pseudo.get("ensemble")
     rows = [["Ensemble", members, f"{cfg.ensemble_fusion} ({weights})", pct(get(ens, "iou_mean")),
              pct(get(ens, "dice_mean")), pct(get(ens, "best_iou_mean")),
@@ -127,7 +166,10 @@ def ensemble_section(rep: Reports, params: Params) -> str | None:
         "## Ensemble of maps",
         "",
         "The paper's title promises an ensemble but its code has none (`docs/seed-paper.md`, B10); ours "
-        "fuses max-normalised maps. Members and weights are from params.yaml (`make_cams`), as configured now.",
+        "fuses max-normalised maps. "
+        + ("Members from params.yaml (`make_cams`); weights tuned on val by `wsss tune ensemble` "
+           "(`reports/ensemble-weights.yaml`), never worse there than the best single member."
+           if tuned else "Members and weights are from params.yaml (`make_cams`), as configured now."),
         "",
         md_table(headers, rows),
     ])
@@ -180,6 +222,9 @@ def table3_section(rep: Reports) -> str:
     best_masks = (best or {}).get("masks")
     label = f"U-Net on best pseudo-masks (`{best_masks}`), test" if best_masks else "U-Net on best pseudo-masks, test"
     rows.append([label, cell(get(best, "iou_mean"), None), cell(get(best, "dice_mean"), None), *blanks])
+    free = rep.eval.get("prior-grabcut")  # the baseline the WSSS U-Net must beat
+    rows.append(["U-Net on label-free masks (`prior-grabcut`), test", cell(get(free, "iou_mean"), None),
+                 cell(get(free, "dice_mean"), None), *blanks])
     paper_ratio = (PAPER_TABLE3["CCAM+dCRF"]["37-Class/U-Net"][0] / PAPER_SUPERVISED_UNET[0],
                    PAPER_TABLE3["CCAM+dCRF"]["37-Class/U-Net"][1] / PAPER_SUPERVISED_UNET[1])
     ours = (ratio(get(best, "iou_mean"), get(gt, "iou_mean")), ratio(get(best, "dice_mean"), get(gt, "dice_mean")))
@@ -286,6 +331,9 @@ def render(params: Params, rep: Reports, experiment: str, registry: str, figures
         table2_section(rep),
         "",
     ]
+    priors = priors_section(rep)
+    if priors:
+        sections += [priors, ""]
     ens = ensemble_section(rep, params)
     if ens:
         sections += [ens, ""]

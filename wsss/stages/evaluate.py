@@ -54,7 +54,9 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     source = str(UnetId.parse(model).source)
     write_json(paths.eval_report(source), report)
     with tracking.stage_run(STAGE, source, params, paths, sections=("evaluate",)):
-        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        # MLflow names say the split (test_...); the report's keys are the SegScores names, as in every report.
+        tracking.log_metrics({(f"test_{k}" if k in scores else k): v for k, v in report.items()
+                              if isinstance(v, (int, float))})
     console.print(f"{model} on test: fg IoU {scores['iou_mean']:.3f} (dataset {scores['iou_dataset']:.3f}), "
                   f"Dice {scores['dice_mean']:.3f}, mIoU {scores['miou']:.3f} over {len(rows)} images")
     return report
@@ -81,7 +83,7 @@ def run_baselines(params: Params, paths: Paths) -> dict[str, Any]:
     report["split"] = "test"
     write_json(paths.eval_report("baselines"), report)
     with tracking.stage_run(STAGE, "baselines", params, paths, sections=("evaluate",)):
-        tracking.log_metrics({f"{n}_{k}": v for n in BASELINES for k, v in report[n].items()
+        tracking.log_metrics({f"test_{n}_{k}": v for n in BASELINES for k, v in report[n].items()
                               if isinstance(v, (int, float))})
     console.print("baselines on test: " + ", ".join(f"{n} {report[n]['iou_mean']:.3f}" for n in BASELINES))
     return report

@@ -17,13 +17,14 @@ from wsss import tracking
 from wsss.config import Params
 from wsss.data.manifest import official_test_rows
 from wsss.data.readers import read_mask, read_rgb
+from wsss.ensemble_tuning import ensemble_members
 from wsss.errors import ConfigError
 from wsss.io import write_json
-from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
+from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
 from wsss.pseudo import effective_config, plain_threshold_config
 from wsss.ui import console, task
-from wsss.variants import MapVariant
+from wsss.variants import ENSEMBLE, MapVariant
 
 STAGE = "evaluate"  # the command's stage: its MLflow runs sit beside the U-Net evaluations
 
@@ -48,17 +49,24 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     cfg, source = effective_config(params, paths, variant, use_tuned)
     prec = precision_from(device, params)
     cams = params.make_cams
-    if MapVariant.parse(variant).model is None:
-        members, weights = ensemble_members(cams)
+    if MapVariant.parse(variant).method == ENSEMBLE:
+        members, weights = ensemble_members(cams, paths.ensemble_weights)
     else:
         members, weights = [variant], [1.0]
     start = time.perf_counter()
     member_maps: list[dict[str, np.ndarray]] = []
     for member in members:
         parsed = MapVariant.parse(member)
+        if parsed.is_prior:
+            from wsss.methods.priors import prior_maps
+
+            with task(f"{STAGE} maps {member} (test)", len(test)) as advance:
+                member_maps.append(dict(prior_maps(METHODS.get(parsed.method), test, paths.prepared,
+                                                   params.evaluate.ellipse_scale, advance, workers=0)))
+            continue
         if parsed.model is None:
             raise ConfigError(f"cannot rebuild maps of '{member}' for test images: an ensemble member must be "
-                              "<method>_<model>, e.g. cam_classifier-species")
+                              "<method>_<model>, e.g. cam_classifier-species, or a label-free prior")
         method = METHODS.get(parsed.method)
         model, meta = load_method_model(paths, method, str(parsed.model))
         model = prepare_model(model, prec)
@@ -85,7 +93,7 @@ def run_pseudo(params: Params, paths: Paths, variant: str, device: str | None = 
     write_json(paths.eval_pseudo_report(variant), report)
     with tracking.stage_run(STAGE, f"pseudo-{variant}", params, paths, sections=("evaluate", "make_cams", "pseudo"),
                             extra_tags={"pseudo.source": source}):
-        tracking.log_metrics({f"{k}_{m}": v for k in ("before", "after") for m, v in report[k].items()})
+        tracking.log_metrics({f"test_{k}_{m}": v for k in ("before", "after") for m, v in report[k].items()})
     console.print(f"{variant} pseudo-masks on test ({len(rows)} images, refiner {cfg.refiner}): fg IoU "
                   f"{report['before']['iou_mean']:.3f} -> {report['after']['iou_mean']:.3f}")
     return report

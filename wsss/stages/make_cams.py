@@ -29,20 +29,24 @@ from wsss.cams import (
 from wsss.config import Params, to_dict
 from wsss.data.manifest import TRAINVAL, load_manifest, pets
 from wsss.data.readers import read_mask
+from wsss.ensemble_tuning import ensemble_members
 from wsss.errors import ConfigError, DataError
+from wsss.evaluation import THRESHOLD_GRID
 from wsss.io import read_json, write_json, write_text
-from wsss.methods.extract import compute_maps, ensemble_members, fuse_members, load_method_model
+from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
-from wsss.variants import ENSEMBLE, IMAGENET, MapVariant
+from wsss.variants import ENSEMBLE, IMAGENET, PRIORS, MapVariant
 
 STAGE = "make-cams"
-CURVE_THRESHOLDS = [round(t, 2) for t in np.arange(0.0, 1.0001, 0.05)]
+CURVE_THRESHOLDS = THRESHOLD_GRID
+# Report keys that score the validation split: logged to MLflow as ``val_<key>``.
+VAL_SCORES = ("iou_mean", "dice_mean", "iou_dataset", "best_iou_mean", "baseline_ellipse_iou", "baseline_whole_iou")
 
 
 def variant_name(method: str, model: str | None) -> str:
-    """``<method>_<model>`` (e.g. ``cam_classifier-species``); ``ensemble`` has no model."""
+    """``<method>_<model>`` (e.g. ``cam_classifier-species``); ``ensemble`` and the priors have no model."""
     return str(MapVariant.of(method, model))
 
 
@@ -80,6 +84,8 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
             if m.needs_model:
                 n_images = _extract_with_model(params, paths, m, model, df, shards, todo, out_dir, device,
                                                loaded)
+            elif method in PRIORS:
+                n_images = _compute_prior(params, paths, m, df, shards, todo, out_dir)
             else:
                 n_images = _fuse_ensemble(params, paths, shards, todo, out_dir)
         else:
@@ -90,11 +96,17 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
         report = map_report(paths, out_dir, df, params.make_cams.threshold, params.evaluate.ellipse_scale)
         report.update({"method": method, "model": model, "seconds": round(seconds, 2),
                        "images_per_s": n_images / seconds if n_images else None})
+        if method == ENSEMBLE:
+            members, weights = ensemble_members(params.make_cams, paths.ensemble_weights)
+            report.update({"members": members, "weights": weights, "fusion": params.make_cams.ensemble_fusion,
+                           "weights_source": "tuned" if paths.ensemble_weights.exists() else "params"})
         write_json(paths.cams_report(variant), report)
         _write_curve_csv(paths.cams_curve(variant), report)
-        tracking.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and v is not None})
+        # MLflow names say the split (val_...): a run's metrics lose the file name that says it in DVC.
+        tracking.log_metrics({(f"val_{k}" if k in VAL_SCORES else k): v for k, v in report.items()
+                              if isinstance(v, (int, float)) and v is not None})
         for t, iou in zip(report["curve"]["threshold"], report["curve"]["iou_mean"], strict=True):
-            tracking.log_metrics({"curve_iou_mean": iou}, step=int(round(t * 100)))
+            tracking.log_metrics({"val_curve_iou_mean": iou}, step=int(round(t * 100)))
         tracking.log_artifact(paths.cams_report(variant))
     console.print(
         f"{variant}: val fg IoU {report['iou_mean']:.3f} at t={params.make_cams.threshold} "
@@ -138,10 +150,18 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
     if model and model != str(IMAGENET):
         meta_path = paths.model_dir(model) / "meta.json"
         model_meta = read_json(meta_path) if meta_path.exists() else None
-    members = None
+    members: Any = None
     if method == ENSEMBLE:
         members = [read_json(paths.cams_dir(v) / "_done.json") if (paths.cams_dir(v) / "_done.json").exists()
                    else None for v in params.make_cams.ensemble_members]
+        # The weights actually fused (tuned ones when reports/ensemble-weights.yaml exists).
+        members.append(ensemble_members(params.make_cams, paths.ensemble_weights)[1])
+    elif method in PRIORS:
+        from wsss.baselines import ELLIPSE_PRIOR_SOFTNESS, RECT_BASELINE_FRAC, RECT_BASELINE_ITERATIONS
+        from wsss.methods.priors import PRIOR_VERSION
+
+        members = [PRIOR_VERSION, params.evaluate.ellipse_scale, ELLIPSE_PRIOR_SOFTNESS, RECT_BASELINE_FRAC,
+                   RECT_BASELINE_ITERATIONS]
     return fingerprint(to_dict(params.make_cams), method, model, model_meta, members, tracking.data_hash(paths))
 
 
@@ -170,9 +190,31 @@ def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: s
     return n_done
 
 
+def _compute_prior(params: Params, paths: Paths, prior: Any, df: pd.DataFrame, shards: list[list[str]],
+                   todo: list[int], out_dir: Path) -> int:
+    """A label-free prior's maps, from the prepared images alone (no model, no label)."""
+    from wsss.methods.priors import prior_maps
+
+    by_id = df.set_index("id")
+    rows = by_id.loc[[i for index in todo for i in shards[index]]].reset_index()
+    n = 0
+    with task(f"{STAGE} {prior.name}", len(rows)) as advance:
+        # One pass (one process pool, every usable core) over the images of every shard to do, in order.
+        stream = prior_maps(prior, rows, paths.prepared, params.evaluate.ellipse_scale, advance, workers=0)
+        for index in todo:
+            ids, maps = [], []
+            for _ in shards[index]:
+                image_id, prob = next(stream)
+                ids.append(image_id)
+                maps.append(prob)
+            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
+            n += len(ids)
+    return n
+
+
 def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path) -> int:
     cfg = params.make_cams
-    variants, weights = ensemble_members(cfg)
+    variants, weights = ensemble_members(cfg, paths.ensemble_weights)
     wanted = {i for index in todo for i in shards[index]}
     members = []
     for variant in variants:
@@ -216,6 +258,7 @@ def map_report(paths: Paths, cams_dir: Path, df: pd.DataFrame, threshold: float,
     best = int(np.argmax(curve["iou_mean"]))
     scores = at_t.result()
     return {
+        "split": "val",
         "n_val_images": len(ids),
         "threshold": threshold,
         "iou_mean": scores.iou_mean,

@@ -285,12 +285,13 @@ def _rect_chunk(items: list[tuple[str, str]]) -> SegMeter:
 
 
 def _flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """``before_iou_mean``, ``after_iou_mean``, ``baseline_ellipse_iou_mean``, ... for MLflow."""
+    """``trainval_before_iou_mean``, ``trainval_after_iou_mean``, ``trainval_baseline_ellipse_iou_mean``, ...
+    for MLflow: scores say their split (the trainval images with GT)."""
     out: dict[str, float] = {}
     for key in ("before", "after"):
-        out.update({f"{key}_{k}": v for k, v in report[key].items()})
+        out.update({f"trainval_{key}_{k}": v for k, v in report[key].items()})
     for name, scores in report["baselines"].items():
-        out.update({f"baseline_{name}_{k}": v for k, v in scores.items()})
+        out.update({f"trainval_baseline_{name}_{k}": v for k, v in scores.items()})
     for key in ("mask_ignore_fraction", "mask_fg_fraction", "n_masks", "n_refined", "seconds", "images_per_s"):
         if report.get(key) is not None:
             out[key] = report[key]

@@ -13,8 +13,9 @@ output came from: ``{"predicted": {input: {"mask": name, "overlay": name}}, "fai
 loops, are failures with a reason; the rest is processed.
 
 The model is a ``models/unet-*`` folder (``model.pt`` + ``meta.json``), an MLflow model folder (with an
-``MLmodel`` file) or an MLflow model URI such as ``models:/wsss-unet@champion``. MLflow U-Nets are
-pickled: load only models from a tracking store you trust.
+``MLmodel`` file) or an MLflow model URI such as ``models:/wsss-unet@champion``. Nothing is unpickled:
+MLflow U-Nets are safetensors weights + JSON metadata (docs/artefacts.md#mlflow-model), checked before
+use; an old pickle-format MLflow model is refused with a message to retrain / re-register it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from wsss.paths import Paths
 from wsss.ui import console, task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-DEFAULT_INPUT_SIZE = 256
 INDEX_NAME = "index.json"
 
 
@@ -133,75 +133,34 @@ def output_stems(images: Sequence[Path]) -> dict[Path, str]:
     return out
 
 
-def _is_uri(spec: str) -> bool:
-    return "://" in spec or spec.startswith(("models:/", "runs:/"))
-
-
-def _input_size_from_mlflow(uri: str) -> int | None:
-    """``input_size`` of an MLflow model: registry version tag, else the training run's params."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    run_id = None
-    if uri.startswith("models:/"):
-        ref = uri.removeprefix("models:/").strip("/")
-        if ref.startswith("m-") and "/" not in ref and "@" not in ref:
-            run_id = client.get_logged_model(ref).source_run_id
-        else:
-            if "@" in ref:
-                name, alias = ref.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = ref.partition("/")
-                version = client.get_model_version(name, number)
-            if version.tags.get("input_size", "").isdigit():
-                return int(version.tags["input_size"])
-            run_id = version.run_id
-    elif uri.startswith("runs:/"):
-        run_id = uri.removeprefix("runs:/").split("/", 1)[0]
-    if not run_id:
-        return None
-    value = client.get_run(run_id).data.params.get("train_unet.input_size")
-    return int(value) if value and value.isdigit() else None
-
-
 def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
-    """Load a U-Net from a ``models/`` folder, an MLflow model folder or an MLflow URI.
+    """Load a U-Net from a ``models/`` folder, an MLflow model folder or an MLflow URI; nothing is unpickled.
+
+    MLflow models go through :func:`wsss.serving.loader.load_mlflow_unet` (format checked, weights
+    checksum verified before they are read, safetensors, network rebuilt from the metadata).
 
     Returns:
         ``(model in eval mode on CPU, input size, description)``.
 
     Raises:
-        DataError: the folder or URI does not hold a model.
+        DataError: the folder or URI does not hold a wsss U-Net, or it fails a check.
     """
     from wsss.models.loading import load_model_dir
+    from wsss.serving import loader
 
     path = Path(spec)
     if path.is_dir() and (path / "meta.json").is_file():
         model, meta = load_model_dir(path, "unet")
         return model, meta.input_size, f"{path} (masks {meta.masks or '?'})"
-    if not (_is_uri(spec) or (path / "MLmodel").is_file()):
+    if not loader.is_mlflow_model(spec):
         raise DataError(f"--model {spec}: not a model folder (model.pt + meta.json), an MLflow model folder "
                         "or an MLflow model URI (e.g. models:/wsss-unet@champion)")
-    import mlflow
+    if loader.is_uri(spec):
+        from wsss import tracking
 
-    from wsss import tracking
-
-    tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
-    try:
-        model = mlflow.pytorch.load_model(spec, map_location="cpu")
-    except Exception as exc:
-        raise DataError(f"--model {spec}: cannot load the MLflow model ({type(exc).__name__}: {exc})") from None
-    size = None
-    if _is_uri(spec):
-        try:
-            size = _input_size_from_mlflow(spec)
-        except Exception as exc:  # the model loaded; only its metadata is unreachable
-            console.print(f"[yellow]--model {spec}: input size not found ({exc}); using {DEFAULT_INPUT_SIZE}[/]")
-    if size is None:
-        size = DEFAULT_INPUT_SIZE
-    return model.eval(), size, spec
-
+        tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
+    model, meta = loader.load_mlflow_unet(spec)
+    return model, int(meta["input_size"]), f"{spec} (masks {meta.get('masks') or '?'})"
 
 
 def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,

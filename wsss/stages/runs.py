@@ -20,11 +20,13 @@ STAGE_METRICS: dict[str, tuple[str, ...]] = {
     "pretrain": ("final_loss", "final_knn_loo_balanced_acc", "final_knn_balanced_acc"),
     "train-classifier": ("final_val_balanced_acc", "final_val_acc", "val_acc"),
     "train-ccam": ("final_loss", "polarity"),
-    "make-cams": ("iou_mean", "best_iou_mean"),
+    "make-cams": ("val_iou_mean", "val_best_iou_mean"),
     "tune-crf": ("best_value", "val_iou_mean"),
-    "make-pseudo": ("after_iou_mean", "before_iou_mean"),
+    "tune-ensemble": ("best_value", "best_single_member_value", "val_iou_mean"),
+    "make-pseudo": ("trainval_after_iou_mean", "trainval_before_iou_mean"),
     "train-unet": ("last_val_iou_mean", "final_train_loss"),
-    "evaluate": ("iou_mean", "miou", "ellipse_iou_mean", "grabcut_rect_iou_mean"),
+    "evaluate": ("test_iou_mean", "test_miou", "test_after_iou_mean", "test_ellipse_iou_mean",
+                 "test_grabcut_rect_iou_mean"),
     "report": ("wsss_over_supervised", "n_figures"),
 }
 MAX_METRICS = 3

@@ -31,15 +31,16 @@ from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
 from wsss.training.trainer import Trainer
 from wsss.ui import console
-from wsss.variants import MapVariant, MaskSource
+from wsss.variants import PRIORS, MapVariant, MaskSource
 from wsss.viz import overlay_ids, overlay_row
 
 STAGE = "train-unet"
 
 
 def best_pseudo_variant(paths: Paths) -> str:
-    """The pseudo-mask variant with the highest fg IoU on non-test images (reports/pseudo/*.json)."""
-    reports = sorted((paths.reports / "pseudo").glob("*.json"))
+    """The pseudo-mask variant with the highest fg IoU on non-test images (reports/pseudo/*.json); the
+    label-free priors' masks are the baseline to beat, not candidates."""
+    reports = [p for p in sorted((paths.reports / "pseudo").glob("*.json")) if p.stem not in PRIORS]
     if not reports:
         raise DataError(f"{paths.reports / 'pseudo'}: no pseudo-mask reports; run `wsss make-pseudo` first")
     scored = []
@@ -198,15 +199,15 @@ def _mask_for_overlay(row: pd.Series, masks_dir: Path | None, paths: Paths, shap
 
 
 def log_mlflow_model(model: torch.nn.Module, size: int) -> None:
-    """Log the U-Net as an MLflow model with a dynamic input signature (any batch, any size)."""
-    import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    """Log the U-Net as a self-contained, pickle-free MLflow pyfunc (safetensors weights + JSON metadata).
 
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2, -1, -1))]),
-    )
-    # Pickle format: MLflow 3's default pt2 export would fix the example's input shape.
-    mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    Takes an RGB image of any size, returns its mask at that size (docs/artefacts.md#mlflow-model); the
+    pseudo-mask source recorded is the active run's ``masks`` tag.
+    """
+    import mlflow
+
+    from wsss.serving.export import log_unet
+
+    run = mlflow.active_run()
+    tags = mlflow.get_run(run.info.run_id).data.tags if run is not None else {}
+    log_unet(model, size, masks=tags.get("masks"))
