@@ -98,6 +98,34 @@ def test_valid_folder_passes(prepared: tuple[pd.DataFrame, Path]) -> None:
     assert counts.success and "warning" in counts.details and "Bengal" in counts.details
     assert "WARN class_counts" in res.summary()
     json.dumps(res.to_dict())
+    # Bengal (label-only, train) is in neither val nor test: a warning; both species are everywhere.
+    coverage = next(c for c in res.checks if c.name == "class_coverage")
+    assert "absent from val: Bengal" in coverage.details and "absent from test: Bengal" in coverage.details
+    hashed = next(c for c in res.checks if c.name == "duplicate_content")
+    assert hashed.details == f"{len(ROWS)} image(s) hashed, no content in two splits"
+    # The GX result as GX serialises it: one result per expectation of the suite.
+    assert res.gx_result is not None and res.gx_result["success"] is True
+    assert len(res.gx_result["results"]) == len(build_suite(CFG))
+    json.dumps(res.gx_result)
+
+
+def test_species_missing_from_val_only_warns(prepared: tuple[pd.DataFrame, Path]) -> None:
+    df, root = prepared
+    set_("american_bulldog_3", split="train")(df, root)
+    res = validate_manifest(df, root, CFG)
+    assert res.success, res.summary()
+    coverage = next(c for c in res.checks if c.name == "class_coverage")
+    assert "warning: no dog pet in val" in coverage.details
+
+
+def test_duplicate_within_a_split_only_warns(prepared: tuple[pd.DataFrame, Path]) -> None:
+    df, root = prepared
+    copy_file("images/Abyssinian_1.jpg", "images/Abyssinian_2.jpg")(df, root)
+    res = validate_manifest(df, root, CFG)
+    assert res.success, res.summary()
+    dup = next(c for c in res.checks if c.name == "duplicate_content")
+    assert "warning: 1 image content(s) repeated within a split: Abyssinian_1 (train) = Abyssinian_2 (train)" \
+        in dup.details
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +184,19 @@ def truncate_file(rel: str) -> Mutator:
     return f
 
 
-def write_image(rel: str, array: np.ndarray) -> Mutator:
-    return lambda df, root: Image.fromarray(array).save(root / rel)
+def write_image(rel: str, array: np.ndarray | Callable[[Path], np.ndarray]) -> Mutator:
+    """Write an image file (``array`` may be computed from the prepared folder)."""
+
+    def f(df: pd.DataFrame, root: Path) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array(root) if callable(array) else array).save(root / rel)
+
+    return f
+
+
+def _pixels(rel: str) -> Callable[[Path], np.ndarray]:
+    """The decoded pixels of a file of the prepared folder."""
+    return lambda root: np.asarray(Image.open(root / rel).convert("RGB"))
 
 
 def copy_file(src: str, dst: str) -> Mutator:
@@ -180,6 +219,9 @@ def combine(*fs: Mutator) -> Mutator:
 
 E = "expect_column_values_to_be_"
 BG = " | is_background == True)"
+PET_M = " | (has_mask == True AND is_background == False))"
+BG_M = " | (has_mask == True AND is_background == True))"
+NO_M = " | has_mask == False)"
 PET_MASK_7 = np.where(_pet_mask() == 255, 7, _pet_mask()).astype(np.uint8)
 
 CASES = [
@@ -192,9 +234,9 @@ CASES = [
      {"expect_column_values_to_not_be_null(image_path)"}),
     ("duplicate image_path", set_("Abyssinian_2", image_path="images/Abyssinian_1.jpg"), None,
      {E + "unique(image_path)"}),
-    ("bad split", set_("Abyssinian_3", split="holdout"), None, {E + "in_set(split)"}),
+    ("bad split", set_("Abyssinian_2", split="holdout"), None, {E + "in_set(split)"}),
     ("no test images", combine(drop_row("Abyssinian_4"), drop_row("american_bulldog_4")), None,
-     {"expect_column_distinct_values_to_contain_set(split)"}),
+     {"expect_column_distinct_values_to_contain_set(split)", "class_coverage"}),
     ("bad source", set_("Abyssinian_1", source="web"), None, {E + "in_set(source)"}),
     ("species 5", set_("Abyssinian_1", species=5), None,
      {E + "in_set(species)", E + "in_set(species | is_background == False)"}),
@@ -205,26 +247,44 @@ CASES = [
     ("height below min_side", None, {"min_side": H + 1}, {E + "between(height)"}),
     ("bad mask_values", set_("x0_Bengal_1", mask_values="0,1,7"), None,
      {"expect_column_values_to_match_regex(mask_values)"}),
-    ("fg_fraction 2", set_("Abyssinian_1", fg_fraction=2.0), None, {E + "between(fg_fraction)"}),
-    ("border_fraction -3", set_("Abyssinian_1", border_fraction=-3.0), None, {E + "between(border_fraction)"}),
+    # fg_fraction -1 on a masked pet was inside the old [-1, 1] bounds: the check could not catch it.
+    ("masked pet with fg_fraction -1", set_("Abyssinian_1", fg_fraction=-1.0), None, {E + "between(fg_fraction" + PET_M}),
+    ("all-pet mask", set_("Abyssinian_1", fg_fraction=1.0), None, {E + "between(fg_fraction" + PET_M}),
+    ("no-pet mask on a pet", set_("american_bulldog_3", fg_fraction=0.0), None,
+     {E + "between(fg_fraction" + PET_M}),
+    ("background mask with pet pixels", set_("bg_0001", fg_fraction=0.2), None, {E + "between(fg_fraction" + BG_M}),
+    ("fg_fraction without mask", set_("x0_Bengal_1", fg_fraction=0.5), None, {E + "in_set(fg_fraction" + NO_M}),
+    ("border_fraction -3", set_("Abyssinian_1", border_fraction=-3.0), None,
+     {E + "between(border_fraction | has_mask == True)"}),
+    ("all-border mask", set_("Abyssinian_1", border_fraction=1.0), None,
+     {E + "between(border_fraction | has_mask == True)"}),
+    ("border_fraction without mask", set_("x0_Bengal_1", border_fraction=0.0), None,
+     {E + "in_set(border_fraction" + NO_M}),
     ("has_mask without path", set_("Abyssinian_1", mask_path=""), None,
      {"expect_column_value_lengths_to_be_between(mask_path | has_mask == True)"}),
     ("mask path without has_mask", set_("Abyssinian_1", has_mask=False), None,
-     {E + "in_set(mask_path | has_mask == False)"}),
+     {E + "in_set(mask_path" + NO_M, E + "in_set(fg_fraction" + NO_M, E + "in_set(border_fraction" + NO_M}),
     ("background in test", set_("bg_0002", split="test"), None, {E + "in_set(split" + BG}),
     ("background with species", set_("bg_0001", species=0), None, {E + "in_set(species" + BG}),
     ("background with breed", set_("bg_0001", breed=3), None, {E + "in_set(breed" + BG}),
     ("background source not flagged", set_("bg_0001", is_background=False), None,
-     {E + "in_set(is_background | source == background)", E + "in_set(species | is_background == False)"}),
+     {E + "in_set(is_background | source == background)", E + "in_set(species | is_background == False)",
+      E + "between(fg_fraction" + PET_M}),
     # --- cross-row checks -------------------------------------------------------------------------
     ("same image stem in train and test",
-     combine(copy_file("images/Abyssinian_1.jpg", "images/test/Abyssinian_1.jpg"),
+     combine(write_image("images/test/Abyssinian_1.jpg", np.zeros((H, W, 3), np.uint8)),
              add_copy("Abyssinian_1", id="x1_Abyssinian_1", split="test",
                       image_path="images/test/Abyssinian_1.jpg")),
      None, {"split_leak"}),
     ("id in two splits", add_copy("Abyssinian_1", split="test"), None,
-     {"split_leak", E + "unique(id)", E + "unique(image_path)"}),
+     {"split_leak", E + "unique(id)", E + "unique(image_path)", "duplicate_content"}),
     ("species under floor", drop_row("american_bulldog_2"), None, {"class_counts"}),
+    ("no cat in train (no count floor)",
+     combine(drop_row("Abyssinian_1"), drop_row("Abyssinian_2"), drop_row("x0_Bengal_1")),
+     {"min_images_per_class": 0}, {"class_coverage"}),
+    ("no cat in test", combine(drop_row("Abyssinian_4")), None, {"class_coverage"}),
+    ("test breed without train images", set_("american_bulldog_4", breed=2), None, {"class_coverage"}),
+    ("val breed without train images", set_("Abyssinian_3", breed=6), None, {"class_coverage"}),
     ("test pet without mask",
      set_("Abyssinian_4", has_mask=False, mask_path="", mask_values="", fg_fraction=-1.0, border_fraction=-1.0),
      None, {"test_masks"}),
@@ -239,6 +299,15 @@ CASES = [
      {"files_size"}),
     ("mask with value 7", write_image("masks/Abyssinian_1.png", PET_MASK_7), None, {"mask_pixel_values"}),
     ("mask_values unlike the file", set_("Abyssinian_1", mask_values="0,1"), None, {"mask_pixel_values"}),
+    # Same pixels under another id and file name: invisible to split_leak (ids and stems differ).
+    ("same image content in train and test", copy_file("images/Abyssinian_1.jpg", "images/Abyssinian_4.jpg"),
+     None, {"duplicate_content"}),
+    ("same pixels re-encoded in val and train",
+     combine(write_image("images/Abyssinian_3.png", _pixels("images/Abyssinian_2.jpg")),
+             write_image("images/Abyssinian_2.png", _pixels("images/Abyssinian_2.jpg")),
+             set_("Abyssinian_3", image_path="images/Abyssinian_3.png"),
+             set_("Abyssinian_2", image_path="images/Abyssinian_2.png")),
+     None, {"duplicate_content"}),
 ]
 
 

@@ -62,6 +62,25 @@ class Paths:
     def validation_report(self) -> Path:
         return self.reports / "validation.json"
 
+    @property
+    def validation_gx_report(self) -> Path:
+        """The GX suite's ``ExpectationSuiteValidationResult`` as GX serialises it (beside ours)."""
+        return self.reports / "validation-gx.json"
+
+    def shown(self, path: str | Path) -> str:
+        """``path`` for a report: relative to the project root (POSIX) when inside it, else as given.
+
+        So metrics files do not differ per machine; a path outside the project keeps the form the user
+        gave (``../shared/data`` stays relative, an absolute one stays absolute), never absolutised.
+        """
+        p = Path(path)
+        if p.is_absolute():
+            try:
+                return p.relative_to(self.root.absolute()).as_posix() or "."
+            except ValueError:
+                return str(p)
+        return p.as_posix()
+
     # --- models -----------------------------------------------------------------------------------
     def model_dir(self, name: ModelId | str) -> Path:
         """``models/<name>/`` holding ``model.pt`` (state_dict) and ``meta.json``."""
@@ -70,6 +89,10 @@ class Paths:
     def training_report(self, name: ModelId | str) -> Path:
         """``reports/training/<model name>.json``: final metrics of a training stage (DVC metrics)."""
         return self.reports / "training" / f"{_model(name)}.json"
+
+    def training_curve(self, name: ModelId | str) -> Path:
+        """``reports/training/curves/<model name>.csv``: per-epoch metrics of a training stage (DVC plots)."""
+        return self.reports / "training" / "curves" / f"{_model(name)}.csv"
 
     def state_dir(self, stage: str, key: str) -> Path:
         """Resume state of a running stage (outside DVC outs, which DVC deletes before a rerun).

@@ -1,12 +1,22 @@
 """Validation of the prepared data: a great-expectations suite over the manifest plus Python checks.
 
 The suite (:func:`build_suite`) holds row-wise expectations written in code and runs in an ephemeral
-GX context over the manifest DataFrame; it writes no files. Checks that span rows or read the image
-and mask files are plain Python (:data:`PYTHON_CHECKS`). Every check becomes one :class:`CheckResult`.
+GX context over the manifest DataFrame; it writes no files (its ``ExpectationSuiteValidationResult``, as
+GX serialises it, is returned in :attr:`ValidationResult.gx_result` for the stage to write). Checks that
+span rows or read the image and mask files are plain Python (:data:`PYTHON_CHECKS`). Every check becomes
+one :class:`CheckResult`.
+
+Class coverage per split (:func:`_check_class_coverage`): both species have pets in train (nothing to
+learn otherwise) and in test (every score is computed there; without a species it scores half the
+task); every breed of val or test has train images (a class the classifiers never saw). A species or a
+breed of train missing from val is a warning only, as is a train breed missing from test: val is carved
+from trainval by breed, so a small dataset can lack one there, and model selection still works; a subset
+test list may lack a rare breed (the official one has every breed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +37,8 @@ ALLOWED_MASK_VALUES = frozenset({0, 1, 255})
 MAX_LISTED = 10  # offending values / files quoted per check
 
 # Plain-Python checks: cross-row ones always run, file ones only with ``cfg.check_files``.
-CROSS_ROW_CHECKS = ("split_leak", "class_counts", "test_masks", "breed_species")
-FILE_CHECKS = ("files_exist", "files_decode", "files_size", "mask_pixel_values")
+CROSS_ROW_CHECKS = ("split_leak", "class_counts", "class_coverage", "test_masks", "breed_species")
+FILE_CHECKS = ("files_exist", "files_decode", "files_size", "mask_pixel_values", "duplicate_content")
 PYTHON_CHECKS = CROSS_ROW_CHECKS + FILE_CHECKS
 
 
@@ -49,6 +59,7 @@ class ValidationResult:
     success: bool
     checks: list[CheckResult]
     statistics: dict[str, int] = field(default_factory=dict)
+    gx_result: dict[str, Any] | None = None  # the suite's ExpectationSuiteValidationResult.to_json_dict()
 
     @property
     def failed(self) -> list[CheckResult]:
@@ -119,8 +130,20 @@ def build_suite(cfg: ValidateConfig) -> list[Any]:
         gxe.ExpectColumnValuesToBeBetween(column="width", min_value=cfg.min_side, max_value=cfg.max_side),
         gxe.ExpectColumnValuesToBeBetween(column="height", min_value=cfg.min_side, max_value=cfg.max_side),
         gxe.ExpectColumnValuesToMatchRegex(column="mask_values", regex=MASK_VALUES_REGEX),
-        gxe.ExpectColumnValuesToBeBetween(column="fg_fraction", min_value=-1, max_value=1),
-        gxe.ExpectColumnValuesToBeBetween(column="border_fraction", min_value=-1, max_value=1),
+        # A masked pet has pet and non-pet pixels (an all-pet or all-background mask is a broken trimap);
+        # prepare drops all-border masks, so border_fraction < 1. Without a mask both are -1.
+        gxe.ExpectColumnValuesToBeBetween(
+            column="fg_fraction", min_value=0, max_value=1, strict_min=True, strict_max=True,
+            row_condition=with_mask & pet,
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="fg_fraction", min_value=0, max_value=0, row_condition=with_mask & background
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="fg_fraction", value_set=[-1.0], row_condition=without_mask),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="border_fraction", min_value=0, max_value=1, strict_max=True, row_condition=with_mask
+        ),
+        gxe.ExpectColumnValuesToBeInSet(column="border_fraction", value_set=[-1.0], row_condition=without_mask),
         gxe.ExpectColumnValueLengthsToBeBetween(column="mask_path", min_value=1, row_condition=with_mask),
         gxe.ExpectColumnValuesToBeInSet(column="mask_path", value_set=[""], row_condition=without_mask),
         gxe.ExpectColumnValuesToBeInSet(column="species", value_set=[-1], row_condition=background),
@@ -162,7 +185,7 @@ def _gx_details(res: Any, ids: pd.Series) -> str:
     return f"observed: {r.get('observed_value')!r}"
 
 
-def _run_suite(df: pd.DataFrame, cfg: ValidateConfig) -> list[CheckResult]:
+def _run_suite(df: pd.DataFrame, cfg: ValidateConfig) -> tuple[list[CheckResult], dict[str, Any]]:
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -186,7 +209,7 @@ def _run_suite(df: pd.DataFrame, cfg: ValidateConfig) -> list[CheckResult]:
         name = exp.meta["name"]
         r = by_name[name]
         out.append(CheckResult(name, "expectation", bool(r.success), "" if r.success else _gx_details(r, ids)))
-    return out
+    return out, res.to_json_dict()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +254,30 @@ def _check_class_counts(df: pd.DataFrame, cfg: ValidateConfig) -> tuple[bool, st
     return not low_species, details
 
 
+def _check_class_coverage(df: pd.DataFrame, cfg: ValidateConfig) -> tuple[bool, str]:
+    """Per split: both species in train and test (val: a warning); val/test breeds in train (module docstring)."""
+    pets = _pets(df)
+    by_split = {s: pets[pets["split"] == s] for s in SPLITS}
+    problems, warnings = [], []
+    for split, rows in by_split.items():
+        absent = [name for i, name in enumerate(SPECIES) if not (rows["species"] == i).any()]
+        if absent:
+            (warnings if split == "val" else problems).append(f"no {'/'.join(absent)} pet in {split}")
+    train_breeds = {int(b) for b in by_split["train"]["breed"]}
+    for split in ("val", "test"):
+        breeds = {int(b) for b in by_split[split]["breed"] if 0 <= b < NUM_BREEDS}
+        unseen = sorted(breeds - train_breeds)
+        if unseen:
+            problems.append(f"{split} breed(s) without train images: {_short(BREEDS[b] for b in unseen)}")
+        missing = sorted(b for b in train_breeds - breeds if 0 <= b < NUM_BREEDS)
+        if missing:
+            warnings.append(f"train breed(s) absent from {split}: {_short(BREEDS[b] for b in missing)}")
+    details = "; ".join(problems) or "both species in train and test"
+    if warnings:
+        details += "; warning: " + "; ".join(warnings)
+    return not problems, details
+
+
 def _check_test_masks(df: pd.DataFrame, cfg: ValidateConfig) -> tuple[bool, str]:
     """Every main-root pet of the test split has a GT mask (the evaluation needs it)."""
     pets = _pets(df)
@@ -254,6 +301,7 @@ def _check_breed_species(df: pd.DataFrame, cfg: ValidateConfig) -> tuple[bool, s
 _CROSS_ROW: dict[str, tuple[Callable[[pd.DataFrame, ValidateConfig], tuple[bool, str]], tuple[str, ...]]] = {
     "split_leak": (_check_split_leak, ("id", "split", "image_path")),
     "class_counts": (_check_class_counts, ("is_background", "split", "species", "breed")),
+    "class_coverage": (_check_class_coverage, ("is_background", "split", "species", "breed")),
     "test_masks": (_check_test_masks, ("is_background", "split", "source", "has_mask", "mask_path")),
     "breed_species": (_check_breed_species, ("is_background", "species", "breed")),
 }
@@ -270,6 +318,7 @@ class _FileTask:
     is_mask: bool
     size: tuple[Any, Any]  # manifest (width, height)
     mask_values: str
+    split: str = ""
 
 
 @dataclass
@@ -280,6 +329,7 @@ class _FileOutcome:
     size: tuple[int, int] | None = None
     values: str | None = None  # observed mask values, e.g. "0,1,255"
     mode: str = ""
+    digest: str = ""  # of the decoded pixels (mode, size, bytes): equal for equal image content
 
 
 def _inside(root: Path, rel: str) -> Path | None:
@@ -305,6 +355,10 @@ def _inspect(root: Path, task: _FileTask) -> _FileOutcome:
         with Image.open(path) as im:
             im.load()
             out.size, out.mode = im.size, im.mode
+            if not task.is_mask:
+                h = hashlib.blake2b(f"{im.mode}:{im.size[0]}x{im.size[1]}:".encode(), digest_size=16)
+                h.update(im.tobytes())
+                out.digest = h.hexdigest()
             if task.is_mask and im.mode in ("L", "P", "1", "I", "I;16"):
                 counts = np.bincount(np.asarray(im).ravel().astype(np.int64), minlength=1)
                 out.values = ",".join(str(v) for v in np.flatnonzero(counts))
@@ -315,10 +369,10 @@ def _inspect(root: Path, task: _FileTask) -> _FileOutcome:
 
 def _file_tasks(df: pd.DataFrame) -> list[_FileTask]:
     tasks = []
-    cols = ["id", "image_path", "mask_path", "width", "height", "mask_values"]
-    for row_id, image, mask, w, h, values in df[cols].itertuples(index=False, name=None):
+    cols = ["id", "image_path", "mask_path", "width", "height", "mask_values", "split"]
+    for row_id, image, mask, w, h, values, split in df[cols].itertuples(index=False, name=None):
         if isinstance(image, str):  # null paths are reported by the suite
-            tasks.append(_FileTask(str(row_id), image, False, (w, h), ""))
+            tasks.append(_FileTask(str(row_id), image, False, (w, h), "", str(split)))
         if isinstance(mask, str) and mask:
             tasks.append(_FileTask(str(row_id), mask, True, (w, h), str(values)))
     return tasks
@@ -354,6 +408,7 @@ def _run_file_checks(df: pd.DataFrame, root: Path) -> list[CheckResult]:
             if not observed <= ALLOWED_MASK_VALUES or o.values != o.task.mask_values:
                 wrong_values.append(fmt(o, f"values {o.values}, manifest {o.task.mask_values!r}"))
     n = len(outcomes)
+    leaks, repeats = _duplicates([o for o in outcomes if o.digest])
 
     def result(name: str, bad: list[str], what: str) -> CheckResult:
         details = f"{len(bad)} of {n} file(s) {what}: {_short(bad)}" if bad else f"{n} file(s) checked"
@@ -364,7 +419,31 @@ def _run_file_checks(df: pd.DataFrame, root: Path) -> list[CheckResult]:
         result("files_decode", corrupt, "do not decode"),
         result("files_size", wrong_size, "differ in size from the manifest"),
         result("mask_pixel_values", wrong_values, "have mask values outside {0,1,255} or unlike mask_values"),
+        _duplicate_result(leaks, repeats, sum(1 for o in outcomes if o.digest)),
     ]
+
+
+def _duplicates(outcomes: list[_FileOutcome]) -> tuple[list[str], list[str]]:
+    """Images with equal pixel content: groups spanning splits (leaks), and groups within one split."""
+    groups: dict[str, list[_FileTask]] = {}
+    for o in outcomes:
+        groups.setdefault(o.digest, []).append(o.task)
+    leaks, repeats = [], []
+    for tasks in groups.values():
+        if len(tasks) < 2:
+            continue
+        text = " = ".join(f"{t.row_id} ({t.split})" for t in sorted(tasks, key=lambda t: (t.split, t.row_id)))
+        (leaks if len({t.split for t in tasks}) > 1 else repeats).append(text)
+    return sorted(leaks), sorted(repeats)
+
+
+def _duplicate_result(leaks: list[str], repeats: list[str], n: int) -> CheckResult:
+    """Same content in two splits fails (a leak the id check cannot see); within one split it warns."""
+    details = (f"{len(leaks)} image content(s) in several splits: {_short(leaks)}" if leaks
+               else f"{n} image(s) hashed, no content in two splits")
+    if repeats:
+        details += f"; warning: {len(repeats)} image content(s) repeated within a split: {_short(repeats)}"
+    return CheckResult("duplicate_content", "file_check", not leaks, details)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -382,7 +461,7 @@ def validate_manifest(df: pd.DataFrame, prepared_dir: str | Path, cfg: ValidateC
         One :class:`CheckResult` per expectation / check; ``success`` only if all pass.
     """
     df = df.reset_index(drop=True)
-    checks = _run_suite(df, cfg)
+    checks, gx_result = _run_suite(df, cfg)
     for name, (fn, needs) in _CROSS_ROW.items():
         missing = [c for c in needs if c not in df.columns]
         if missing:
@@ -395,7 +474,7 @@ def validate_manifest(df: pd.DataFrame, prepared_dir: str | Path, cfg: ValidateC
             ok, details = False, f"not run: {exc.__class__.__name__}: {exc}"
         checks.append(CheckResult(name, "file_check", bool(ok), details))
     if cfg.check_files:
-        needs = ("id", "image_path", "mask_path", "width", "height", "mask_values")
+        needs = ("id", "image_path", "mask_path", "width", "height", "mask_values", "split")
         missing = [c for c in needs if c not in df.columns]
         if missing:
             checks += [
@@ -406,4 +485,4 @@ def validate_manifest(df: pd.DataFrame, prepared_dir: str | Path, cfg: ValidateC
             checks += _run_file_checks(df, Path(prepared_dir))
     n_bad = sum(not c.success for c in checks)
     stats = {"evaluated": len(checks), "successful": len(checks) - n_bad, "unsuccessful": n_bad}
-    return ValidationResult(success=n_bad == 0, checks=checks, statistics=stats)
+    return ValidationResult(success=n_bad == 0, checks=checks, statistics=stats, gx_result=gx_result)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from wsss import tracking
@@ -18,6 +19,26 @@ from wsss.ui import console, task
 def _resolve(paths: Paths, p: str) -> Path:
     path = Path(p).expanduser()
     return path if path.is_absolute() else paths.root / path
+
+
+def _given(paths: Paths, p: str) -> str:
+    """A configured root as the report shows it: project-relative if inside the project, else as given."""
+    return p if p.startswith("~") or not Path(p).is_absolute() else paths.shown(p)
+
+
+def _shower(paths: Paths, roots: dict[Path, str]) -> Callable[[str], str]:
+    """Maps a file under one of ``roots`` (resolved root -> its given form) to ``given/relative``."""
+
+    def show(file: str) -> str:
+        for resolved, given in roots.items():
+            try:
+                rel = Path(file).relative_to(resolved)
+            except ValueError:
+                continue
+            return (PurePosixPath(Path(given).as_posix()) / rel.as_posix()).as_posix()
+        return paths.shown(file)
+
+    return show
 
 
 def run(params: Params, paths: Paths) -> dict[str, Any]:
@@ -38,10 +59,13 @@ def run(params: Params, paths: Paths) -> dict[str, Any]:
             progress=lambda done, total: advance(completed=done, total=total),
         )
     seconds = time.perf_counter() - start
-    issues = result.issues
+    # Report paths are project-relative (or as the user gave them), so the file is the same on any machine.
+    given = [base.data_root, *base.extra_roots, *([base.background_root] if base.background_root else [])]
+    show = _shower(paths, {_resolve(paths, g): _given(paths, g) for g in given})
+    issues = [{**i, "file": show(i["file"])} for i in result.issues]
     report = {
         "dataset": base.dataset,
-        "data_root": str(main_root),
+        "data_root": _given(paths, base.data_root),
         "counts": result.counts,
         "n_issues": len(issues),
         "issues_by_action": dict(Counter(i["action"] for i in issues)),

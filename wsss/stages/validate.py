@@ -13,12 +13,15 @@ from wsss.ui import console
 
 
 def run(params: Params, paths: Paths) -> tuple[bool, dict[str, Any]]:
-    """Validate ``data/prepared``; writes ``reports/validation.json``. Returns (success, metrics)."""
+    """Validate ``data/prepared``; writes ``reports/validation.json`` and the GX result
+    ``reports/validation-gx.json``. Returns (success, metrics)."""
     from wsss.data.validation import validate_manifest
 
     df = load_manifest(paths.manifest)
     result = validate_manifest(df, paths.prepared, params.validate)
     write_json(paths.validation_report, result.to_dict())
+    if result.gx_result is not None:
+        write_json(paths.validation_gx_report, result.gx_result)
     stats = result.statistics
     metrics = {
         "success": float(result.success),
@@ -31,6 +34,8 @@ def run(params: Params, paths: Paths) -> tuple[bool, dict[str, Any]]:
     ):
         tracking.log_metrics(metrics)
         tracking.log_artifact(paths.validation_report)
+        if result.gx_result is not None:
+            tracking.log_artifact(paths.validation_gx_report)
     if result.success:
         console.print(f"[green]validation passed[/]: {metrics['checks_evaluated']} checks on {len(df)} images")
     else:

@@ -4,8 +4,9 @@ A stage builds its model, data and loss; :class:`Trainer` does the rest the same
 the resume checkpoint (``.wsss/state/<stage>/<variant>/``, loaded on every rank, written by rank 0), the
 MLflow run kept across a resume (its id is stored in each checkpoint), the progress bar, the optimiser
 step with a ``GradScaler`` only where the precision needs one (fp16 on CUDA) and its count (a schedule in
-optimiser steps: :mod:`wsss.training.schedule`), per-epoch metrics logged
-with ``step=epoch``, the per-epoch overlay grid, the final model + training report, and deleting the
+optimiser steps: :mod:`wsss.training.schedule`), per-epoch metrics logged with ``step=epoch`` (and
+written as ``reports/training/curves/<name>.csv`` for DVC plots), the per-epoch overlay grid, the final
+model + training report, and deleting the
 checkpoint once the outputs are written. It takes the process's :class:`DistContext`, so a stage trains
 data-parallel by building its loader with :meth:`Trainer.loader` and stepping :meth:`Trainer.data_parallel`'s
 module; on ranks other than 0 nothing is logged, checkpointed or saved.
@@ -39,7 +40,7 @@ from wsss import tracking
 from wsss.config import Params
 from wsss.data.loaders import loader
 from wsss.device import Precision, grad_scaler
-from wsss.io import write_json
+from wsss.io import write_json, write_text
 from wsss.paths import Paths
 from wsss.training.checkpoint import CheckpointManager, save_model
 from wsss.training.distributed import DistContext, main_only
@@ -51,6 +52,15 @@ def final_metrics(report: Mapping[str, Any]) -> dict[str, Any]:
     """``report`` with every key prefixed ``final_`` (unless it is already), so the summary logged at the
     end adds no points to the per-epoch curves of the same names."""
     return {k if k.startswith("final_") else f"final_{k}": v for k, v in report.items()}
+
+
+def curves_csv(history: list[Metrics]) -> str:
+    """Per-epoch metrics as CSV: ``epoch`` then every metric in first-seen order (empty where absent)."""
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(["epoch", *keys])]
+    for epoch, row in enumerate(history):
+        lines.append(",".join([str(epoch), *(f"{row[k]:.6g}" if k in row else "" for k in keys)]))
+    return "\n".join(lines) + "\n"
 
 
 def _no_progress(*_args: Any, **_kwargs: Any) -> None:
@@ -84,6 +94,7 @@ class Trainer:
         self.started = time.perf_counter()
         self._generators: list[torch.Generator] = []
         self._samplers: list[DistributedSampler] = []
+        self.history: list[Metrics] = []  # per-epoch metrics of the last fit (resumed epochs included)
 
     @property
     def seconds(self) -> float:
@@ -233,14 +244,17 @@ class Trainer:
                 generators=self._generators, log=is_main, scheduler_per_step=scheduler_per_step,
             )
         self.advance = _no_progress
+        self.history = result.history
         return result
 
     def save(self, module: nn.Module, meta: dict[str, Any], report: dict[str, Any],
              logged: Mapping[str, Any] | None = None) -> None:
         """Rank 0: save ``models/<name>/`` (``module``'s state_dict + ``meta``), write the training report
-        ``reports/training/<name>.json`` and log ``logged`` (default :func:`final_metrics` of the report)."""
+        ``reports/training/<name>.json``, the per-epoch curves ``reports/training/curves/<name>.csv`` and log
+        ``logged`` (default :func:`final_metrics` of the report)."""
         if not self.ctx.is_main:
             return
         save_model(self.paths.model_dir(self.name), module, meta)
         write_json(self.paths.training_report(self.name), report)
+        write_text(self.paths.training_curve(self.name), curves_csv(self.history))
         tracking.log_metrics(final_metrics(report) if logged is None else logged)
