@@ -154,9 +154,10 @@ def _break_mlflow_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> list[str]
 
     for n in names:
         monkeypatch.setattr(mlflow, n, wrap(n))
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
-    monkeypatch.setattr(mlflow.pytorch, "log_model", lambda *a, **k: (_ for _ in ()).throw(
+    # the U-Net is logged as a pyfunc (wsss.serving.export)
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", lambda *a, **k: (_ for _ in ()).throw(
         MlflowException("simulated: server gone")))
     return calls
 
