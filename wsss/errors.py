@@ -22,6 +22,7 @@ class MissingDependencyError(WsssError):
 
 
 class TrackingError(WsssError):
-    """The MLflow tracking store cannot be reached or used before a stage starts its work."""
+    """The MLflow tracking store, or the Optuna storage of a tuning command, cannot be reached or used before a
+    stage starts its work."""
 
     exit_code = 4
