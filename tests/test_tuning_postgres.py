@@ -70,6 +70,10 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
         subprocess.Popen(_cli("tune", "crf", "--method", VARIANT, "--storage", bare), cwd=b,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
     ]
+    # Both workers are alive at once (each takes seconds to import). Their MLflow runs need not overlap:
+    # a tiny study can finish before the other worker has started its run (seen in CI), so only the
+    # shared study's bookkeeping below is asserted, not an interleaving of their trials.
+    assert all(p.poll() is None for p in procs)
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out
@@ -107,9 +111,6 @@ def test_two_workers_on_two_copies_share_one_postgres_study(project: Path, pg: P
         assert all(r["status"] == expected[r["tags.optuna.state"]] for _, r in kids.iterrows())
         logged += numbers
     assert sorted(logged) == list(range(2 * TRIALS))
-    # They ran at once: the two parents' lifetimes overlap.
-    (s1, e1), (s2, e2) = parents[["start_time", "end_time"]].itertuples(index=False)
-    assert s1 < e2 and s2 < e1
 
     # Each copy wrote its best params and study.json; the one that finished last saw every trial.
     reports = [read_json(root / "studies" / VARIANT / "study.json") for root in (a, b)]
