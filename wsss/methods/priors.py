@@ -11,6 +11,7 @@ ensemble members they bring graded evidence rather than a binary mask.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from wsss.variants import MethodName
 PRIOR_VERSION = 1
 
 
-class Prior:
+class Prior(ABC):
     """A map computed from one RGB image (no model): :meth:`compute`.
 
     Attributes:
@@ -37,9 +38,9 @@ class Prior:
     model_kind = None
     pooled = False  # worth a process pool (GrabCut: about 0.3 s an image)
 
+    @abstractmethod
     def compute(self, image: np.ndarray, ellipse_scale: float) -> np.ndarray:
         """float32 (H, W) map in [0, 1] of a uint8 (H, W, 3) RGB image."""
-        raise NotImplementedError
 
 
 class GrabCutPrior(Prior):
