@@ -59,9 +59,9 @@ def plan_shards(ids: Sequence[str], shard_size: int) -> list[list[str]]:
 
 
 def write_shard(path: Path, ids: Sequence[str], maps: Sequence[np.ndarray], targets: Sequence[int],
-                raw_max: Sequence[float]) -> None:
+                raw_max: Sequence[float], index_file: str = INDEX_FILE) -> None:
     """Pack per-image maps of different sizes into one padded float16 shard (atomic write), and record its
-    size and SHA-256 in the folder's ``_shards.json``."""
+    size and SHA-256 in the folder's ``_shards.json`` (or ``index_file``: a sharded run's own part)."""
     sizes = np.array([m.shape for m in maps], dtype=np.int32).reshape(-1, 2)
     hmax, wmax = (sizes.max(0) if len(maps) else (0, 0))
     packed = np.zeros((len(maps), hmax, wmax), dtype=np.float16)
@@ -69,7 +69,7 @@ def write_shard(path: Path, ids: Sequence[str], maps: Sequence[np.ndarray], targ
         packed[i, : m.shape[0], : m.shape[1]] = np.clip(m, 0.0, 1.0)
     save_npz(path, ids=np.array(list(ids), dtype=str), maps=packed, sizes=sizes,
              targets=np.array(list(targets), dtype=np.int32), raw_max=np.array(list(raw_max), dtype=np.float32))
-    record_shard(path)
+    record_shard(path, index_file)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,10 +85,10 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
 
 
-def load_index(cams_dir: Path) -> dict[str, dict[str, Any]]:
-    """The shard records of ``_shards.json`` (empty when it is missing or unreadable: nothing is recorded)."""
+def load_index(cams_dir: Path, index_file: str = INDEX_FILE) -> dict[str, dict[str, Any]]:
+    """The shard records of ``_shards.json`` (or ``index_file``; empty when it is missing or unreadable)."""
     try:
-        index = read_json(Path(cams_dir) / INDEX_FILE)
+        index = read_json(Path(cams_dir) / index_file)
     except (OSError, ValueError):
         return {}
     if not isinstance(index, dict):
@@ -96,12 +96,13 @@ def load_index(cams_dir: Path) -> dict[str, dict[str, Any]]:
     return {name: rec for name, rec in index.items() if isinstance(rec, dict)}
 
 
-def record_shard(path: Path) -> None:
-    """Record the size and SHA-256 of the shard ``path`` in its folder's ``_shards.json`` (atomic rewrite)."""
+def record_shard(path: Path, index_file: str = INDEX_FILE) -> None:
+    """Record the size and SHA-256 of the shard ``path`` in its folder's ``_shards.json`` (or ``index_file``)
+    (atomic rewrite)."""
     path = Path(path)
-    index = load_index(path.parent)
+    index = load_index(path.parent, index_file)
     index[path.name] = file_record(path)
-    write_json(path.parent / INDEX_FILE, index)
+    write_json(path.parent / index_file, index)
 
 
 def shard_problem(path: Path, record: dict[str, Any] | None) -> str | None:

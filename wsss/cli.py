@@ -35,6 +35,12 @@ ParamsOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N (overrides base.device).")
 ]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option("--shard", help="i/n: do part i (from 0) of n, e.g. one task of a Slurm or Kubernetes job array; "
+                                 "the part that finishes last writes the final outputs. Under torchrun, RANK/WORLD_SIZE "
+                                 "set it."),
+]
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -182,16 +188,20 @@ def make_cams(
     ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = None,
+    shard: ShardOpt = None,
 ) -> None:
     """Extract maps for every trainval pet into cams/<method>_<model>/ (resumable) and score them on val."""
+    from wsss.sharding import resolve
     from wsss.stages import make_cams as stage
+
+    part = resolve(shard)
 
     if model is not None:  # ensemble ignores --model, but a bad name is still refused
         _parse(parse_model, model, "--model")
         if method is not MethodName.ensemble:  # a prior given a model is refused here
             _parse(lambda m: MapVariant.of(method.value, m), model, "--model")
     params, paths = _load(params_path)
-    stage.run(params, paths, method.value, model, device=device)
+    stage.run(params, paths, method.value, model, device=device, shard=part)
 
 
 @app.command("train-unet")
@@ -317,16 +327,19 @@ def make_pseudo(
         bool, typer.Option("--tuned/--no-tuned", help="Use reports/crf/<variant>.yaml when it exists.")
     ] = True,
     params_path: ParamsOpt = Path("params.yaml"),
+    shard: ShardOpt = None,
 ) -> None:
     """Refine every map into a pseudo-mask in masks/<variant>/ (0 bg, 1 pet, 255 ignore); resumable.
 
     Also writes reports/pseudo/<variant>.json: pet IoU / Dice against GT on the trainval images, before and after refinement, beside label-free baselines (GT for reporting only). Parameters come from reports/crf/<variant>.yaml when it exists, else from params.yaml's pseudo section. Uses every CPU core (pseudo.workers: 0).
     """
+    from wsss.sharding import resolve
     from wsss.stages import make_pseudo as stage
 
     _parse(MapVariant.parse, method, "--method")
+    part = resolve(shard)
     params, paths = _load(params_path)
-    stage.run(params, paths, method, use_tuned=tuned)
+    stage.run(params, paths, method, use_tuned=tuned, shard=part)
 
 
 @app.command()
@@ -359,16 +372,19 @@ def predict(
     threshold: Annotated[float, typer.Option(help="Pet probability threshold.")] = 0.5,
     params_path: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = None,
+    shard: ShardOpt = None,
 ) -> None:
     """Predict pet masks for new images: <out>/<stem>_mask.png (0 bg, 1 pet) and <stem>_overlay.png.
 
     Images of any size (jpg, jpeg, png, bmp, gif, webp). A file that cannot be read is reported with the reason and skipped; the command then exits with code 3 after processing the others.
     """
     from wsss.paths import Paths
+    from wsss.sharding import resolve
     from wsss.stages import predict as stage
 
+    part = resolve(shard)
     result = stage.run(images, model, out, device=device, paths=Paths(params_path.resolve().parent),
-                       threshold=threshold)
+                       threshold=threshold, shard=part)
     if not result.ok:
         raise typer.Exit(3)
 

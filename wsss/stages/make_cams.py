@@ -17,6 +17,8 @@ import pandas as pd
 
 from wsss import tracking
 from wsss.cams import (
+    INDEX_FILE,
+    file_record,
     iter_maps,
     load_index,
     load_maps,
@@ -35,12 +37,16 @@ from wsss.evaluation import THRESHOLD_GRID
 from wsss.io import read_json, write_json, write_text
 from wsss.methods.extract import compute_maps, fuse_members, load_method_model
 from wsss.paths import Paths
+from wsss.sharding import ALL, Shard, folder_lock, rank_device
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
 from wsss.variants import ENSEMBLE, IMAGENET, PRIORS, MapVariant
 
 STAGE = "make-cams"
 CURVE_THRESHOLDS = THRESHOLD_GRID
+# A sharded run's own shard records, merged into _shards.json by the part that finishes last.
+PART_INDEX = "_shards.part-{tag}.json"
+PART_GLOB = "_shards.part-*.json"
 # Report keys that score the validation split: logged to MLflow as ``val_<key>``.
 VAL_SCORES = ("iou_mean", "dice_mean", "iou_dataset", "best_iou_mean", "baseline_ellipse_iou", "baseline_whole_iou")
 
@@ -55,8 +61,13 @@ def map_rows(df: pd.DataFrame) -> pd.DataFrame:
     return pets(df, TRAINVAL).sort_values("id")
 
 
-def run(params: Params, paths: Paths, method: str, model: str | None, device: str | None = None) -> dict[str, Any]:
-    """Extract maps of one method (with one model) and report their quality on the validation split."""
+def run(params: Params, paths: Paths, method: str, model: str | None, device: str | None = None,
+        shard: Shard = ALL) -> dict[str, Any]:
+    """Extract maps of one method (with one model) and report their quality on the validation split.
+
+    With ``shard`` ``i/n`` this process computes only part ``i`` of the map shards; the part that finds
+    every shard present writes ``_shards.json``, ``_done.json`` and the report, as one process would.
+    """
     from wsss.methods import METHODS
 
     m = METHODS.get(method)
@@ -73,25 +84,35 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     # Load (and check) the model before touching the output folder: a model whose meta.json does not
     # fit its weights must fail without deleting the maps of a previous configuration.
     loaded = load_method_model(paths, m, model) if m.needs_model and model != str(IMAGENET) else None
-    reset_if_stale(out_dir, fp, paths.cams_root)
+    with folder_lock(paths.cams_root):  # parts of a sharded run reset the folder one at a time
+        reset_if_stale(out_dir, fp, paths.cams_root)
 
     start = time.perf_counter()
     shards = plan_shards(df["id"].tolist(), params.make_cams.shard_size)
-    todo = _shards_to_compute(out_dir, len(shards))
+    index_file = PART_INDEX.format(tag=shard.tag) if shard.sharded else INDEX_FILE
+    todo = _shards_to_compute(out_dir, shard.take_indices(len(shards)), index_file)
+    device = rank_device(device or params.base.device)
+    shard_tags = {"wsss.shard": str(shard)} if shard.sharded else {}
     with tracking.stage_run(STAGE, variant, params, paths, sections=("make_cams",),
-                            extra_tags={"method": method, "model": model or ""}):
+                            extra_tags={"method": method, "model": model or "", **shard_tags}):
         if todo:
             if m.needs_model:
                 n_images = _extract_with_model(params, paths, m, model, df, shards, todo, out_dir, device,
-                                               loaded)
+                                               loaded, index_file)
             elif method in PRIORS:
-                n_images = _compute_prior(params, paths, m, df, shards, todo, out_dir)
+                n_images = _compute_prior(params, paths, m, df, shards, todo, out_dir, index_file)
             else:
-                n_images = _fuse_ensemble(params, paths, shards, todo, out_dir)
+                n_images = _fuse_ensemble(params, paths, shards, todo, out_dir, index_file)
         else:
             n_images = 0
-            console.print(f"{out_dir}: all {len(shards)} shards already done")
+            console.print(f"{out_dir}: all {len(shards)} shards{f' of part {shard}' if shard.sharded else ''} "
+                          "already done")
         seconds = time.perf_counter() - start
+        # Part records (this run's, or those an abandoned sharded run left) become _shards.json.
+        if (shard.sharded or any(out_dir.glob(PART_GLOB))) and not _merge_parts(out_dir, len(shards), shard, fp,
+                                                                                 len(df)):
+            tracking.log_metrics({"n_computed": n_images})
+            return {"shard": str(shard), "merged": False, "n_computed": n_images, "seconds": round(seconds, 2)}
         write_json(out_dir / "_done.json", {"fingerprint": fp, "n_shards": len(shards), "n_images": len(df)})
         report = map_report(paths, out_dir, df, params.make_cams.threshold, params.evaluate.ellipse_scale)
         report.update({"method": method, "model": model, "seconds": round(seconds, 2),
@@ -116,16 +137,18 @@ def run(params: Params, paths: Paths, method: str, model: str | None, device: st
     return report
 
 
-def _shards_to_compute(out_dir: Path, n_shards: int) -> list[int]:
-    """Indices of the shards to (re)compute: missing ones and any whose bytes are not those recorded at write
-    (truncated, overwritten, swapped), each of the latter named on the console.
+def _shards_to_compute(out_dir: Path, mine: list[int], index_file: str = INDEX_FILE) -> list[int]:
+    """Indices among ``mine`` of the shards to (re)compute: missing ones and any whose bytes are not those
+    recorded at write (truncated, overwritten, swapped), each of the latter named on the console.
 
-    ``_done.json`` is not trusted: every existing shard is checked against ``_shards.json``, and one
-    without a record that reads completely is recorded now (see :func:`wsss.cams.shard_problem`).
+    ``_done.json`` is not trusted: every existing shard is checked against ``_shards.json`` (and a sharded
+    run's part records), and one without a record that reads completely is recorded now, in
+    ``index_file`` (see :func:`wsss.cams.shard_problem`).
     """
-    index = load_index(out_dir)
+    index = _all_records(out_dir)
     todo, bad = [], 0
-    for i in range(n_shards):
+    n_shards = len(mine)
+    for i in mine:
         path = shard_path(out_dir, i)
         if not path.exists():
             todo.append(i)
@@ -136,11 +159,51 @@ def _shards_to_compute(out_dir: Path, n_shards: int) -> list[int]:
             todo.append(i)
             bad += 1
         elif path.name not in index:
-            record_shard(path)
+            record_shard(path, index_file)
     if bad or 0 < len(todo) < n_shards:
         console.print(f"{out_dir}: {n_shards - len(todo)} of {n_shards} shards done and verified; computing "
                       f"{len(todo)} ({len(todo) - bad} missing, {bad} damaged)")
     return todo
+
+
+def _all_records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The shard records of ``_shards.json`` and of every sharded part's own records."""
+    index = load_index(out_dir)
+    for part in sorted(out_dir.glob(PART_GLOB)):
+        index.update(load_index(out_dir, part.name))
+    return index
+
+
+def _merge_parts(out_dir: Path, n_shards: int, shard: Shard, fp: str, n_images: int) -> bool:
+    """After part ``shard`` of a sharded run: when every shard is present and matches its record, write
+    ``_shards.json`` (the records one process would have written) and drop the part records. Returns
+    whether this part is the one to finish the run (False: parts are missing, or a peer finished it)."""
+    with folder_lock(out_dir.parent):
+        done = out_dir / "_done.json"
+        if done.exists() and read_json(done).get("fingerprint") == fp:
+            console.print(f"{out_dir}: part {shard} done; another part already merged the run")
+            return False
+        index = _all_records(out_dir)
+        missing = []
+        for i in range(n_shards):
+            path = shard_path(out_dir, i)
+            problem = shard_problem(path, index.get(path.name))
+            if problem:
+                missing.append(f"{path.name} ({problem})")
+            elif path.name not in index:
+                index[path.name] = file_record(path)
+        if missing:
+            console.print(f"{out_dir}: part {shard} done; {len(missing)} of {n_shards} shards not ready yet "
+                          f"(e.g. {missing[0]}): the part that finishes last writes them")
+            return False
+        write_json(out_dir / INDEX_FILE, {shard_path(out_dir, i).name: index[shard_path(out_dir, i).name]
+                                          for i in range(n_shards)})
+        for part in out_dir.glob(PART_GLOB):
+            part.unlink(missing_ok=True)
+        # Stamped inside the lock, so a peer finishing at the same moment sees the run is merged.
+        write_json(done, {"fingerprint": fp, "n_shards": n_shards, "n_images": n_images})
+    console.print(f"{out_dir}: all {n_shards} shards present; part {shard} writes the final outputs")
+    return True
 
 
 def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -> str:
@@ -167,7 +230,7 @@ def _fingerprint(params: Params, method: str, model: str | None, paths: Paths) -
 
 def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: str, df: pd.DataFrame,
                         shards: list[list[str]], todo: list[int], out_dir: Path, device: str | None,
-                        loaded: tuple[Any, Any] | None = None) -> int:
+                        loaded: tuple[Any, Any] | None = None, index_file: str = INDEX_FILE) -> int:
     from wsss.device import precision_from, prepare_model
 
     model, meta = loaded or load_method_model(paths, method, model_name)
@@ -186,12 +249,12 @@ def _extract_with_model(params: Params, paths: Paths, method: Any, model_name: s
                 tgts.append(target)
                 raw_max.append(peak)
                 n_done += 1
-            write_shard(shard_path(out_dir, index), ids, maps, tgts, raw_max)
+            write_shard(shard_path(out_dir, index), ids, maps, tgts, raw_max, index_file)
     return n_done
 
 
 def _compute_prior(params: Params, paths: Paths, prior: Any, df: pd.DataFrame, shards: list[list[str]],
-                   todo: list[int], out_dir: Path) -> int:
+                   todo: list[int], out_dir: Path, index_file: str = INDEX_FILE) -> int:
     """A label-free prior's maps, from the prepared images alone (no model, no label)."""
     from wsss.methods.priors import prior_maps
 
@@ -207,12 +270,13 @@ def _compute_prior(params: Params, paths: Paths, prior: Any, df: pd.DataFrame, s
                 image_id, prob = next(stream)
                 ids.append(image_id)
                 maps.append(prob)
-            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
+            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids), index_file)
             n += len(ids)
     return n
 
 
-def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path) -> int:
+def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: list[int], out_dir: Path,
+                   index_file: str = INDEX_FILE) -> int:
     cfg = params.make_cams
     variants, weights = ensemble_members(cfg, paths.ensemble_weights)
     wanted = {i for index in todo for i in shards[index]}
@@ -230,7 +294,7 @@ def _fuse_ensemble(params: Params, paths: Paths, shards: list[list[str]], todo: 
             for image_id in ids:
                 maps.append(fuse_members(members, image_id, weights, cfg.ensemble_fusion, sources))
                 advance(1)
-            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids))
+            write_shard(shard_path(out_dir, index), ids, maps, [-1] * len(ids), [1.0] * len(ids), index_file)
             n += len(ids)
     return n
 

@@ -39,15 +39,19 @@ from wsss.evaluation import SegMeter
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
 from wsss.pseudo import effective_config, plain_threshold_config
+from wsss.sharding import ALL, Shard, folder_lock, local_workers
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
 
 STAGE = "make-pseudo"
 FINGERPRINT_FILE = "_fingerprint.json"
 DONE_FILE = "_done.json"
+# A sharded run's part stamps (``{"fingerprint", "n_refined"}``), removed by the part that finishes last.
+PART_FILE = "_part-{tag}.json"
+PART_GLOB = "_part-*.json"
 
 
-def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> dict[str, Any]:
+def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True, shard: Shard = ALL) -> dict[str, Any]:
     """Write the pseudo-masks of one map variant (resumable) and their report.
 
     Args:
@@ -55,6 +59,8 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         paths: project paths.
         variant: map variant under ``cams/`` (e.g. ``cam_classifier-species``).
         use_tuned: prefer ``reports/crf/<variant>.yaml`` over params.yaml when it exists.
+        shard: refine only this part of the images (sorted by id); the part that finds every mask present
+            writes ``_done.json`` and the report, as one process would.
 
     Returns:
         The report written to ``reports/pseudo/<variant>.json``.
@@ -78,13 +84,16 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
         raise DataError(f"{cams_dir}: no map of a trainval image")
     out_dir = paths.masks_dir(variant)
     fp = _fingerprint(cfg, cams_dir, paths)
-    reset_if_stale(out_dir, fp, paths.masks_root)
-    todo = [i for i in ids if not _mask_done(out_dir, i)]
+    with folder_lock(paths.masks_root):  # parts of a sharded run reset the folder one at a time
+        reset_if_stale(out_dir, fp, paths.masks_root)
+    todo = [i for i in shard.take(ids) if not _mask_done(out_dir, i)]
+    workers = local_workers(cfg.workers) if shard.sharded else cfg.workers
 
     start = time.perf_counter()
     run_params = dataclasses.replace(params, pseudo=cfg)  # log what is actually used
     with tracking.stage_run(STAGE, variant, run_params, paths, sections=("pseudo",),
-                            extra_tags={"pseudo.source": source}):
+                            extra_tags={"pseudo.source": source,
+                                        **({"wsss.shard": str(shard)} if shard.sharded else {})}):
         if todo:
             queue: deque[str] = deque()
 
@@ -95,11 +104,19 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
                     yield image, prob
 
             with task(f"{STAGE} {variant} ({cfg.refiner})", len(todo)) as advance:
-                for mask in refine_many(pairs(), cfg, cfg.workers, progress=advance):
+                for mask in refine_many(pairs(), cfg, workers, progress=advance):
                     save_png(out_dir / f"{queue.popleft()}.png", mask)
         else:
             console.print(f"{out_dir}: all {len(ids)} masks already done")
         seconds = time.perf_counter() - start
+        n_refined = len(todo)
+        if shard.sharded or any(out_dir.glob(PART_GLOB)):
+            merged = _merge_parts(out_dir, ids, shard, fp, n_refined, {"fingerprint": fp, "n_images": len(ids),
+                                                                         "source": source})
+            if merged is None:
+                tracking.log_metrics({"n_refined": n_refined})
+                return {"shard": str(shard), "merged": False, "n_refined": n_refined, "seconds": round(seconds, 2)}
+            n_refined = merged
         write_json(out_dir / DONE_FILE, {"fingerprint": fp, "n_images": len(ids), "source": source})
 
         report = score_masks(paths, df, cams_dir, out_dir, cfg, set(ids), params.evaluate.ellipse_scale)
@@ -108,7 +125,7 @@ def run(params: Params, paths: Paths, variant: str, use_tuned: bool = True) -> d
             "params_source": source,
             "config": to_dict(cfg),
             "n_masks": len(ids),
-            "n_refined": len(todo),
+            "n_refined": n_refined,
             "seconds": round(seconds, 2),
             "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
         })
@@ -165,6 +182,35 @@ def _fingerprint(cfg: PseudoConfig, cams_dir: Path, paths: Paths) -> str:
                 h.update(block)
     h.update(tracking.data_hash(paths).encode())
     return h.hexdigest()
+
+
+def _merge_parts(out_dir: Path, ids: list[str], shard: Shard, fp: str, n_refined: int,
+                 done: dict[str, Any]) -> int | None:
+    """After part ``shard`` of a sharded run: stamp this part; when every image has its mask, drop the part
+    stamps and write ``done`` as ``_done.json``. Returns the masks refined by all parts, or None when this
+    part does not finish the run (masks missing, or a peer finished it)."""
+    with folder_lock(out_dir.parent):
+        done_path = out_dir / DONE_FILE
+        if done_path.exists() and read_json(done_path).get("fingerprint") == fp:
+            console.print(f"{out_dir}: part {shard} done; another part already merged the run")
+            return None
+        if shard.sharded:
+            write_json(out_dir / PART_FILE.format(tag=shard.tag), {"fingerprint": fp, "n_refined": n_refined})
+        missing = [i for i in ids if not _mask_done(out_dir, i)]
+        if missing:
+            console.print(f"{out_dir}: part {shard} done; {len(missing)} of {len(ids)} masks not ready yet "
+                          f"(e.g. {missing[0]}): the part that finishes last writes them")
+            return None
+        total = 0 if shard.sharded else n_refined
+        for part in sorted(out_dir.glob(PART_GLOB)):
+            stamp = read_json(part)
+            if isinstance(stamp, dict) and stamp.get("fingerprint") == fp:
+                total += int(stamp.get("n_refined") or 0)
+            part.unlink()
+        # Stamped inside the lock, so a peer finishing at the same moment sees the run is merged.
+        write_json(done_path, done)
+    console.print(f"{out_dir}: all {len(ids)} masks present; part {shard} writes the final outputs")
+    return total
 
 
 def _mask_done(out_dir: Path, image_id: str) -> bool:

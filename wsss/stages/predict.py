@@ -12,6 +12,11 @@ output came from: ``{"predicted": {input: {"mask": name, "overlay": name}}, "fai
 (inputs as given, output names relative to ``<out>``). Inputs that cannot be read, including symlink
 loops, are failures with a reason; the rest is processed.
 
+Sharded (``--shard i/n`` or ``torchrun``'s ranks): every part collects the same inputs and names outputs
+alike, predicts its own contiguous block of them and records it in ``<out>/.index.part-<i>-of-<n>.json``;
+the part that finds all ``n`` records of the same inputs, model and threshold writes ``index.json`` (the
+bytes one process writes) and removes the records.
+
 The model is a ``models/unet-*`` folder (``model.pt`` + ``meta.json``), an MLflow model folder (with an
 ``MLmodel`` file) or an MLflow model URI such as ``models:/wsss-unet@champion``. Nothing is unpickled:
 MLflow U-Nets are safetensors weights + JSON metadata (docs/artefacts.md#mlflow-model), checked before
@@ -21,6 +26,8 @@ use; an old pickle-format MLflow model is refused with a message to retrain / re
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +37,13 @@ import numpy as np
 
 from wsss.errors import ConfigError, DataError
 from wsss.paths import Paths
+from wsss.sharding import ALL, Shard, folder_lock, rank_device
 from wsss.ui import console, task
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 INDEX_NAME = "index.json"
+PART_INDEX = ".index.part-{tag}.json"
+PART_GLOB = ".index.part-*.json"
 
 
 @dataclass
@@ -163,8 +173,41 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
     return model, int(meta["input_size"]), f"{spec} (masks {meta.get('masks') or '?'})"
 
 
+def _run_fingerprint(images: Sequence[Path], failures: Sequence[tuple[Path, str]], model: str, threshold: float,
+                     count: int) -> str:
+    """What the parts of one sharded run agree on: the inputs (in order), the model, the threshold, ``n``."""
+    key = [[str(p) for p in images], [[str(p), r] for p, r in failures], model, threshold, count]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()
+
+
+def _merge_parts(out: Path, shard: Shard, fp: str, index: dict[str, Any],
+                 failures: Sequence[tuple[Path, str]]) -> dict[str, Any] | None:
+    """Record part ``shard``'s index; when all parts of this run are recorded, remove the records and return the
+    whole run's index (None until then)."""
+    from wsss.io import read_json, write_json
+
+    with folder_lock(out):
+        write_json(out / PART_INDEX.format(tag=shard.tag), {"fingerprint": fp, **index})
+        parts = {}
+        for path in sorted(out.glob(PART_GLOB)):
+            try:
+                record = read_json(path)
+            except DataError:
+                continue  # another run's damaged record: not part of this one
+            if isinstance(record, dict) and record.get("fingerprint") == fp:
+                parts[path] = record
+        if len(parts) < shard.count:
+            return None
+        merged: dict[str, Any] = {"predicted": {}, "failed": {str(p): r for p, r in failures}}
+        for path, record in parts.items():
+            merged["predicted"].update(record["predicted"])
+            merged["failed"].update(record["failed"])
+            path.unlink()
+    return merged
+
+
 def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,
-        threshold: float = 0.5) -> PredictResult:
+        threshold: float = 0.5, shard: Shard = ALL) -> PredictResult:
     """Predict a mask and an overlay for every image; a bad file is reported and skipped.
 
     Args:
@@ -174,6 +217,8 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         paths: the project (for the MLflow tracking store of a URI).
         threshold: pet probability at or above which a pixel is pet.
+        shard: predict only this part of the images; the part that finishes last writes ``index.json``
+            (its result covers every part; another part's covers its own images).
 
     Raises:
         DataError: no input at all, or the model cannot be loaded.
@@ -192,7 +237,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     images, failures = collect_images(inputs, exclude=out)
     if not images and not failures:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
-    prec = precision_from(device)
+    prec = precision_from(rank_device(device or "auto"))
     net, size, desc = load_predictor(model, paths)
     net = prepare_model(net, prec)
     console.print(f"model {desc}, input {size}px, device {prec.device}")
@@ -200,8 +245,11 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     stems = output_stems(images)
     (out / INDEX_NAME).unlink(missing_ok=True)  # a stale index must not describe this run's outputs
     predicted: dict[str, dict[str, str]] = {}
-    with task("predict", len(images)) as advance:
-        for path in images:
+    mine = shard.take(images)
+    if shard.sharded:
+        result.failures = []  # inputs that were never images: reported once, by the part that merges
+    with task("predict" + (f" part {shard}" if shard.sharded else ""), len(mine)) as advance:
+        for path in mine:
             try:
                 image = read_rgb(path)
                 prob = predict_probs(net, [image], size, prec)[0]
@@ -221,7 +269,18 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
             result.masks.append(dest)
             predicted[str(path)] = {"mask": dest.name, "overlay": overlay.name}
             advance(1, info=path.name)
-    write_json(out / INDEX_NAME, {"predicted": predicted, "failed": {str(p): r for p, r in result.failures}})
+    index = {"predicted": predicted, "failed": {str(p): r for p, r in result.failures}}
+    if shard.sharded:
+        fp = _run_fingerprint(images, failures, model, threshold, shard.count)
+        merged = _merge_parts(out, shard, fp, index, failures)
+        if merged is None:
+            console.print(f"part {shard}: {len(result.masks)} of {len(mine)} images predicted -> {out}; the last "
+                          "part to finish writes index.json", highlight=False)
+            return result
+        index = merged
+        result = PredictResult(masks=[out / v["mask"] for _, v in sorted(index["predicted"].items())],
+                               failures=[(Path(p), r) for p, r in index["failed"].items()])
+    write_json(out / INDEX_NAME, index)
     for path, reason in result.failures:
         console.print(f"[bold red]error:[/] {path}: {reason}", highlight=False, soft_wrap=True)
     total = len(result.masks) + len(result.failures)
