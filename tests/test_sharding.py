@@ -266,3 +266,40 @@ def test_predict_two_shards_and_torchrun_equal_one_process(tmp_path: Path) -> No
     assert ("part 0/2: 2 of 3 images predicted" in said) != ("part 1/2: 4 of 4 images predicted" in said), said
     for root in (two, tr):
         assert _tree(one / "out") == _tree(root / "out"), root  # hidden part records are gone too
+
+
+# --------------------------------------------------------------------------------------------------
+# fast, in one process: the merge logic of make-pseudo, with a part that stopped half-way
+
+
+def test_make_pseudo_parts_merge_and_a_stopped_part_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsss.config import load_params
+    from wsss.paths import Paths
+    from wsss.stages import make_pseudo
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.as_posix()}/mlruns/mlflow.db")
+    base = tmp_path / "base"
+    build_project(base)
+    one, two = _copies(base, "one", "two")
+    params = load_params(one / "params.yaml")
+    make_pseudo.run(params, Paths(one), VARIANT)
+
+    paths = Paths(two)
+    masks = paths.masks_dir(VARIANT)
+    first = make_pseudo.run(params, paths, VARIANT, shard=Shard(1, 2))
+    assert first == {"shard": "1/2", "merged": False, "n_refined": 7, "seconds": first["seconds"]}
+    assert not (masks / "_done.json").exists() and not paths.pseudo_report(VARIANT).exists()
+    assert (masks / "_part-00001-of-00002.json").exists()
+    # As if part 0 had been killed before two of its masks (and its stamp) were written: its rerun does those.
+    make_pseudo.run(params, paths, VARIANT, shard=Shard(0, 2))
+    for name in ("train_00.png", "train_03.png"):
+        (masks / name).unlink()
+    (masks / "_done.json").unlink()
+    paths.pseudo_report(VARIANT).unlink()
+    report = make_pseudo.run(params, paths, VARIANT, shard=Shard(0, 2))
+    assert report["n_refined"] == 2 and report["n_masks"] == 14
+    assert not list(masks.glob("_part-*"))
+    assert _tree(one / "masks") == _tree(two / "masks")
+    expected = _report(one / f"reports/pseudo/{VARIANT}.json")
+    expected["n_refined"] = 2  # a resumed run counts what it refined, as one process's resume does
+    assert _report(two / f"reports/pseudo/{VARIANT}.json") == expected
