@@ -153,10 +153,10 @@ def _cams_project(root: Path) -> None:
     from wsss.training.checkpoint import save_model
 
     build_project(root, {"pseudo": {"workers": 1},
-                         "make_cams": {"shard_size": 2, "batch_size": 2, "scales": [1.0], "flip": False}})
+                         "make_cams": {"shard_size": 2, "batch_size": 1, "scales": [1.0], "flip": False}})
     shutil.rmtree(root / "cams")
     meta = {"kind": "classifier", "arch": "resnet18", "num_classes": 2, "labels": "species", "bg": False,
-            "classes": ["cat", "dog"], "input_size": 32, "weights": "none", "best_epoch": 0}
+            "classes": ["cat", "dog"], "input_size": 64, "weights": "none", "best_epoch": 0}
     import torch
 
     torch.manual_seed(0)
