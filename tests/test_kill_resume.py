@@ -388,6 +388,28 @@ def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "meta.json").read_text()) == {"a": 1}
 
 
+def test_temp_files_of_another_host_are_never_swept(tmp_path: Path) -> None:
+    """Parts of a sharded run on several nodes share a folder: a pid from another host says nothing here."""
+    import subprocess
+    import sys
+
+    from wsss import io
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)
+    ours = tmp_path / f".a.png.{pid}@{io._HOST_TAG}.abcd1234.tmp"
+    theirs = tmp_path / f".a.png.{pid}@other-node-7.efgh5678.tmp"
+    for p in (ours, theirs):
+        p.write_bytes(b"x")
+    io.write_json(tmp_path / "meta.json", {"a": 1})
+    assert not ours.exists() and theirs.exists()
+    written = io.atomic_path(tmp_path / "b.json")
+    with written as tmp:
+        assert f"@{io._HOST_TAG}." in tmp.name
+        tmp.write_text("{}")
+
+
 # --------------------------------------------------------------------------------------------------
 # slow sweep: every stage, random kill moments
 

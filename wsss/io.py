@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,8 @@ os.umask(_UMASK)
 
 
 _TMP_SUFFIX = ".tmp"
+# This host in temporary-file names (dots would break their parsing; '@' separates it from the pid).
+_HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 _swept: set[str] = set()
 
 
@@ -42,8 +46,6 @@ def pid_alive(pid: int) -> bool:
 
 def process_gone(host: str | None, pid: str | int | None) -> bool:
     """True only when ``pid`` (as recorded with ``host``) ran on this host and no such process exists any more."""
-    import socket
-
     text = str(pid if pid is not None else "")
     return host == socket.gethostname() and text.isdigit() and not pid_alive(int(text))
 
@@ -93,8 +95,9 @@ def remove_tree(path: str | Path, owner_root: str | Path, ignore_errors: bool = 
 def sweep_stale_temps(folder: str | Path) -> list[Path]:
     """Remove temporary files that killed writers left in ``folder``; returns what was removed.
 
-    Temporary files are named ``.<dest name>.<pid>.<random>.tmp``; one whose writer process no longer
-    exists can never be completed. (They are hidden, so never mistaken for an artefact, but DVC would
+    Temporary files are named ``.<dest name>.<pid>@<host>.<random>.tmp``; one written on this host whose
+    writer process no longer exists can never be completed. Another host's are left alone: their writer's pid
+    means nothing here (parts of a sharded run on several nodes share one output folder). (They are hidden, so never mistaken for an artefact, but DVC would
     still hash them into a folder output, and a killed model save can leave hundreds of MB.)
     """
     removed: list[Path] = []
@@ -107,9 +110,12 @@ def sweep_stale_temps(folder: str | Path) -> list[Path]:
         if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
             continue
         parts = name[: -len(_TMP_SUFFIX)].rsplit(".", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
+        if len(parts) != 3:
             continue
-        pid = int(parts[1])
+        pid_text, _, host = parts[1].partition("@")
+        if not pid_text.isdigit() or (host and host != _HOST_TAG):
+            continue
+        pid = int(pid_text)
         if pid == os.getpid() or pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
@@ -131,7 +137,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     if folder not in _swept:
         sweep_stale_temps(folder)
         _swept.add(folder)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}@{_HOST_TAG}.", suffix=_TMP_SUFFIX, dir=dest.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artefacts get the usual permissions
     tmp_path = Path(tmp)
