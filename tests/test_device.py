@@ -51,9 +51,21 @@ def test_precision_on_cpu_follows_bf16_support(monkeypatch: pytest.MonkeyPatch, 
     assert dev.grad_scaler(p) is None
 
 
-def test_precision_cuda_and_disabled() -> None:
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled")  # no CUDA here
+@pytest.mark.parametrize(("bf16", "expected"), [(True, (torch.bfloat16, True, False)),
+                                                 (False, (torch.float16, True, True))])
+def test_precision_cuda_follows_bf16_support(monkeypatch: pytest.MonkeyPatch, bf16: bool, expected: tuple) -> None:
+    asked: list[bool] = []
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     p = dev.precision_for(torch.device("cuda"))
-    assert (p.autocast_dtype, p.channels_last, p.use_grad_scaler) == (torch.float16, True, True)
+    assert (p.autocast_dtype, p.channels_last, p.use_grad_scaler) == expected
+    assert asked == [False]  # emulated bf16 (pre-Ampere) is slower than fp16: it does not count
+    assert (dev.grad_scaler(p) is not None) is (not bf16)
     off = dev.precision_for(torch.device("cuda"), enabled=False)
     assert (off.autocast_dtype, off.channels_last, off.use_grad_scaler) == (None, False, False)
 

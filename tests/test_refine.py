@@ -261,8 +261,25 @@ def test_refine_many_early_close():
     pairs = [scene(n=16, seed=s)[:2] for s in range(40)]
     gen = RF.refine_many(pairs, cfg_for("grabcut"), workers=2)
     first = next(gen)
-    gen.close()  # a pruned trial stops reading: the pool must shut down without running the rest
+    gen.close()  # a pruned trial stops reading: its queued chunks are cancelled, the pool stays for the next
     np.testing.assert_array_equal(first, RF.refine(*pairs[0], cfg_for("grabcut")))
+    again = list(RF.refine_many(pairs[:8], cfg_for("grabcut", confident=True), workers=2))
+    for (i, m), o in zip(pairs[:8], again, strict=True):  # another configuration on the same pool
+        np.testing.assert_array_equal(o, RF.refine(i, m, cfg_for("grabcut", confident=True)))
+
+
+def test_refine_many_reuses_its_pool_until_shut_down() -> None:
+    pairs = [scene(n=16, seed=s)[:2] for s in range(8)]
+    RF.shutdown_pool()
+    list(RF.refine_many(pairs, cfg_for("grabcut"), workers=2))
+    pool = RF._POOL
+    assert pool is not None
+    list(RF.refine_many(pairs, cfg_for("grabcut"), workers=2))
+    assert RF._POOL is pool  # the second call started no workers
+    list(RF.refine_many(pairs, cfg_for("grabcut"), workers=3))
+    assert RF._POOL is not pool  # another size: a new pool
+    RF.shutdown_pool()
+    assert RF._POOL is None
 
 
 def test_grabcut_border_band_is_certain_background_whatever_the_map() -> None:

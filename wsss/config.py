@@ -53,6 +53,10 @@ class BaseConfig:
     # Background-only images (Stanford Background `images/` layout). For `synthetic`: generated.
     background_root: str | None = "data/raw/synthetic/background"
     device: str = "auto"
+    # torch.compile the models of the training stages and of map extraction (wsss.device.compile_model).
+    # Off by default: on 2 CPU cores its compile time outweighs what it saves at the embedded default's size
+    # (benchmarks/speed.py measures both).
+    compile: bool = False
     num_workers: int = _f(0, 0, 64)
     # MLflow experiment name; empty means "wsss-<dataset>".
     experiment: str = ""

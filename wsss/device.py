@@ -1,7 +1,8 @@
 """Device selection, mixed precision and seeding, so every training and inference stage behaves alike.
 
-CUDA runs fp16 autocast with a ``GradScaler``; a CPU with native bfloat16 (AVX512-BF16 or AMX) runs bf16
-autocast; anything else runs plain fp32. Convolutional models use channels-last memory whenever autocast
+A GPU with native bfloat16 (Ampere, Hopper and later) runs bf16 autocast, which has fp32's exponent range and
+so needs no ``GradScaler``; an older GPU runs fp16 autocast with a ``GradScaler``; a CPU with native bfloat16
+(AVX512-BF16 or AMX) runs bf16 autocast; anything else runs plain fp32. Convolutional models use channels-last memory whenever autocast
 is on, which is what the fast oneDNN / cuDNN kernels expect.
 """
 
@@ -76,6 +77,17 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` computes bfloat16 natively (compute capability 8.0+, or ROCm).
+
+    Emulated bf16 (older GPUs) does not count: it is slower than fp16 there.
+    """
+    if device.index is None:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How tensors and models are placed and which autocast dtype (if any) is used."""
@@ -93,10 +105,12 @@ def precision_for(device: torch.device, enabled: bool = True) -> Precision:
         device: where the model runs.
         enabled: ``False`` forces plain fp32 (useful to debug numerical problems).
     """
+    # bf16 has fp32's exponent range, so no loss scaling is needed; fp16 underflows without it.
     if enabled and device.type == "cuda":
+        if cuda_supports_bf16(device):
+            return Precision(device, torch.bfloat16, channels_last=True, use_grad_scaler=False)
         return Precision(device, torch.float16, channels_last=True, use_grad_scaler=True)
     if enabled and device.type == "cpu" and cpu_supports_bf16():
-        # bf16 has fp32's exponent range, so no loss scaling is needed.
         return Precision(device, torch.bfloat16, channels_last=True, use_grad_scaler=False)
     return Precision(device, None, channels_last=False, use_grad_scaler=False)
 
@@ -143,3 +157,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def compile_model(model: nn.Module, enabled: bool, inference: bool = False) -> nn.Module:
+    """``torch.compile`` ``model`` in place when ``enabled`` (``base.compile``); returns the same module.
+
+    The trunk (``model.backbone`` where there is one, else the whole model) is compiled through
+    :meth:`nn.Module.compile`, so the module keeps its class, its methods (``cam``, ``forward_maps``) and
+    its ``state_dict`` keys: checkpoints and saved models are the same as without compiling. Calling it
+    again on a compiled module does nothing.
+
+    Args:
+        model: a prepared model (:func:`prepare_model`).
+        enabled: ``params.base.compile``.
+        inference: the weights stay fixed (map extraction): inductor may then fold them into the graph
+            ("freezing"), which lets oneDNN pre-pack the convolution weights.
+    """
+    if not enabled:
+        return model
+    trunk = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
+    if getattr(trunk, "_compiled_call_impl", None) is None:
+        trunk.compile(options={"freezing": True} if inference else None)
+    return model

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -309,19 +310,49 @@ def refine(image: np.ndarray, prob: np.ndarray, cfg: PseudoConfig) -> np.ndarray
 # batch processing
 
 
+# The worker's refiner, rebuilt only when a chunk brings another configuration (a new Optuna trial).
 _WORKER_REFINER: Refiner | None = None
 
 
-def _init_worker(cfg: PseudoConfig) -> None:
-    global _WORKER_REFINER
+def _init_worker() -> None:
     # One OpenCV thread per process: the pool already uses every core.
     cv2.setNumThreads(1)
-    _WORKER_REFINER = Refiner(cfg)
 
 
-def _work(chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    assert _WORKER_REFINER is not None
+def _work(cfg: PseudoConfig, chunk: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    global _WORKER_REFINER
+    if _WORKER_REFINER is None or _WORKER_REFINER.cfg != cfg:
+        _WORKER_REFINER = Refiner(cfg)
     return [_WORKER_REFINER(image, prob) for image, prob in chunk]
+
+
+# One pool per process, kept between calls: starting workers costs about as much as refining a few
+# images, and `tune crf` refines chunk after chunk for every trial. Keyed by (workers, start method).
+_POOL: tuple[tuple[int, str], cf.ProcessPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _shared_pool(n_workers: int) -> cf.ProcessPoolExecutor:
+    """The process's refinement pool of ``n_workers`` workers (started on first use, then reused)."""
+    global _POOL
+    ctx = parallel.process_context(preload=(__name__,))
+    key = (n_workers, ctx.get_start_method())
+    with _POOL_LOCK:
+        if _POOL is not None and (_POOL[0] != key or _POOL[1]._broken):  # noqa: SLF001 (no public flag)
+            _POOL[1].shutdown(wait=False, cancel_futures=True)
+            _POOL = None
+        if _POOL is None:
+            _POOL = (key, cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx, initializer=_init_worker))
+        return _POOL[1]
+
+
+def shutdown_pool() -> None:
+    """Stop the shared refinement pool's workers (a later call starts a new pool)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=True, cancel_futures=True)
+            _POOL = None
 
 
 def refine_many(
@@ -393,19 +424,19 @@ def _pooled(
     # Small chunks keep the cores evenly loaded (a CRF costs ~80 ms at 320x240) and pickling is cheap.
     chunks = _chunks(pairs, 2)
     max_in_flight = 4 * n_workers
-    pool = cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=parallel.process_context(preload=(__name__,)),
-                                  initializer=_init_worker, initargs=(cfg,))
+    pool = _shared_pool(n_workers)
+    pending: deque[cf.Future[list[np.ndarray]]] = deque()
     try:
-        pending: deque[cf.Future[list[np.ndarray]]] = deque()
         for chunk in chunks:
-            pending.append(pool.submit(_work, chunk))
+            pending.append(pool.submit(_work, cfg, chunk))
             if len(pending) >= max_in_flight:
                 yield from _collect(pending.popleft(), progress)
         while pending:
             yield from _collect(pending.popleft(), progress)
     finally:
-        # A consumer that stops early (or an error) should not wait for the queued chunks.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # A consumer that stops early (or an error) does not wait for its queued chunks; the pool stays.
+        for future in pending:
+            future.cancel()
 
 
 def _collect(future: cf.Future[list[np.ndarray]], progress: Callable[[int], None] | None) -> Iterator[np.ndarray]:
@@ -416,4 +447,4 @@ def _collect(future: cf.Future[list[np.ndarray]], progress: Callable[[int], None
 
 
 __all__ = ["REGISTRY", "Refiner", "RefinerRegistry", "RefinerSpec", "Suggest", "UnknownRefinerError", "refine",
-           "refine_many"]
+           "refine_many", "shutdown_pool"]
