@@ -106,3 +106,38 @@ def test_seed_everything_reproducible() -> None:
     assert draw() == a
     dev.seed_everything(124)
     assert draw() != a
+
+
+class _WithTrunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(x).mean(dim=(2, 3)))
+
+
+def test_compile_model_off_leaves_the_model_alone() -> None:
+    model = _WithTrunk()
+    assert dev.compile_model(model, enabled=False) is model
+    assert model.backbone._compiled_call_impl is None
+
+
+@pytest.mark.slow  # inductor builds C++ kernels: ~12 s of CPU for both cases
+@pytest.mark.parametrize("inference", [False, True])
+def test_compile_model_compiles_the_trunk_in_place(inference: bool) -> None:
+    torch.manual_seed(0)
+    model = _WithTrunk().eval()
+    x = torch.rand(2, 3, 8, 8)
+    keys = list(model.state_dict())
+    with torch.inference_mode():
+        eager = model(x)
+    assert dev.compile_model(model, enabled=True, inference=inference) is model
+    compiled_call = model.backbone._compiled_call_impl
+    assert compiled_call is not None and model._compiled_call_impl is None  # the trunk, not the head
+    dev.compile_model(model, enabled=True, inference=inference)
+    assert model.backbone._compiled_call_impl is compiled_call  # a second call does nothing
+    assert list(model.state_dict()) == keys  # checkpoints and saved models keep their keys
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), eager)

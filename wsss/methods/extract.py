@@ -46,8 +46,9 @@ def compute_maps(params: Params, paths: Paths, method: Any, model: nn.Module, me
     """
     from wsss.data.datasets import InferenceDataset, image_label
     from wsss.data.loaders import loader
-    from wsss.device import autocast, to_device
+    from wsss.device import autocast, compile_model, to_device
 
+    compile_model(model, params.base.compile, inference=True)
     cfg = params.make_cams
     rows = rows.reset_index(drop=True)
     targets = None

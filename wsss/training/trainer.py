@@ -207,8 +207,10 @@ class Trainer:
         scheduler is stepped by :meth:`step` rather than once per epoch. :attr:`optimizer_steps` counts
         the steps taken, across a resume.
         """
+        from wsss.device import compile_model
         from wsss.training import loop
 
+        compile_model(model, self.params.base.compile)  # in place: the stage's closures step the same module
         is_main, state = self.ctx.is_main, self.state
 
         def epoch_with_samplers(epoch: int) -> Metrics:
