@@ -22,30 +22,50 @@ from wsss.config import params_from_dict  # noqa: E402
 
 
 def test_speed_pieces_on_tiny_sizes() -> None:
-    cam = speed.bench_cam("resnet18", 32, 2, 2, (1.0,))
-    train = speed.bench_training("resnet18", 32, 2, steps=1, warmup=0)
+    cam = speed.bench_cam("resnet18", 32, 2, 2, (1.0,), repeats=2, compile=False)
+    train = speed.bench_training("resnet18", 32, 2, steps=1, warmup=0, repeats=2)
     for row in (cam, train):
         assert row["ours_images_per_s"] > 0 and row["plain_images_per_s"] > 0 and row["ratio"] > 0
+        assert len(row["ours_images_per_s_runs"]) == len(row["plain_images_per_s_runs"]) == 2
     assert train["precision"] in ("bfloat16", "fp32")
+    assert cam["flops_per_image"] > 0 and "compiled_over_eager" not in cam
     cam["setting"] = train["setting"] = "tiny"
     result = {"machine": speed.machine_info(), "quick": True, "repro": None,
+              "ceiling": {"n": 64, "dtype": "bfloat16", "tflops": 1.0},
               "rows": {"cam": cam, "classifier_training": train}}
     md = speed.to_markdown(result)
-    assert "| CAM extraction (images/s) | tiny |" in md and "≥ 2.5x" in md
+    assert "| CAM extraction (images/s) | tiny |" in md and "≥ 2.5x" in md and "% of the ceiling" in md
+    share = speed.extraction_share(result)
+    assert share is not None
+    assert share["tflops"] == pytest.approx(cam["ours_images_per_s"] * cam["flops_per_image"] / 1e12)
+
+
+def test_speed_median_ratio_pairs_adjacent_repeats() -> None:
+    # The load doubled between the pairs: the ratio of each pair is 2, whatever the absolute rates.
+    assert speed.median_ratio([10.0, 5.0, 10.0], [5.0, 2.5, 5.0]) == 2.0
+    assert speed.median_ratio([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+
+
+def test_speed_ceiling_is_a_bf16_product() -> None:
+    c = speed.bench_ceiling(64, 2)
+    assert c["n"] == 64 and c["dtype"] == "bfloat16" and c["tflops"] > 0
 
 
 @pytest.mark.slow
 def test_speed_quick_writes_json_and_markdown(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
-    result = speed.main(["--quick", "--skip-repro", "--out", str(out)])
+    result = speed.main(["--quick", "--repeats", "2", "--out", str(out)])
     data = json.loads(out.read_text())
     assert set(data["rows"]) == {"cam", "classifier_training", "crf_pool"}
     for row in data["rows"].values():
         assert row["ours_images_per_s"] > 0 and row["plain_images_per_s"] > 0 and row["ratio"] > 0
     assert data["rows"]["crf_pool"]["pool_equals_serial"] is True
+    cam = data["rows"]["cam"]
+    assert cam["compiled"] and cam["compiled_over_eager"] > 0 and cam["max_abs_diff_vs_eager"] < 0.1
+    assert 0 < data["extraction_share"]["fraction_of_ceiling"]
     assert data["repro"] is None and data["machine"]["torch_threads"] >= 1
     md = out.with_suffix(".md").read_text()
-    assert "CAM extraction" in md and "skipped (--skip-repro)" in md
+    assert "CAM extraction" in md and "not run (`--repro` runs it)" in md and "`torch.compile` gain" in md
     assert result["verdicts"]["classifier_training"] == "report"
 
 
