@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from wsss.config import CamsConfig
-from wsss.device import autocast, cpu_supports_bf16, precision_for, prepare_model, to_device
+from wsss.device import autocast, compile_model, cpu_supports_bf16, precision_for, prepare_model, to_device
 from wsss.methods import METHODS
 from wsss.models.classifier import Classifier
 
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--scales", default="1.0", help="comma-separated, e.g. 0.5,1,1.5,2")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the batched path (base.compile: true)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cam_speed.json"))
     args = ap.parse_args()
 
@@ -60,7 +61,8 @@ def main() -> None:
     prec = precision_for(torch.device("cpu"))
     fast = prepare_model(Classifier(args.arch, 2).eval(), prec)
     fast.load_state_dict(fp32.state_dict())
-    # Warm-up: first calls build kernels.
+    compile_model(fast, args.compile, inference=True)
+    # Warm-up: first calls build kernels (and compile).
     plain_loop(fp32, images[:2], cfg)
     batched(fast, images[: args.batch_size], cfg, prec)
     ours, plain = batched(fast, images, cfg, prec), plain_loop(fp32, images, cfg)
@@ -70,7 +72,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "bf16": cpu_supports_bf16(),
         "arch": args.arch, "size": args.size, "images": args.images, "scales": list(cfg.scales),
-        "flip": True, "batch_size": args.batch_size,
+        "flip": True, "batch_size": args.batch_size, "compiled": args.compile,
         "ours_images_per_s": ours, "plain_images_per_s": plain, "speedup": ours / plain,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -364,7 +364,8 @@ def refine_many(
     """Refine many (image, map) pairs, in a process pool when it pays; results come in input order.
 
     The output equals serial :func:`refine` pixel for pixel. Items are read lazily and at most a few chunks
-    per worker are in flight, so memory stays bounded on long inputs. The ``none`` refiner, ``workers == 1``
+    per worker are in flight, so memory stays bounded on long inputs. The pool is the process's shared one
+    (started on first use and kept for later calls, whatever their ``cfg``; :func:`shutdown_pool` stops it). The ``none`` refiner, ``workers == 1``
     and inputs of fewer than 8 items run serially.
 
     Args:
