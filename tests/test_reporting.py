@@ -240,3 +240,29 @@ def test_priors_section_and_label_free_unet_row() -> None:
     row = markdown_table(ens, "## Ensemble of maps")["Ensemble"]
     assert row["members"] == "`a`, `prior-grabcut`" and row["fusion (weights)"] == "mean (0.25, 1)"
     assert "tuned on val" in ens
+
+
+# --- did the models learn -----------------------------------------------------------------------------------
+
+
+def test_learning_section_verdicts_follow_the_numbers() -> None:
+    """Classifiers against chance, learned maps against the ellipse; priors and the ensemble are not judged."""
+    cams = {"cam_classifier-species": {"iou_mean": 0.52, "best_iou_mean": 0.55, "baseline_ellipse_iou": 0.40},
+            "ccam_ccam-none": {"iou_mean": 0.41, "baseline_ellipse_iou": 0.40},
+            "ecs_classifier-species": {"iou_mean": 0.30, "baseline_ellipse_iou": 0.40},
+            "prior-ellipse": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40},
+            "ensemble": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40}}
+    training = {"classifier-species": {"val_balanced_acc": 0.5, "best_epoch": 0},
+                "classifier-breed": {"val_balanced_acc": 0.4, "best_epoch": 3},
+                "ccam-none": {"loss": 1.0}}
+    rep = Reports(cams, {}, {}, training)
+    md = tables.learning_section(rep, {"classifier-species": 0.5, "classifier-breed": 1 / 6})
+    assert md is not None
+    cls = {k: r["verdict"] for k, r in markdown_table(md, "| classifier").items()}
+    assert cls == {"classifier-breed": "clearly above chance (+23.3)", "classifier-species": "not above chance (+0.0)"}
+    maps = {k: r["verdict"] for k, r in markdown_table(md, "| map variant").items()}
+    assert maps == {"cam_classifier-species": "clearly above the ellipse (+12.0)",
+                    "ccam_ccam-none": "above the ellipse, within noise (+1.0)",
+                    "ecs_classifier-species": "not above the ellipse (-10.0)"}
+    assert "1 of 2 classifiers are clearly above chance and 1 of 3 learned map variants" in md
+    assert tables.learning_section(Reports({}, {}, {}), {}) is None
