@@ -240,3 +240,36 @@ def test_priors_section_and_label_free_unet_row() -> None:
     row = markdown_table(ens, "## Ensemble of maps")["Ensemble"]
     assert row["members"] == "`a`, `prior-grabcut`" and row["fusion (weights)"] == "mean (0.25, 1)"
     assert "tuned on val" in ens
+
+
+# --- did the models learn -----------------------------------------------------------------------------------
+
+
+def test_learning_section_verdicts_follow_the_numbers() -> None:
+    """Classifiers against chance, learned maps against the ellipse; priors and the ensemble are not judged."""
+    cams = {"cam_classifier-species": {"iou_mean": 0.52, "best_iou_mean": 0.55, "baseline_ellipse_iou": 0.40},
+            "ccam_ccam-none": {"iou_mean": 0.41, "baseline_ellipse_iou": 0.40},
+            "ecs_classifier-species": {"iou_mean": 0.30, "baseline_ellipse_iou": 0.40},
+            "prior-ellipse": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40},
+            "ensemble": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40}}
+    training = {"classifier-species": {"val_balanced_acc": 0.5, "best_epoch": 0, "n_val": 38},
+                "classifier-breed": {"val_balanced_acc": 0.4, "best_epoch": 3},
+                "classifier-species-bg": {"val_balanced_acc": 0.6, "best_epoch": 2, "n_val": 38},
+                "ccam-none": {"loss": 1.0}}
+    rep = Reports(cams, {}, {}, training)
+    md = tables.learning_section(rep, {"classifier-species": 0.5, "classifier-breed": 1 / 6,
+                                       "classifier-species-bg": 0.5})
+    assert md is not None
+    cls = {k: r["verdict"] for k, r in markdown_table(md, "| classifier").items()}
+    # +10 points on 38 images is within two standard errors of guessing (16 points): not "clearly"
+    assert cls == {"classifier-breed": "clearly above chance (+23.3)", "classifier-species": "not above chance (+0.0)",
+                   "classifier-species-bg": "above chance, within noise (+10.0)"}
+    assert abs(tables.chance_margin(0.5, 38) - 2 * (0.25 / 38) ** 0.5) < 1e-12
+    assert tables.chance_margin(0.5, None) == tables.CLEAR_MARGIN
+    maps = {k: r["verdict"] for k, r in markdown_table(md, "| map variant").items()}
+    assert maps == {"cam_classifier-species": "clearly above the ellipse (+12.0)",
+                    "ccam_ccam-none": "above the ellipse, within noise (+1.0)",
+                    "ecs_classifier-species": "not above the ellipse (-10.0)"}
+    assert "1 of 3 classifiers are clearly above chance" in md
+    assert "1 of 3 learned map variants clearly above the centred ellipse" in md
+    assert tables.learning_section(Reports({}, {}, {}), {}) is None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,13 @@ class Reports:
     cams: dict[str, dict[str, Any]]
     pseudo: dict[str, dict[str, Any]]
     eval: dict[str, dict[str, Any]]
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)  # reports/training/<model>.json
 
     @classmethod
     def load(cls, paths: Paths) -> Reports:
-        """Read ``reports/cams``, ``reports/pseudo`` and ``reports/eval`` of a project."""
+        """Read ``reports/cams``, ``reports/pseudo``, ``reports/eval`` and ``reports/training`` of a project."""
         return cls(load_reports(paths.reports / "cams"), load_reports(paths.reports / "pseudo"),
-                   load_reports(paths.reports / "eval"))
+                   load_reports(paths.reports / "eval"), load_reports(paths.reports / "training"))
 
     @property
     def unet_evals(self) -> dict[str, dict[str, Any]]:

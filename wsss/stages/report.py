@@ -22,6 +22,31 @@ from wsss.ui import console
 STAGE = "report"
 
 
+def chance_levels(paths: Paths) -> dict[str, float]:
+    """Each classifier variant's chance balanced accuracy: 1 / the classes in the validation split.
+
+    The label space may be larger than the classes present (the synthetic default draws 6 of 37 breeds);
+    balanced accuracy averages over the present ones, so that is the chance level. {} without a manifest.
+    """
+    from wsss.data.manifest import load_manifest
+    from wsss.errors import DataError
+
+    try:
+        df = load_manifest(paths.manifest)
+    except (OSError, ValueError, DataError):
+        return {}
+    val = df[df["split"] == "val"]
+    pet_rows = val[~val["is_background"].astype(bool)]
+    has_bg = bool(val["is_background"].astype(bool).any())
+    out: dict[str, float] = {}
+    for labels in ("species", "breed"):
+        for bg in (False, True):
+            k = int(pet_rows[labels].nunique()) + int(bg and has_bg)
+            if k:
+                out[f"classifier-{labels}{'-bg' if bg else ''}"] = 1.0 / k
+    return out
+
+
 def run(params: Params, paths: Paths, register: bool = True, device: str | None = None) -> dict[str, Any]:
     """Write ``reports/report.md`` and ``reports/figures/``, register the U-Nets, log it all to MLflow."""
     import mlflow
@@ -31,7 +56,7 @@ def run(params: Params, paths: Paths, register: bool = True, device: str | None 
         regs = register_all(paths, run_.info.experiment_id) if register else None
         figures = make_figures(params, paths, rep, device)
         md = render(params, rep, tracking.experiment_name(params), registry_section(regs, rep.pseudo),
-                    figures_section(figures, paths))
+                    figures_section(figures, paths), chance=chance_levels(paths))
         write_text(paths.report_md, md)
         tracking.log_artifact(paths.report_md)
         if paths.figures.is_dir() and any(paths.figures.iterdir()):
