@@ -33,7 +33,7 @@ TINY = {
     "base": {"num_workers": 0, "device": "cpu"},
     "train_classifier": {"arch": "resnet18", "input_size": 32, "epochs": 2, "batch_size": 8,
                          "class_balance": False},
-    "train_ccam": {"arch": "resnet18", "resize": 40, "input_size": 32, "epochs": 2, "batch_size": 8,
+    "train_ccam": {"arch": "resnet18", "resize": 72, "input_size": 64, "epochs": 2, "batch_size": 8,
                    "per_breed_epochs": 2, "breeds_per_batch": 2, "polarity_images": 8},
     "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "steps": 6,
                    "batch_size": 8, "dice_weight": 0.0},

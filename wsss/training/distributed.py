@@ -247,12 +247,10 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         xf = x.float()
         count = torch.tensor([float(xf.numel() // xf.shape[1])], device=x.device)
         stats = torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)  # differentiable: the backward sums the ranks' gradients
+        stats = _SumWithGrad.apply(stats)
         c = self.num_features
         n = stats[2 * c]
         mean = stats[:c] / n
@@ -267,6 +265,23 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
         return y.to(x.dtype)
+
+
+class _SumWithGrad(torch.autograd.Function):
+    """All-reduce (sum) whose backward sums the ranks' gradients too (each rank's input feeds every rank's
+    output)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class _GatherWithGrad(torch.autograd.Function):
