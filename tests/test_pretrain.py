@@ -321,8 +321,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(prepared: Path,
 
 
 def test_data_parallel_pretraining_on_two_gloo_processes(prepared: Path) -> None:
-    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu"},
-                            "pretrain": {**TINY_PRETRAIN, "method": "mocov2", "world_size": 2}})
+    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu", "world_size": 2},
+                            "pretrain": {**TINY_PRETRAIN, "method": "mocov2"}})
     out = invoke("pretrain", "--name", "ddp")
     assert "data-parallel on 2 cpu processes (4 images per process" in out
     report = json.loads((prepared / "reports" / "training" / "pretrain-ddp.json").read_text())
@@ -341,8 +341,8 @@ def test_data_parallel_pretraining_on_two_gloo_processes(prepared: Path) -> None
 
 
 def test_global_batch_must_split_evenly_over_the_processes(prepared: Path) -> None:
-    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu"},
-                            "pretrain": {**TINY_PRETRAIN, "batch_size": 9, "world_size": 2}})
+    write_params(prepared, {"base": {"num_workers": 0, "device": "cpu", "world_size": 2},
+                            "pretrain": {**TINY_PRETRAIN, "batch_size": 9}})
     result = runner.invoke(app, ["pretrain"])
     assert result.exit_code == 2 and "multiple of the 2 data-parallel processes" in result.output
 

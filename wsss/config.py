@@ -58,6 +58,10 @@ class BaseConfig:
     # (benchmarks/speed.py measures both).
     compile: bool = False
     num_workers: int = _f(0, 0, 64)
+    # Data-parallel processes of every training stage: 0 = one per visible GPU (1 on the CPU); N > 1 on the
+    # CPU runs N gloo processes (a correctness check, not a speed-up). Each stage's batch_size is the global
+    # batch. Under torchrun the launcher's WORLD_SIZE replaces it.
+    world_size: int = _f(0, 0, 64)
     # MLflow experiment name; empty means "wsss-<dataset>".
     experiment: str = ""
 
@@ -140,9 +144,6 @@ class PretrainConfig:
     warmup_epochs: int = _f(0, 0)
     knn_k: int = _f(20, 1, 1000)  # k-NN probe: neighbours among train-split labelled images
     knn_temperature: float = _f(0.07, 0.001, 10.0)
-    # Data-parallel processes: 0 = one per visible GPU (1 on the CPU); N > 1 on the CPU runs N gloo processes
-    # (a correctness check, not a speed-up on a few cores). batch_size is the global batch.
-    world_size: int = _f(0, 0, 64)
     simsiam: SimSiamConfig = field(default_factory=SimSiamConfig)
     mocov2: MocoV2Config = field(default_factory=MocoV2Config)
 
@@ -411,7 +412,8 @@ def _check_range(value: Any, meta: dict[str, Any], key: str, source: str) -> Non
 
 
 # Keys that were replaced: the error says by what.
-_REPLACED = {"train_unet.epochs": "'train_unet.steps' (optimiser steps, equal for every U-Net whatever its "
+_REPLACED = {"pretrain.world_size": "'base.world_size' (one setting for every training stage)",
+             "train_unet.epochs": "'train_unet.steps' (optimiser steps, equal for every U-Net whatever its "
                                   "number of images; epochs x images / batch_size gives the old schedule)"}
 
 

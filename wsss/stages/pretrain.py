@@ -12,13 +12,12 @@ Outputs: ``models/pretrain-<name>/model.pt`` (the backbone's state_dict with tor
 ``train_classifier.weights: pretrain:<name>``, ``train_unet.encoder_weights: pretrain:<name>`` or
 ``wsss train-ccam --init pretrain:<name>``. Checkpoints every epoch under ``.wsss/state`` and resumes after a
 kill. Runs on one device (CPU with bf16 autocast where native, or one GPU with AMP) or, with more than one
-GPU visible, data-parallel on all of them (``pretrain.world_size``; gloo processes on the CPU for testing).
+GPU visible, data-parallel on all of them (``base.world_size``; gloo processes on the CPU for testing).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -34,12 +33,11 @@ from wsss.data.datasets import InferenceDataset, denormalize_uint8
 from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets, trainval
 from wsss.device import Precision
-from wsss.errors import ConfigError, DataError
+from wsss.errors import DataError
 from wsss.evaluation import balanced_accuracy
-from wsss.io import read_json
 from wsss.paths import Paths
 from wsss.stages.common import require_rows
-from wsss.training.distributed import DistContext
+from wsss.training.distributed import DistContext, sync_batchnorm
 from wsss.training.loop import Metrics
 from wsss.training.trainer import Trainer
 from wsss.ui import console
@@ -70,7 +68,7 @@ def probe_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def run(params: Params, paths: Paths, name: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Pretrain a backbone without labels and save ``models/pretrain-<name>/``.
 
-    With ``pretrain.world_size`` (0: one process per visible GPU) above 1 it trains data-parallel
+    With ``base.world_size`` (0: one process per visible GPU) above 1 it trains data-parallel
     (``DistributedDataParallel``; ``pretrain.batch_size`` is the global batch, split over the ranks).
 
     Args:
@@ -78,7 +76,7 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
         device: overrides ``base.device``.
     """
     from wsss.device import resolve_device
-    from wsss.training.distributed import launch, launched_world_size, world_size_for
+    from wsss.training.distributed import start
 
     cfg = params.pretrain
     if name is not None:
@@ -87,19 +85,11 @@ def run(params: Params, paths: Paths, name: str | None = None, device: str | Non
     df = load_manifest(paths.manifest)
     train_df = select_rows(df, cfg.include_background)
     require_rows(len(train_df), "train/val images", "check prepare's report", paths.manifest)
-    resolved = resolve_device(device or params.base.device)
-    world_size = launched_world_size() or world_size_for(cfg.world_size, resolved)
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"pretrain.batch_size {cfg.batch_size} must be a multiple of the {world_size} "
-                          "data-parallel processes (it is the global batch)")
-    if len(train_df) < 2 * world_size:
-        raise DataError(f"{paths.manifest}: pretraining on {world_size} process(es) needs at least "
-                        f"{2 * world_size} non-test images, found {len(train_df)}")
-    if world_size > 1 and int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"pretraining data-parallel on {world_size} {resolved.type} processes "
-                      f"({cfg.batch_size // world_size} images per process and step)")
-    final = launch(_train, world_size, resolved, params, paths, cfg)
-    return final if final is not None else read_json(paths.training_report(model_name(cfg.name)))
+    # Two images per rank and step at least: the SSL losses compare the images of a batch.
+    return start(_train, params.base.world_size, resolve_device(device or params.base.device), params, paths, cfg,
+                 batch_size=cfg.batch_size, batch_key="pretrain.batch_size", n_images=len(train_df),
+                 what="non-test images", source=paths.manifest,
+                 report=paths.training_report(model_name(cfg.name)), min_per_rank=2)
 
 
 def _train(ctx: DistContext, params: Params, paths: Paths, cfg: PretrainConfig) -> dict[str, Any] | None:
@@ -113,12 +103,12 @@ def _train(ctx: DistContext, params: Params, paths: Paths, cfg: PretrainConfig) 
     seed_everything(params.base.seed)
     prec = precision_for(ctx.device)
     model = build_ssl_model(cfg)
-    if ctx.distributed and ctx.device.type == "cuda" and model.sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if model.sync_batchnorm:  # SimSiam; MoCo v2 shuffles its BatchNorm batches instead
+        model = sync_batchnorm(model, ctx)
     model = prepare_model(model, prec)
-    # world_size is left out: the global batch is fixed, so a run may resume on another number of GPUs.
+    # base.world_size is not in it: the global batch is fixed, so a run may resume on another number of GPUs.
     trainer = Trainer(STAGE, cfg.name, model_name(cfg.name), params, paths, prec, fingerprint(
-        to_dict(dataclasses.replace(cfg, world_size=0)), params.base.seed, tracking.data_hash(paths)), ctx)
+        to_dict(cfg), params.base.seed, tracking.data_hash(paths)), ctx)
     step_model = trainer.data_parallel(model)
     groups = model.param_groups(cfg.lr, cfg.weight_decay)
     optimizer = torch.optim.SGD([{k: v for k, v in g.items() if k != "fixed_lr"} for g in groups],

@@ -42,6 +42,7 @@ from wsss.errors import ConfigError
 from wsss.models.loading import load_model
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
+from wsss.training.distributed import DistContext
 from wsss.training.trainer import Trainer
 from wsss.ui import console
 from wsss.variants import CcamId, CcamInit
@@ -116,45 +117,70 @@ def pet_side(fg: torch.Tensor, bg: torch.Tensor, p: torch.Tensor, polarity: floa
 
 def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: bool = False,
         device: str | None = None) -> dict[str, Any]:
-    """Train one CCAM variant and save ``models/<name>/`` with its polarity."""
-    from wsss.device import precision_from, prepare_model, seed_everything
+    """Train one CCAM variant and save ``models/<name>/`` with its polarity (data-parallel with
+    ``base.world_size`` or under ``torchrun``: :func:`wsss.training.distributed.start`)."""
+    from wsss.device import resolve_device
+    from wsss.training.distributed import start
+
+    cfg = params.train_ccam
+    train_df = pets(load_manifest(paths.manifest), "train")
+    require_rows(len(train_df), "training pet images", "check prepare's report", paths.manifest)
+    # A per-breed batch holds batch_size // breeds_per_batch images of each of its breeds.
+    batch = (cfg.batch_size // cfg.breeds_per_batch) * cfg.breeds_per_batch if per_breed else cfg.batch_size
+    return start(_train, params.base.world_size, resolve_device(device or params.base.device),
+                 params, paths, init, ecs, per_breed, batch_size=batch,
+                 batch_key="train_ccam.batch_size" + (" (rounded down to breeds_per_batch)" if per_breed else ""),
+                 n_images=len(train_df), what="training pet images", source=paths.manifest,
+                 report=paths.training_report(model_name(init, ecs, per_breed)))
+
+
+def _train(ctx: DistContext, params: Params, paths: Paths, init: str, ecs: bool, per_breed: bool
+           ) -> dict[str, Any] | None:
+    """The training of one rank (all of it on one process); rank 0 alone logs, decides the polarity and
+    saves."""
+    from wsss.device import precision_for, prepare_model, seed_everything
     from wsss.models.ccam import ccam_param_groups, decide_polarity
     from wsss.training.checkpoint import fingerprint
+    from wsss.training.distributed import sync_batchnorm
 
     cfg = params.train_ccam
     name = model_name(init, ecs, per_breed)
     df = load_manifest(paths.manifest)
     train_df = pets(df, "train").sort_values("id")
     val_df = pets(df, "val", with_mask=True).sort_values("id")
-    require_rows(len(train_df), "training pet images", "check prepare's report", paths.manifest)
     epochs = cfg.per_breed_epochs if per_breed else cfg.epochs
 
     seed_everything(params.base.seed)
-    prec = precision_from(device, params)
-    model = prepare_model(_build_model(params, paths, init, per_breed, ecs), prec)
+    prec = precision_for(ctx.device)
+    model = prepare_model(sync_batchnorm(_build_model(params, paths, init, per_breed, ecs), ctx), prec)
     fixed_polarity, polarity_source = polarity_rule(model, init, ecs, per_breed)
     groups = ccam_param_groups(model, cfg.lr_backbone, cfg.lr_head, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, momentum=cfg.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: (1 - e / epochs) ** cfg.poly_power)
     trainer = Trainer(STAGE, name, name, params, paths, prec, fingerprint(
         to_dict(cfg), init, ecs, per_breed, params.base.seed, tracking.data_hash(paths),
-        to_dict(params.make_cams) if ecs else None))
+        to_dict(params.make_cams) if ecs else None), ctx)
+    step_model = trainer.data_parallel(model)
 
     train_ds = ClassificationDataset(train_df, paths.prepared, "breed", False,
                                      _transform(cfg.resize, cfg.input_size, train=True))
     train_dl, sampler = _train_loader(trainer, train_ds, per_breed)
-    objective = _Objective(cfg, fixed_polarity, _ecs_teacher(params, paths, prec) if ecs else None, per_breed)
+    objective = _Objective(cfg, fixed_polarity, _ecs_teacher(params, paths, prec) if ecs else None, per_breed,
+                           ctx)
     eval_tf = _transform(cfg.input_size, cfg.input_size, train=False)
     overlay_ds = ClassificationDataset(val_df.iloc[overlay_ids(len(val_df))], paths.prepared, "breed", False,
                                        eval_tf)
 
     with trainer.session(sections=("train_ccam",),
-                         extra_tags={"init": init, "ecs": str(ecs), "per_breed": str(per_breed)}):
+                         extra_tags={"init": init, "ecs": str(ecs), "per_breed": str(per_breed),
+                                     "world_size": str(ctx.world_size)}):
         result = trainer.fit(
             model, optimizer, scheduler, epochs, len(train_dl),
-            lambda epoch: _train_epoch(trainer, model, optimizer, train_dl, sampler, objective, epoch),
+            lambda epoch: _train_epoch(trainer, step_model, optimizer, train_dl, sampler, objective, epoch),
             overlays=lambda: _map_grid(model, overlay_ds, prec),
         )
+        if not ctx.is_main:
+            return None
         model.load_state_dict(result.best_state)
         if fixed_polarity is not None:
             polarity = fixed_polarity
@@ -167,7 +193,7 @@ def run(params: Params, paths: Paths, init: str, ecs: bool = False, per_breed: b
                 "epochs": epochs}
         final = {"final_loss": result.history[-1]["loss"] if result.history else float("nan"),
                  "polarity": polarity, "polarity_source": polarity_source, "epochs": epochs,
-                 "train_seconds": trainer.seconds, "n_train": len(train_df)}
+                 "train_seconds": trainer.seconds, "n_train": len(train_df), "world_size": ctx.world_size}
         trainer.save(model, meta, final, logged=final)
     console.print(f"saved {paths.model_dir(name)} (polarity {polarity:+.0f})")
     return final
@@ -180,8 +206,9 @@ def _train_loader(trainer: Trainer, ds: ClassificationDataset, per_breed: bool
     cfg, params = trainer.params.train_ccam, trainer.params
     if not per_breed:
         return trainer.loader(ds, cfg.batch_size), None
+    # Every rank takes its slice of the same global breed batches (the trainer sets their epoch).
     sampler = BreedBatchSampler(ds.targets, cfg.batch_size, cfg.breeds_per_batch, seed=params.base.seed)
-    return DataLoader(ds, batch_sampler=sampler, num_workers=params.base.num_workers), sampler
+    return trainer.batch_loader(ds, sampler), None
 
 
 def _ecs_teacher(params: Params, paths: Paths, prec: Precision) -> EcsTarget:
@@ -213,14 +240,22 @@ class _Objective:
     polarity: float | None  # fixed before training (see polarity_rule), None: decided after it
     ecs_target: EcsTarget | None
     per_breed: bool
+    # Data-parallel: the contrastive terms are over the global batch (every rank's descriptors gathered).
+    ctx: DistContext | None = None
 
     def __call__(self, x: torch.Tensor, breeds: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor,
                  p: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, its terms as floats) from the model's ``(fg, bg, P)`` on images ``x`` of ``breeds``."""
         from wsss.models.ccam import breed_contrastive_loss, ccam_loss
+        from wsss.training.distributed import all_gather_cat, gather_with_grad
 
         cfg = self.cfg
-        loss, parts = ccam_loss(fg, bg, cfg.alpha)
+        ctx = self.ctx
+
+        def gathered(t: torch.Tensor) -> torch.Tensor:
+            return t if ctx is None else gather_with_grad(t, ctx)
+
+        loss, parts = ccam_loss(gathered(fg), gathered(bg), cfg.alpha)
         terms = {f"loss_{k}": float(v.detach()) for k, v in parts.items()}
         pet, pet_map = pet_side(fg, bg, p, self.polarity)
         if self.ecs_target is not None:
@@ -228,7 +263,7 @@ class _Objective:
             loss = loss + cfg.ecs_weight * ecs_loss
             terms["loss_ecs"] = float(ecs_loss.detach())
         if self.per_breed:
-            breed_loss = breed_contrastive_loss(pet, breeds, cfg.alpha)
+            breed_loss = breed_contrastive_loss(gathered(pet), all_gather_cat(breeds), cfg.alpha)
             loss = loss + cfg.breed_weight * breed_loss
             terms["loss_breed"] = float(breed_loss.detach())
         return loss, terms
@@ -236,8 +271,10 @@ class _Objective:
 
 def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dl: DataLoader,
                  sampler: BreedBatchSampler | None, objective: _Objective, epoch: int) -> dict[str, float]:
-    """One epoch; the metrics are the per-image means of the loss and its terms."""
+    """One epoch of ``model`` (the DDP wrapper when data-parallel); the metrics are the per-image means of
+    the loss and its terms over all ranks."""
     from wsss.device import autocast, to_device
+    from wsss.training.distributed import all_reduce_sum
 
     prec = trainer.prec
     if sampler is not None:
@@ -255,7 +292,9 @@ def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.opti
             sums[k] = sums.get(k, 0.0) + v * len(x)
         n += len(x)
         trainer.advance(1)
-    out = {k: v / max(n, 1) for k, v in sums.items()}
+    keys = sorted(sums)
+    *totals, n = all_reduce_sum([*(sums[k] for k in keys), float(n)], trainer.ctx)  # over the ranks
+    out = {k: v / max(n, 1) for k, v in zip(keys, totals, strict=True)}
     out["train_images_per_s"] = n / max(time.perf_counter() - t0, 1e-9)
     return out
 

@@ -24,6 +24,7 @@ from wsss.data.manifest import load_manifest, trainval
 from wsss.evaluation import balanced_accuracy
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
+from wsss.training.distributed import DistContext
 from wsss.training.trainer import Trainer
 from wsss.ui import console
 from wsss.variants import ClassifierId
@@ -75,22 +76,39 @@ def _optimizer(model: torch.nn.Module, cfg: ClassifierConfig) -> torch.optim.SGD
 
 
 def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None = None) -> dict[str, Any]:
-    """Train one classifier variant and save ``models/classifier-<variant>/``."""
-    from wsss.device import precision_from, prepare_model, seed_everything
+    """Train one classifier variant and save ``models/classifier-<variant>/`` (data-parallel with
+    ``base.world_size`` or under ``torchrun``: :func:`wsss.training.distributed.start`)."""
+    from wsss.device import resolve_device
+    from wsss.training.distributed import start
+
+    cfg = params.train_classifier
+    train_df, _ = _train_val_rows(paths, labels, bg)
+    return start(_train, params.base.world_size, resolve_device(device or params.base.device),
+                 params, paths, labels, bg, batch_size=cfg.batch_size, batch_key="train_classifier.batch_size",
+                 n_images=len(train_df), what="training images", source=paths.manifest,
+                 report=paths.training_report(model_name(labels, bg)))
+
+
+def _train(ctx: DistContext, params: Params, paths: Paths, labels: str, bg: bool) -> dict[str, Any] | None:
+    """The training of one rank (all of it on one process); rank 0 alone logs and saves."""
+    from wsss.device import precision_for, prepare_model, seed_everything
     from wsss.models.classifier import Classifier
     from wsss.training.checkpoint import fingerprint
+    from wsss.training.distributed import sync_batchnorm
 
     cfg = params.train_classifier
     variant, name = variant_name(labels, bg), model_name(labels, bg)
     train_df, val_df = _train_val_rows(paths, labels, bg)
     seed_everything(params.base.seed)
-    prec = precision_from(device, params)
+    prec = precision_for(ctx.device)
     k = num_classes(labels, bg)
-    model = prepare_model(Classifier(cfg.arch, k, weights=resolve_weights(cfg.weights, paths)), prec)
+    model = Classifier(cfg.arch, k, weights=resolve_weights(cfg.weights, paths))
+    model = prepare_model(sync_batchnorm(model, ctx), prec)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     trainer = Trainer(STAGE, variant, name, params, paths, prec,
-                      fingerprint(cfg, params.base.seed, labels, bg, tracking.data_hash(paths)))
+                      fingerprint(cfg, params.base.seed, labels, bg, tracking.data_hash(paths)), ctx)
+    step_model = trainer.data_parallel(model)
 
     train_tf = classification_transform(cfg.input_size, train=True, crop_scale_min=cfg.crop_scale_min)
     eval_tf = classification_transform(cfg.input_size, train=False)
@@ -101,14 +119,16 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
                     params, shuffle=False)
 
     select = ("val_balanced_acc" if cfg.class_balance else "val_acc") if len(val_df) else None
-    if select is None:
+    if select is None and ctx.is_main:
         console.print("[yellow]no validation images: keeping the last epoch[/]")
-    with trainer.session(sections=("train_classifier",)):
+    with trainer.session(sections=("train_classifier",), extra_tags={"world_size": str(ctx.world_size)}):
         result = trainer.fit(
             model, optimizer, scheduler, cfg.epochs, len(train_dl),
-            lambda epoch: _train_epoch(trainer, model, optimizer, train_dl, weight, cfg.label_smoothing),
+            lambda epoch: _train_epoch(trainer, step_model, optimizer, train_dl, weight, cfg.label_smoothing),
             validate=(lambda epoch: _validate(trainer, model, val_dl)) if select else None, select=select,
         )
+        if not ctx.is_main:
+            return None
         model.load_state_dict(result.best_state)
         meta = {
             "kind": "classifier", "arch": cfg.arch, "num_classes": k, "labels": labels, "bg": bg,
@@ -124,6 +144,7 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
             "train_seconds": trainer.seconds,
             "n_train": len(train_df),
             "n_val": len(val_df),
+            "world_size": ctx.world_size,
         }
         trainer.save(model, meta, final)
     console.print(f"saved {paths.model_dir(name)} (val_acc {final['val_acc']:.3f}, epoch {result.best_epoch})")
@@ -132,8 +153,10 @@ def run(params: Params, paths: Paths, labels: str, bg: bool, device: str | None 
 
 def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dl: DataLoader,
                  weight: torch.Tensor | None, label_smoothing: float) -> dict[str, float]:
-    """One epoch of (class-weighted, label-smoothed) cross-entropy on the logits."""
+    """One epoch of (class-weighted, label-smoothed) cross-entropy on the logits; ``model`` is the one to step
+    (the DDP wrapper when data-parallel)."""
     from wsss.device import autocast, to_device
+    from wsss.training.distributed import all_reduce_sum
 
     prec = trainer.prec
     total, correct, loss_sum, t0 = 0, 0, 0.0, time.perf_counter()
@@ -148,6 +171,7 @@ def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.opti
         total += len(y)
         trainer.advance(1)
     seconds = time.perf_counter() - t0
+    loss_sum, correct, total = all_reduce_sum([loss_sum, correct, total], trainer.ctx)  # over the ranks
     return {"train_loss": loss_sum / max(total, 1), "train_acc": correct / max(total, 1),
             "train_images_per_s": total / max(seconds, 1e-9)}
 

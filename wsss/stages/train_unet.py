@@ -32,6 +32,7 @@ from wsss.evaluation import IGNORE
 from wsss.io import read_json
 from wsss.paths import Paths
 from wsss.stages.common import require_rows, resolve_weights
+from wsss.training.distributed import DistContext
 from wsss.training.schedule import StepSchedule
 from wsss.training.trainer import Trainer
 from wsss.ui import console
@@ -101,10 +102,27 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> dict[str, Any]:
-    """Train ``models/unet-<masks>/`` on GT or pseudo-masks for ``train_unet.steps`` optimiser steps."""
-    from wsss.device import precision_from, prepare_model, seed_everything
+    """Train ``models/unet-<masks>/`` on GT or pseudo-masks for ``train_unet.steps`` optimiser steps
+    (data-parallel with ``base.world_size`` or under ``torchrun``: :func:`wsss.training.distributed.start`)."""
+    from wsss.device import resolve_device
+    from wsss.training.distributed import start
+
+    cfg = params.train_unet
+    source = resolve_source(paths, masks)
+    train_df, _ = training_rows(load_manifest(paths.manifest), paths, source)
+    require_rows(len(train_df), "training images with masks", f"check masks for source '{source}'", paths.manifest)
+    return start(_train, params.base.world_size, resolve_device(device or params.base.device), params, paths,
+                 masks, batch_size=cfg.batch_size, batch_key="train_unet.batch_size", n_images=len(train_df),
+                 what="training images with masks", source=paths.manifest,
+                 report=paths.training_report(str(UnetId(MaskSource.parse(masks)))))
+
+
+def _train(ctx: DistContext, params: Params, paths: Paths, masks: str) -> dict[str, Any] | None:
+    """The training of one rank (all of it on one process); rank 0 alone logs and saves."""
+    from wsss.device import precision_for, prepare_model, seed_everything
     from wsss.models.unet import build_unet
     from wsss.training.checkpoint import fingerprint
+    from wsss.training.distributed import sync_batchnorm
 
     cfg = params.train_unet
     requested = MaskSource.parse(masks)
@@ -112,21 +130,22 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
     source = resolve_source(paths, masks)
     df = load_manifest(paths.manifest)
     train_df, masks_dir = training_rows(df, paths, source)
-    require_rows(len(train_df), "training images with masks", f"check masks for source '{source}'", paths.manifest)
     val_df = pets(df, "val", with_mask=True).sort_values("id")
 
     seed_everything(params.base.seed)
-    prec = precision_from(device, params)
+    prec = precision_for(ctx.device)
     weights_path = None
     if cfg.encoder_weights not in ("imagenet", "none"):  # pretrain:<name> or a state_dict file
         weights_path = resolve_weights(cfg.encoder_weights, paths)
-    model = prepare_model(build_unet(cfg, num_classes=2, weights_path=weights_path), prec)
+    model = prepare_model(sync_batchnorm(build_unet(cfg, num_classes=2, weights_path=weights_path), ctx), prec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Cosine over optimiser steps (stepped by trainer.step), so every U-Net anneals on the same curve.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     mask_fp = None if masks_dir is None else sorted((p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
     trainer = Trainer(STAGE, name, name, params, paths, prec,
-                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp))
+                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp),
+                      ctx)
+    step_model = trainer.data_parallel(model)
     train_ds = SegmentationDataset(train_df, paths.prepared, cfg.input_size, train=True, masks_dir=masks_dir)
     val_ds = SegmentationDataset(val_df, paths.prepared, cfg.input_size, train=False)
     train_dl = trainer.loader(train_ds, cfg.batch_size)
@@ -135,15 +154,18 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
     steps_before = trainer.optimizer_steps  # > 0 when resuming
 
     images = "gt" if (source.kind == "gt" or source.same_images) else "all"
-    with trainer.session(sections=("train_unet",), extra_tags={"masks": str(source), "images": images}):
+    with trainer.session(sections=("train_unet",), extra_tags={"masks": str(source), "images": images,
+                                                               "world_size": str(ctx.world_size)}):
         result = trainer.fit(
             model, optimizer, scheduler, schedule.epochs, schedule.steps_per_epoch,
-            lambda epoch: _train_epoch(trainer, model, optimizer, scheduler, train_dl, cfg.dice_weight,
+            lambda epoch: _train_epoch(trainer, step_model, optimizer, scheduler, train_dl, cfg.dice_weight,
                                        schedule.steps_in(epoch)),
             validate=(lambda epoch: _validate(model, val_dl, prec)) if len(val_ds) else None,
             overlays=lambda: _overlay_grid(model, val_ds, val_df, masks_dir, paths, prec),
             total_steps=schedule.steps, scheduler_per_step=True,
         )
+        if not ctx.is_main:
+            return None
         model.load_state_dict(result.best_state)
         training = {"steps": trainer.optimizer_steps, "n_images": len(train_df), "images": images,
                     "batch_size": cfg.batch_size, "epochs": schedule.epochs}
@@ -158,6 +180,7 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
             "seconds_per_step": trainer.seconds / max(trainer.optimizer_steps - steps_before, 1),
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
+            "world_size": ctx.world_size,
         }
         trainer.save(model, meta, final, logged=final)
         tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
@@ -169,8 +192,10 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
 def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  dl: DataLoader, dice_weight: float, n_steps: int) -> dict[str, float]:
     """``n_steps`` steps (a whole epoch, or the schedule's remainder) of cross-entropy (ignoring 255) +
-    ``dice_weight`` x soft Dice of the pet class; the LR scheduler steps with the optimiser."""
+    ``dice_weight`` x soft Dice of the pet class; the LR scheduler steps with the optimiser. ``model`` is
+    the one to step (the DDP wrapper when data-parallel)."""
     from wsss.device import autocast, to_device
+    from wsss.training.distributed import all_reduce_sum
 
     prec = trainer.prec
     loss_sum, n, steps, t0 = 0.0, 0, 0, time.perf_counter()
@@ -189,6 +214,7 @@ def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.opti
         trainer.advance(1)
         if steps == n_steps:  # before the next batch is loaded (its augmentation would draw random numbers)
             break
+    loss_sum, n = all_reduce_sum([loss_sum, float(n)], trainer.ctx)  # over the ranks
     return {"train_loss": loss_sum / max(n, 1), "train_images_per_s": n / max(time.perf_counter() - t0, 1e-9),
             "optimizer_steps": float(trainer.optimizer_steps)}
 

@@ -34,16 +34,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsss import tracking
 from wsss.config import Params
-from wsss.data.loaders import loader
 from wsss.device import Precision, grad_scaler
 from wsss.io import write_json, write_text
 from wsss.paths import Paths
 from wsss.training.checkpoint import CheckpointManager, save_model
-from wsss.training.distributed import DistContext, main_only
+from wsss.training.distributed import (
+    DistContext,
+    RankBatches,
+    SeededItems,
+    ShuffledBatches,
+    broadcast_metrics,
+    main_only,
+)
 from wsss.training.loop import FitResult, Metrics
 from wsss.ui import console, task
 
@@ -93,7 +99,7 @@ class Trainer:
         self.advance: Callable[..., None] = _no_progress
         self.started = time.perf_counter()
         self._generators: list[torch.Generator] = []
-        self._samplers: list[DistributedSampler] = []
+        self._samplers: list[RankBatches] = []
         self.history: list[Metrics] = []  # per-epoch metrics of the last fit (resumed epochs included)
 
     @property
@@ -104,27 +110,23 @@ class Trainer:
     # --- data and model ---------------------------------------------------------------------------
 
     def loader(self, ds: Dataset, batch_size: int, drop_last: bool = True) -> DataLoader:
-        """The shuffled training loader, seeded with ``base.seed``.
+        """The shuffled training loader, seeded with ``base.seed``; ``batch_size`` is the global batch.
 
-        On one process its generator (the shuffling order) is checkpointed with the run. Data-parallel,
-        ``batch_size`` is the global batch: each rank reads its own ``1/world_size`` of every epoch
-        (a ``DistributedSampler``, re-seeded each epoch) with its own augmentation stream.
+        The epoch's order and every image's augmentation are drawn from (``base.seed``, epoch, image)
+        alone (:class:`~wsss.training.distributed.ShuffledBatches`, :class:`SeededItems`): one process and
+        N ranks see the same global batches, each rank its contiguous ``1/world_size`` of every one, and a
+        resume (on any number of ranks) continues with the batches an uninterrupted run would have seen.
         """
-        params, ctx = self.params, self.ctx
-        if not ctx.distributed:
-            dl = loader(ds, batch_size, params, shuffle=True, seed=params.base.seed, drop_last=drop_last)
-            self._generators.append(dl.generator)
-            return dl
-        sampler = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True, seed=params.base.seed,
-                                     drop_last=drop_last)
+        return self.batch_loader(ds, ShuffledBatches(len(ds), batch_size, self.params.base.seed, drop_last))
+
+    def batch_loader(self, ds: Dataset, batches: Sampler[list[int]]) -> DataLoader:
+        """A training loader over the global batches of ``batches`` (a batch sampler with ``set_epoch``,
+        called by :meth:`fit` each epoch), split over the ranks as :meth:`loader` does."""
+        sampler = RankBatches(batches, self.ctx)
         self._samplers.append(sampler)
-        per_rank = batch_size // ctx.world_size
-        gen = torch.Generator()
-        gen.manual_seed(params.base.seed + ctx.rank)  # distinct augmentation streams per rank
-        workers = params.base.num_workers
-        return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                          drop_last=drop_last and len(sampler) > per_rank, generator=gen,
-                          persistent_workers=workers > 0, pin_memory=ctx.device.type == "cuda")
+        workers = self.params.base.num_workers
+        return DataLoader(SeededItems(ds, self.params.base.seed), batch_sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0, pin_memory=self.ctx.device.type == "cuda")
 
     def data_parallel(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped in ``DistributedDataParallel`` when data-parallel (else ``model`` itself).
@@ -195,8 +197,8 @@ class Trainer:
     ) -> FitResult:
         """Train (or finish training) under a progress bar; see :func:`wsss.training.loop.fit`.
 
-        ``train_epoch`` calls :attr:`advance` once per step. ``validate`` runs on rank 0 only unless it
-        selects the epoch (``select``; every rank then needs it). ``overlays`` returns the epoch's overlay
+        ``train_epoch`` calls :attr:`advance` once per step. ``validate`` runs on rank 0 only; when it
+        selects the epoch (``select``) every rank gets rank 0's metrics (one evaluation, one choice). ``overlays`` returns the epoch's overlay
         grid (or ``None``), computed on rank 0 in eval mode without gradients and logged as ``overlays``
         at ``step=epoch``. ``extra_state`` adds entries to each checkpoint beside the MLflow run id.
         ``title`` is the bar's text (default ``<stage> <variant>``).
@@ -211,7 +213,12 @@ class Trainer:
         from wsss.training import loop
 
         compile_model(model, self.params.base.compile)  # in place: the stage's closures step the same module
-        is_main, state = self.ctx.is_main, self.state
+        is_main, state, ctx = self.ctx.is_main, self.state, self.ctx
+        if validate is not None and select and ctx.distributed:
+            rank0_validate = validate
+
+            def validate(epoch: int) -> Metrics:
+                return broadcast_metrics(lambda: rank0_validate(epoch), ctx)
 
         def epoch_with_samplers(epoch: int) -> Metrics:
             for sampler in self._samplers:
