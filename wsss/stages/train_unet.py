@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from wsss import tracking
 from wsss.config import Params, to_dict
+from wsss.data import copy_paste
 from wsss.data.datasets import SegmentationDataset, denormalize_uint8, load_mask
 from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
@@ -91,6 +92,29 @@ def training_rows(df: pd.DataFrame, paths: Paths, source: MaskSource) -> tuple[p
     return train[train["id"].isin(have)], masks_dir
 
 
+def _copy_paste(params: Params, paths: Paths, df: pd.DataFrame, train_df: pd.DataFrame, source: MaskSource,
+                masks_dir: Path | None) -> copy_paste.CopyPasteResult:
+    """The pasted pairs of ``train_unet.copy_paste`` (none for GT masks: the cut-outs come from pseudo-masks
+    and their maps); says on the console why the feature is off when it is enabled but cannot run."""
+    from wsss.cams import load_maps
+
+    cfg = params.train_unet.copy_paste
+    if masks_dir is None or source.variant is None:
+        return copy_paste.CopyPasteResult([], 0, 0, 0, "GT masks")
+    backgrounds = df[df["is_background"].astype(bool) & (df["split"] == "train")]
+    cams_dir = paths.cams_dir(source.variant)
+    result = copy_paste.build(cfg, train_df, backgrounds, paths.prepared, masks_dir,
+                              lambda ids: load_maps(cams_dir, ids), params.base.seed,
+                              max_side=2 * params.train_unet.input_size)
+    if cfg.enabled and result.note:
+        console.print(f"note: train_unet.copy_paste is off for this run: {result.note}", highlight=False,
+                      markup=False, soft_wrap=True)
+    elif result.pairs:
+        console.print(f"copy-paste: {len(result.pairs)} pairs from {result.n_confident} confident cut-outs "
+                      f"(of {result.n_candidates}) on {result.n_backgrounds} background images")
+    return result
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - Dice of the pet class on non-ignored pixels."""
     valid = (target != IGNORE).float()
@@ -125,9 +149,13 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
     # Cosine over optimiser steps (stepped by trainer.step), so every U-Net anneals on the same curve.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     mask_fp = None if masks_dir is None else sorted((p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
+    pasted = _copy_paste(params, paths, df, train_df, source, masks_dir)
     trainer = Trainer(STAGE, name, name, params, paths, prec,
-                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp))
+                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp,
+                                  pasted.digest()))
     train_ds = SegmentationDataset(train_df, paths.prepared, cfg.input_size, train=True, masks_dir=masks_dir)
+    if pasted.pairs:  # extra pairs in the same shuffled loader: the steps stay cfg.steps
+        train_ds = ConcatDataset([train_ds, copy_paste.PastedPairs(pasted.pairs, train_ds.transform)])
     val_ds = SegmentationDataset(val_df, paths.prepared, cfg.input_size, train=False)
     train_dl = trainer.loader(train_ds, cfg.batch_size)
     val_dl = loader(val_ds, cfg.batch_size, params, shuffle=False)
@@ -158,6 +186,7 @@ def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> 
             "seconds_per_step": trainer.seconds / max(trainer.optimizer_steps - steps_before, 1),
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
+            **pasted.summary(),
         }
         trainer.save(model, meta, final, logged=final)
         tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
