@@ -46,7 +46,8 @@ def test_cut_out_is_the_largest_pet_component_without_ignore_pixels() -> None:
     cut = cp.cut_out("a", rgb, mask, pmap)
     assert cut is not None and cut.mask.shape == (18, 20) and cut.mask.all()  # the blob, not the ring or speck
     assert (cut.rgb == PET_RGB).all()
-    assert cut.confidence == pytest.approx(0.9) and cut.area_fraction == pytest.approx(18 * 20 / (40 * 50))
+    assert cut.confidence == pytest.approx(360 / 361)  # the thresholded map also holds the speck
+    assert cut.area_fraction == pytest.approx(18 * 20 / (40 * 50))
     assert cp.cut_out("b", rgb, np.zeros_like(mask), pmap) is None
     with pytest.raises(ValueError, match="differ in size"):
         cp.cut_out("c", rgb, mask, pmap[:-1])
@@ -56,7 +57,12 @@ def test_the_confidence_rule_drops_masks_the_map_does_not_support() -> None:
     rgb, mask, pmap = _source()
     cfg = CopyPasteConfig(enabled=True, min_confidence=0.5, min_area=0.01)
     assert cp.is_confident(cp.cut_out("a", rgb, mask, pmap), cfg)
-    assert not cp.is_confident(cp.cut_out("a", rgb, mask, pmap * 0.3), cfg)  # refiner grew past the map
+    assert not cp.is_confident(cp.cut_out("a", rgb, mask, pmap * 0.3), cfg)  # the map is below threshold
+    grown = pmap.copy()
+    grown[11:29, 23:33] = 0.1  # the map supports only the left half: the refiner grew the mask past it
+    half = cp.cut_out("a", rgb, mask, grown, map_threshold=0.3)
+    assert half.confidence == pytest.approx((18 * 10) / (18 * 20 + 1)) and not cp.is_confident(
+        half, CopyPasteConfig(enabled=True, min_confidence=0.6, min_area=0.01))
     assert not cp.is_confident(cp.cut_out("a", rgb, mask, pmap), CopyPasteConfig(min_area=0.5))  # a speck
 
 
