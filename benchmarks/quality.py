@@ -337,7 +337,7 @@ def map_snapshot(project: Path, variant: str) -> dict[str, Any]:
     snap: dict[str, Any] = {"val_map_iou": iou, "threshold": threshold, "config": source}
     crf = project / "reports" / "crf" / f"{variant}.yaml"
     if crf.is_file():
-        snap["refiner"] = (yaml.safe_load(crf.read_text()) or {}).get("refiner")
+        snap["refiner"] = ((yaml.safe_load(crf.read_text()) or {}).get("pseudo") or {}).get("refiner")
     weights = project / "reports" / "ensemble-weights.yaml"
     if variant == ENSEMBLE and weights.is_file():
         snap["weights"] = (yaml.safe_load(weights.read_text()) or {}).get("ensemble", {}).get("weights")

@@ -7,6 +7,7 @@ would give the U-Net on the few GT images several times fewer steps). ``--masks 
 trains on the pseudo-masks of exactly the train images that have GT, the supervised U-Net's images.
 Per-epoch validation IoU is logged for information only. Cross-entropy with ``ignore_index=255``
 (+ optional soft Dice), augmentation, AMP/bf16 + channels_last, a per-step cosine LR, resume.
+``train_unet.copy_paste`` adds pasted pairs (:mod:`wsss.data.copy_paste`) to a pseudo-mask U-Net's data.
 """
 
 from __future__ import annotations
