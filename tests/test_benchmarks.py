@@ -241,7 +241,7 @@ def test_pretraining_collects_routes_into_tables(tmp_path: Path) -> None:
         pretraining.tuned_val_iou(tmp_path / "bad.yaml")
 
 
-def _steps_fixture(root: Path, plan: "quality.Plan", best: str) -> dict:
+def _steps_fixture(root: Path, plan: quality.Plan, best: str) -> dict:
     _fake_reports(root, plan.variants)
     (root / "reports" / "eval-pseudo" / "ensemble.json").write_text(json.dumps(
         {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}))
