@@ -17,7 +17,11 @@ test split is all its images, using the first project's models and tuned refiner
     python benchmarks/quality.py --train-root /data/oxford-iiit-pet [--extra-train-root ROOT]... \\
         [--eval-root ROOT] [--profile cpu|gpu|smoke|FILE.yaml] [--workdir DIR] --out FILE.json
 
-Writes FILE.json and FILE.md; prints a table and, as its last line,
+Writes FILE.json and FILE.md, and the table of what each step gives (``FILE-steps.md`` / ``FILE-steps.json``:
+label-free baselines, each map, the ensemble without and with the label-free priors as members, the
+pseudo-masks after the tuned refiner, the U-Net of self-training rounds 0-2, the supervised U-Net at equal
+steps; each with its val and test fg IoU and what chose it, on val only); prints a table and, as its last
+line,
 ``pseudo_iou=… wsss_unet_iou=… supervised_unet_iou=… ellipse_iou=… grabcut_iou=… label_free_unet_iou=…
 same_images_unet_iou=… wsss_unet_steps=… same_images_unet_steps=… supervised_unet_steps=…
 label_free_unet_steps=…`` (fg IoU in %; optimiser steps; label_free is the U-Net trained on the label-free
@@ -50,6 +54,13 @@ SUMMARY_KEYS = ("pseudo_iou", "wsss_unet_iou", "supervised_unet_iou", "ellipse_i
                 "supervised_unet_steps", "label_free_unet_steps")
 # The label-free pipeline: the prior-grabcut map's masks (the rectangle-GrabCut baseline) -> a U-Net.
 LABEL_FREE = "prior-grabcut"
+PRIORS = ("prior-grabcut", "prior-ellipse")
+ENSEMBLE = "ensemble"
+# The ensemble is built twice: on the profile's maps, then with the label-free priors as members too
+# (its weights tuned on val each time); the second one is the "ensemble" variant the U-Net may train on.
+ENSEMBLE_KINDS = ("without priors", "with priors")
+SELF_TRAIN_ROUNDS = (1, 2)
+NOT_RUN = "not run"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +302,77 @@ def read_json(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def val_map_iou(project: Path, variant: str) -> tuple[float, float, str]:
+    """Mean fg IoU on the val split of a variant's stored maps at the decision threshold of its pseudo-mask
+    configuration with no refiner (what ``evaluate --pseudo`` reports as ``before`` on test): the score, the
+    threshold and where the configuration came from (``tuned`` on val, ``params``, or ``label-free``)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from wsss.cams import load_maps
+    from wsss.config import load_params
+    from wsss.evaluation import SegMeter
+    from wsss.paths import Paths
+    from wsss.pseudo import effective_config, plain_threshold_config
+    from wsss.refine import threshold_mask
+
+    paths = Paths(project)
+    cfg, source = effective_config(load_params(project / "params.yaml"), paths, variant)
+    plain = plain_threshold_config(cfg)
+    df = pd.read_parquet(paths.manifest)
+    val = df[(df["split"] == "val") & df["has_mask"].astype(bool) & ~df["is_background"].astype(bool)]
+    maps = load_maps(paths.cams_dir(variant), set(val["id"]))
+    meter = SegMeter()
+    for r in val.itertuples():
+        if r.id in maps:
+            meter.add(threshold_mask(maps[r.id], plain), np.asarray(Image.open(paths.prepared / r.mask_path)))
+    return meter.result().iou_mean, float(plain.threshold), source
+
+
+def map_snapshot(project: Path, variant: str) -> dict[str, Any]:
+    """What the steps table keeps of a map variant while it is on disk: its val score at the plain threshold,
+    the refiner its pseudo-masks use, and (an ensemble) the tuned member weights."""
+    iou, threshold, source = val_map_iou(project, variant)
+    snap: dict[str, Any] = {"val_map_iou": iou, "threshold": threshold, "config": source}
+    crf = project / "reports" / "crf" / f"{variant}.yaml"
+    if crf.is_file():
+        snap["refiner"] = ((yaml.safe_load(crf.read_text()) or {}).get("pseudo") or {}).get("refiner")
+    weights = project / "reports" / "ensemble-weights.yaml"
+    if variant == ENSEMBLE and weights.is_file():
+        snap["weights"] = (yaml.safe_load(weights.read_text()) or {}).get("ensemble", {}).get("weights")
+    return snap
+
+
+def set_ensemble_members(project: Path, members: list[str]) -> None:
+    """Rewrite ``make_cams.ensemble_members`` (equal starting weights) in a work project's params.yaml."""
+    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
+    cams = params.setdefault("make_cams", {})
+    cams["ensemble_members"] = list(members)
+    cams["ensemble_weights"] = [1.0] * len(members)
+    write_params(project, params)
+
+
+def has_command(root: Path, *command: str) -> bool:
+    """Whether this checkout's ``wsss`` has ``command`` (e.g. ``self-train``, built in parallel)."""
+    proc = subprocess.run([sys.executable, "-m", "wsss", *command, "--help"], cwd=root, capture_output=True)
+    return proc.returncode == 0
+
+
+def run_self_training(runner: Runner, work: Path) -> str:
+    """Rounds 1, 2 of ``wsss self-train --round N`` when the CLI has it; returns what happened (for the
+    steps table: a round that did not run is "not run", with why)."""
+    if not has_command(work, "self-train"):
+        return f"{NOT_RUN}: this wsss has no `self-train` command"
+    for n in SELF_TRAIN_ROUNDS:
+        try:
+            runner(f"self-train round {n}", "self-train", "--round", str(n))
+        except StepFailed as exc:
+            print(f"    self-training stopped: {exc}", file=sys.stderr)
+            return f"{NOT_RUN} past round {n - 1}: `wsss self-train --round {n}` failed (see quality.log)"
+    return "ran"
+
+
 # --------------------------------------------------------------------------------------------------
 # results
 
@@ -337,6 +419,12 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
     same_unet = read_json(reports / "eval" / f"same-{best}.json")
     gt_unet = read_json(reports / "eval" / "gt.json")
     base = read_json(reports / "eval" / "baselines.json")
+    if best == ENSEMBLE:  # the rows above are the profile's maps; the selected ensemble has priors as members
+        rep = read_json(reports / "eval-pseudo" / f"{ENSEMBLE}.json")
+        rows.append({"name": f"pseudo-masks {ENSEMBLE} (with priors) (selected)", "kind": "pseudo", "variant": ENSEMBLE,
+                     "refiner": rep.get("refiner"), "iou": pct(rep["after"]["iou_mean"]),
+                     "dice": pct(rep["after"]["dice_mean"]), "iou_before_refine": pct(rep["before"]["iou_mean"]),
+                     "val_iou": pct(val_scores.get(ENSEMBLE)), "n_images": rep.get("n_images")})
     rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), all train images", wsss_unet))
     rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), the GT train images only", same_unet))
     rows.append(_unet_row("U-Net on GT (supervised)", gt_unet))
@@ -354,6 +442,127 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
                "same_images_unet_steps": steps_of(same_unet), "supervised_unet_steps": steps_of(gt_unet),
                "label_free_unet_steps": steps_of(free_unet)}
     return {"rows": rows, "summary": summary}
+
+
+def _unet_val(project: Path, source: str) -> float:
+    """The last-step val fg IoU (%) of ``models/unet-<source>`` from its training report (nan if absent)."""
+    path = project / "reports" / "training" / f"unet-{source}.json"
+    return pct(read_json(path).get("last_val_iou_mean")) if path.is_file() else float("nan")
+
+
+def _score(entry: dict[str, Any], *keys: str) -> float | None:
+    """The first of ``keys`` present in ``entry`` as a 0-1 score."""
+    for key in keys:
+        v = entry.get(key)
+        if isinstance(v, (int, float)):
+            return float(v)
+    return None
+
+
+def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN) -> list[dict[str, Any]]:
+    """Rounds 1, 2 from ``reports/self-training.json`` (``rounds: [{round, val_iou_mean | val_iou,
+    test_iou_mean | test_iou, kept, model}, ...]``, read leniently: the stage is built in parallel), else
+    "not run" (``note`` says why). A round with a model but no test score is scored by its ``reports/eval/`` report when the
+    evaluation project has one."""
+    path = work / "reports" / "self-training.json"
+    data = read_json(path) if path.is_file() else {}
+    by_round = {int(r["round"]): r for r in data.get("rounds", []) if isinstance(r, dict) and "round" in r}
+    rows = []
+    for n in SELF_TRAIN_ROUNDS:
+        r = by_round.get(n)
+        if r is None:
+            rows.append({"step": f"U-Net round {n} (self-training)", "val_iou": None, "test_iou": None,
+                         "chosen_by": note if note != "ran" else NOT_RUN, "status": NOT_RUN})
+            continue
+        test = _score(r, "test_iou_mean", "test_iou")
+        model = r.get("model")
+        if test is None and isinstance(model, str) and model.startswith("unet-"):
+            ev = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
+            test = read_json(ev)["iou_mean"] if ev.is_file() else None
+        kept = r.get("kept")
+        rows.append({"step": f"U-Net round {n} (self-training)", "val_iou": pct(_score(r, "val_iou_mean", "val_iou")),
+                     "test_iou": pct(test), "status": "ran",
+                     "chosen_by": "constraints and refiner tuned on val; "
+                                  + ("kept (val IoU improved)" if kept else "not kept (val IoU did not improve)"
+                                     if kept is not None else "champion = best val round")})
+    return rows
+
+
+def steps_table(work: Path, eval_project: Path, plan: Plan, best: str, val_scores: dict[str, float],
+                step_maps: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step of the pipeline: val and test fg IoU (%) and what chose it (val only, never test)."""
+    reports = eval_project / "reports"
+    base = read_json(reports / "eval" / "baselines.json")
+    cams_report = read_json(work / "reports" / "cams" / f"{plan.variants[0]}.json")
+    rows: list[dict[str, Any]] = []
+
+    def add(step: str, val: float | None, test: float | None, chosen_by: str, **extra: Any) -> None:
+        rows.append({"step": step, "val_iou": val, "test_iou": test, "chosen_by": chosen_by, **extra})
+
+    fixed = "nothing (a fixed rule, no label, no learning)"
+    add("label-free: whole image", pct(cams_report.get("baseline_whole_iou")), pct(base["whole_image"]["iou_mean"]), fixed)
+    add("label-free: centred ellipse", pct(cams_report.get("baseline_ellipse_iou")), pct(base["ellipse"]["iou_mean"]),
+        fixed)
+    grabcut_val = pct(step_maps[LABEL_FREE]["val_map_iou"])  # its masks: the map at the prior threshold
+    add("label-free: GrabCut from a centred rectangle", grabcut_val, pct(base["grabcut_rect"]["iou_mean"]), fixed)
+    add("label-free: U-Net on the rectangle-GrabCut masks", _unet_val(work, LABEL_FREE),
+        pct(read_json(reports / "eval" / f"{LABEL_FREE}.json")["iou_mean"]),
+        "nothing (no label anywhere; last of train_unet.steps steps)")
+
+    def map_row(label: str, key: str, ev: dict[str, Any], extra: str = "") -> None:
+        snap = step_maps[key]
+        add(f"map: {label}", pct(snap["val_map_iou"]), pct(ev["before"]["iou_mean"]),
+            f"threshold {snap['threshold']:.2f} ({'tune crf on val' if snap['config'] == 'tuned' else snap['config']})"
+            + extra)
+
+    for variant in plan.variants:
+        method = variant.split("_", 1)[0].upper()
+        map_row(f"{method} ({variant})", variant, read_json(reports / "eval-pseudo" / f"{variant}.json"))
+    for kind in ENSEMBLE_KINDS:
+        snap = step_maps[f"{ENSEMBLE} ({kind})"]
+        weights = snap.get("weights")
+        members = ", ".join(f"{m} {w:g}" for m, w in zip(snap["members"], weights or [], strict=False))
+        map_row(f"ensemble {kind}", f"{ENSEMBLE} ({kind})", snap["eval"],
+                f"; member weights tuned on val (tune ensemble): {members or 'params'}")
+    for variant in plan.variants:
+        ev = read_json(reports / "eval-pseudo" / f"{variant}.json")
+        add(f"pseudo-masks {variant} after the tuned refiner", pct(val_scores[variant]), pct(ev["after"]["iou_mean"]),
+            f"refiner {step_maps[variant].get('refiner', '?')} and its params: tune crf on val"
+            + ("; selected for the U-Net (best val)" if variant == best else ""))
+    for kind in ENSEMBLE_KINDS:
+        snap = step_maps[f"{ENSEMBLE} ({kind})"]
+        selected = kind == "with priors" and best == ENSEMBLE
+        add(f"pseudo-masks ensemble {kind} after the tuned refiner", pct(snap["val_pseudo_iou"]),
+            pct(snap["eval"]["after"]["iou_mean"]),
+            f"refiner {snap.get('refiner', '?')} and its params: tune crf on val"
+            + ("; selected for the U-Net (best val)" if selected else ""))
+    wsss_unet = read_json(reports / "eval" / f"{best}.json")
+    add(f"U-Net round 0 (pseudo-masks {best}, all train images)", _unet_val(work, best), pct(wsss_unet["iou_mean"]),
+        "its masks: the best pseudo-masks on val; last of train_unet.steps steps",
+        steps=(wsss_unet.get("training") or {}).get("steps"))
+    rows.extend(self_training_rows(work, eval_project, step_maps.get("self-training", {}).get("note", NOT_RUN)))
+    gt = read_json(reports / "eval" / "gt.json")
+    add("supervised U-Net (GT masks) at equal steps", _unet_val(work, "gt"), pct(gt["iou_mean"]),
+        "nothing (GT of the train images with masks; last of train_unet.steps steps)",
+        steps=(gt.get("training") or {}).get("steps"))
+    return rows
+
+
+def steps_markdown(result: dict[str, Any]) -> str:
+    """The steps table as markdown."""
+    def num(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.1f}"
+
+    lines = [f"# What each step gives ({result['profile']} profile)", "",
+             f"fg IoU % on the val split (the only selection data) and on {result['eval']} (never used for "
+             "training, tuning or selection). \"chosen by\" says what was decided on val for that row.", "",
+             "| step | val fg IoU % | test fg IoU % | chosen by |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        if r.get("status") == NOT_RUN:
+            lines.append(f"| {r['step']} | {NOT_RUN} | {NOT_RUN} | {r['chosen_by']} |")
+        else:
+            lines.append(f"| {r['step']} | {num(r['val_iou'])} | {num(r['test_iou'])} | {r['chosen_by']} |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -430,8 +639,11 @@ def machine() -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner) -> tuple[Path, str, dict[str, float]]:
-    """Every step; returns the evaluation project, the selected variant and the val scores."""
+def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner,
+                 step_maps: dict[str, dict[str, Any]]) -> tuple[Path, str, dict[str, float]]:
+    """Every step; returns the evaluation project, the selected variant and the val scores. Fills
+    ``step_maps`` with what the steps table needs of each map variant before a later step replaces it
+    (the ensemble is built twice under one name)."""
     run = runner
     run("prepare", "prepare")
     for labels in plan.classifiers:
@@ -440,35 +652,60 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner)
         run(f"train-ccam {init}", "train-ccam", "--init", init)
     for method, model in plan.maps:
         run(f"make-cams {method}_{model}", "make-cams", "--method", method, "--model", model)
+    for prior in PRIORS:
+        run(f"make-cams {prior}", "make-cams", "--method", prior)
     for variant in plan.variants:
         run(f"tune crf {variant}", "tune", "crf", "--method", variant, "--trials", str(plan.tune_trials))
         run(f"make-pseudo {variant}", "make-pseudo", "--method", variant)
-    val_scores = {v: val_pseudo_iou(work, v) for v in plan.variants}
-    best = max(plan.variants, key=lambda v: val_scores[v])
-    print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
-    run(f"train-unet {best}", "train-unet", "--masks", best)
-    run(f"train-unet same-{best}", "train-unet", "--masks", f"same-{best}")
-    run("train-unet gt", "train-unet", "--masks", "gt")
-    run(f"make-cams {LABEL_FREE}", "make-cams", "--method", LABEL_FREE)
-    run(f"make-pseudo {LABEL_FREE} (label-free)", "make-pseudo", "--method", LABEL_FREE)
-    run(f"train-unet {LABEL_FREE} (label-free)", "train-unet", "--masks", LABEL_FREE)
 
     eval_project, project = work, "train"
     if eval_root is not None:
         eval_project, project = work / "eval", "eval"
         view = make_eval_root(eval_root, eval_project / "data" / "eval-root")
-        params = deep_merge(plan.params, {"base": {"data_root": str(view), "extra_roots": [], "background_root": None}})
-        write_params(eval_project, params)
+        eval_params = deep_merge(plan.params, {"base": {"data_root": str(view), "extra_roots": [],
+                                                        "background_root": None}})
+        write_params(eval_project, eval_params)
         for name in ("models",):
             link = eval_project / name
             if not link.exists():
                 link.symlink_to(work / name, target_is_directory=True)
         (eval_project / "reports").mkdir(parents=True, exist_ok=True)
-        crf = eval_project / "reports" / "crf"
-        if not crf.exists():
-            crf.symlink_to(work / "reports" / "crf", target_is_directory=True)
+        for rel, is_dir in (("crf", True), ("ensemble-weights.yaml", False)):  # what the train project tuned
+            link = eval_project / "reports" / rel
+            if not link.is_symlink():
+                link.symlink_to(work / "reports" / rel, target_is_directory=is_dir)
         runner.root = eval_project
         run("prepare (eval root)", "prepare", project=project)
+        runner.root = work
+    for variant in [*plan.variants, *PRIORS]:
+        step_maps[variant] = map_snapshot(work, variant)
+    for kind in ENSEMBLE_KINDS:
+        members = plan.variants + (list(PRIORS) if kind == "with priors" else [])
+        for root in {work, eval_project}:
+            set_ensemble_members(root, members)
+        run(f"tune ensemble ({kind})", "tune", "ensemble", "--trials", str(plan.tune_trials))
+        run(f"make-cams ensemble ({kind})", "make-cams", "--method", ENSEMBLE)
+        run(f"tune crf ensemble ({kind})", "tune", "crf", "--method", ENSEMBLE, "--trials", str(plan.tune_trials))
+        run(f"make-pseudo ensemble ({kind})", "make-pseudo", "--method", ENSEMBLE)
+        runner.root = eval_project
+        run(f"evaluate pseudo ensemble ({kind})", "evaluate", "--pseudo", ENSEMBLE, project=project)
+        runner.root = work
+        step_maps[f"{ENSEMBLE} ({kind})"] = {
+            **map_snapshot(work, ENSEMBLE), "members": members,
+            "eval": read_json(eval_project / "reports" / "eval-pseudo" / f"{ENSEMBLE}.json"),
+            "val_pseudo_iou": val_pseudo_iou(work, ENSEMBLE)}
+    candidates = [*plan.variants, ENSEMBLE]  # the ensemble with priors
+    val_scores = {v: val_pseudo_iou(work, v) for v in candidates}
+    best = max(candidates, key=lambda v: val_scores[v])
+    print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
+    run(f"train-unet {best}", "train-unet", "--masks", best)
+    run(f"train-unet same-{best}", "train-unet", "--masks", f"same-{best}")
+    run("train-unet gt", "train-unet", "--masks", "gt")
+    run(f"make-pseudo {LABEL_FREE} (label-free)", "make-pseudo", "--method", LABEL_FREE)
+    run(f"train-unet {LABEL_FREE} (label-free)", "train-unet", "--masks", LABEL_FREE)
+    step_maps["self-training"] = {"note": run_self_training(runner, work)}
+
+    runner.root = eval_project
     for variant in plan.variants:
         run(f"evaluate pseudo {variant}", "evaluate", "--pseudo", variant, project=project)
     run(f"evaluate unet-{best}", "evaluate", "--model", f"unet-{best}", project=project)
@@ -509,8 +746,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     rc = 0
     summary: dict[str, float | None] = {}
+    step_maps: dict[str, dict[str, Any]] = {}
+    steps_out = out.with_name(out.stem + "-steps.json")
     try:
-        eval_project, best, val_scores = run_pipeline(plan, work, args.eval_root, runner)
+        eval_project, best, val_scores = run_pipeline(plan, work, args.eval_root, runner, step_maps)
+        table = steps_table(work, eval_project, plan, best, val_scores, step_maps)
+        steps_result = {"profile": args.profile, "train_root": shown(args.train_root), "selected_variant": best,
+                        "eval": "every image of the eval root" if args.eval_root else "the official test split",
+                        "rows": table}
+        steps_out.write_text(json.dumps(steps_result, indent=2, default=str) + "\n")
+        steps_out.with_suffix(".md").write_text(steps_markdown(steps_result))
+        result["steps_table"] = shown(steps_out)
         scores = collect(eval_project, plan, best, val_scores)
         result.update(scores)
         summary = scores["summary"]

@@ -259,3 +259,57 @@ def test_pretraining_collects_routes_into_tables(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("pseudo: {}\n")
     with pytest.raises(quality.StepFailed, match="mean val fg IoU"):
         pretraining.tuned_val_iou(tmp_path / "bad.yaml")
+
+
+def _steps_fixture(root: Path, plan: quality.Plan, best: str) -> dict:
+    _fake_reports(root, plan.variants)
+    (root / "reports" / "eval-pseudo" / "ensemble.json").write_text(json.dumps(
+        {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}))
+    (root / "reports" / "cams").mkdir(parents=True)
+    (root / "reports" / "cams" / f"{plan.variants[0]}.json").write_text(json.dumps(
+        {"baseline_whole_iou": 0.2, "baseline_ellipse_iou": 0.4}))
+    (root / "reports" / "training").mkdir(parents=True)
+    for source, val in ((best, 0.51), ("gt", 0.66), ("prior-grabcut", 0.6)):
+        (root / "reports" / "training" / f"unet-{source}.json").write_text(json.dumps({"last_val_iou_mean": val}))
+    snap = {"val_map_iou": 0.3, "threshold": 0.25, "config": "tuned", "refiner": "crf"}
+    ens = {"eval": {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}, "val_pseudo_iou": 0.44}
+    return {**{v: snap for v in plan.variants}, "prior-grabcut": {**snap, "val_map_iou": 0.55, "config": "label-free"},
+            "ensemble (without priors)": {**snap, **ens, "members": plan.variants, "weights": [0.7, 0.3]},
+            "ensemble (with priors)": {**snap, **ens, "members": [*plan.variants, "prior-grabcut", "prior-ellipse"],
+                                       "weights": [0.5, 0.2, 0.3, 0.0]},
+            "self-training": {"note": "not run: this wsss has no `self-train` command"}}
+
+
+def test_steps_table_has_every_step_chosen_on_val(tmp_path: Path) -> None:
+    plan = quality.build_plan(quality.load_profile("smoke"), tmp_path, [], imagenet_check=lambda a: False)
+    best = plan.variants[1]
+    step_maps = _steps_fixture(tmp_path, plan, best)
+    rows = quality.steps_table(tmp_path, tmp_path, plan, best, {v: 0.5 for v in plan.variants}, step_maps)
+    by = {r["step"]: r for r in rows}
+    steps = [r["step"] for r in rows]
+    assert steps[:4] == ["label-free: whole image", "label-free: centred ellipse",
+                         "label-free: GrabCut from a centred rectangle", "label-free: U-Net on the rectangle-GrabCut masks"]
+    assert steps[-3:] == ["U-Net round 1 (self-training)", "U-Net round 2 (self-training)",
+                          "supervised U-Net (GT masks) at equal steps"]
+    assert (by["label-free: GrabCut from a centred rectangle"]["val_iou"],
+            by["label-free: GrabCut from a centred rectangle"]["test_iou"]) == pytest.approx((55.0, 50.0))
+    assert by["label-free: U-Net on the rectangle-GrabCut masks"]["val_iou"] == pytest.approx(60.0)
+    assert by[f"map: CAM ({plan.variants[0]})"]["test_iou"] == pytest.approx(30.0)  # eval-pseudo "before"
+    with_priors = by["map: ensemble with priors"]
+    assert "prior-grabcut 0.3" in with_priors["chosen_by"] and "tune ensemble" in with_priors["chosen_by"]
+    assert "selected" in by[f"pseudo-masks {best} after the tuned refiner"]["chosen_by"]
+    assert by[f"U-Net round 0 (pseudo-masks {best}, all train images)"]["val_iou"] == pytest.approx(51.0)
+    assert by["supervised U-Net (GT masks) at equal steps"]["steps"] == 400
+    assert by["U-Net round 1 (self-training)"]["status"] == "not run"
+    assert not any("test" in r["chosen_by"] for r in rows)  # nothing is chosen on the test split
+    md = quality.steps_markdown({"profile": "smoke", "eval": "the test split", "rows": rows})
+    assert "| U-Net round 2 (self-training) | not run | not run | not run: this wsss has no `self-train` command |" in md
+
+    # rounds the self-training stage reports are read, and scored from their eval report when it has none
+    (tmp_path / "reports" / "self-training.json").write_text(json.dumps({"rounds": [
+        {"round": 1, "val_iou_mean": 0.53, "test_iou_mean": 0.56, "kept": True},
+        {"round": 2, "val_iou": 0.52, "model": "unet-round-2", "kept": False}]}))
+    (tmp_path / "reports" / "eval" / "round-2.json").write_text(json.dumps({"iou_mean": 0.54}))
+    rounds = quality.self_training_rows(tmp_path, tmp_path, "ran")
+    assert [v for r in rounds for v in (r["val_iou"], r["test_iou"])] == pytest.approx([53.0, 56.0, 52.0, 54.0])
+    assert "not kept" in rounds[1]["chosen_by"] and "not kept" not in rounds[0]["chosen_by"]

@@ -285,6 +285,21 @@ class TuneEnsembleConfig:
 
 
 @dataclass(frozen=True)
+class CopyPasteConfig:
+    """Background copy-paste (``wsss.data.copy_paste``): confident pet cut-outs of the pseudo-masks pasted
+    onto background-only train images as extra U-Net pairs with exact masks. Changes what the steps see,
+    never how many there are (``train_unet.steps``)."""
+
+    enabled: bool = False
+    fraction: float = _f(0.5, 0.0, 10.0)  # pairs made = fraction x the U-Net's training images
+    min_confidence: float = _f(0.45, 0.0, 1.0)  # IoU of a cut-out with its map at map_threshold, at least
+    map_threshold: float = _f(0.3, 0.0, 1.0)
+    min_area: float = _f(0.02, 0.0, 1.0)  # a cut-out's area as a fraction of its image, at least
+    scale_min: float = _f(0.6, 0.05, 4.0)  # size factor relative to the source image, drawn uniformly
+    scale_max: float = _f(1.0, 0.05, 4.0)
+
+
+@dataclass(frozen=True)
 class UnetConfig:
     """Segmenter trained on pseudo-masks (or GT for the supervised baseline).
 
@@ -302,6 +317,7 @@ class UnetConfig:
     weight_decay: float = _f(1e-4, 0.0)
     dice_weight: float = _f(0.0, 0.0)
     plain_filters: tuple[int, ...] = (32, 64, 128, 256)
+    copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
 
 
 @dataclass(frozen=True)
@@ -467,6 +483,9 @@ def _validate_cross_fields(p: Params, source: str) -> None:
         raise ConfigError(f"{source}: 'make_cams.scales' must be a non-empty list of positive numbers")
     if m.ensemble_weights and (any(w < 0 for w in m.ensemble_weights) or not any(w > 0 for w in m.ensemble_weights)):
         raise ConfigError(f"{source}: 'make_cams.ensemble_weights' must be non-negative and not all zero")
+    cp = p.train_unet.copy_paste
+    if cp.scale_min > cp.scale_max:
+        raise ConfigError(f"{source}: 'train_unet.copy_paste.scale_min' must not exceed 'scale_max'")
     filters = p.train_unet.plain_filters
     if len(filters) < 2 or any(f < 1 for f in filters):
         raise ConfigError(f"{source}: 'train_unet.plain_filters' must list at least 2 positive channel counts")

@@ -7,6 +7,7 @@ would give the U-Net on the few GT images several times fewer steps). ``--masks 
 trains on the pseudo-masks of exactly the train images that have GT, the supervised U-Net's images.
 Per-epoch validation IoU is logged for information only. Cross-entropy with ``ignore_index=255``
 (+ optional soft Dice), augmentation, AMP/bf16 + channels_last, a per-step cosine LR, resume.
+``train_unet.copy_paste`` adds pasted pairs (:mod:`wsss.data.copy_paste`) to a pseudo-mask U-Net's data.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from wsss import tracking
 from wsss.config import Params, to_dict
+from wsss.data import copy_paste
 from wsss.data.datasets import SegmentationDataset, denormalize_uint8, load_mask
 from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
@@ -92,6 +94,31 @@ def training_rows(df: pd.DataFrame, paths: Paths, source: MaskSource) -> tuple[p
     return train[train["id"].isin(have)], masks_dir
 
 
+def _copy_paste(params: Params, paths: Paths, df: pd.DataFrame, train_df: pd.DataFrame, source: MaskSource,
+                masks_dir: Path | None) -> copy_paste.CopyPasteResult:
+    """The pasted pairs of ``train_unet.copy_paste`` (none for GT masks: the cut-outs come from pseudo-masks
+    and their maps; none for a label-free prior's masks, which must stay label-free); says on the console why the feature is off when it is enabled but cannot run."""
+    from wsss.cams import load_maps
+
+    cfg = params.train_unet.copy_paste
+    if masks_dir is None or source.variant is None:
+        return copy_paste.CopyPasteResult([], 0, 0, 0, "GT masks")
+    if source.variant.is_prior:  # knowing which images hold no pet is an image-level label
+        return copy_paste.CopyPasteResult([], 0, 0, 0, "label-free masks (background images are an image label)")
+    backgrounds = df[df["is_background"].astype(bool) & (df["split"] == "train")]
+    cams_dir = paths.cams_dir(source.variant)
+    result = copy_paste.build(cfg, train_df, backgrounds, paths.prepared, masks_dir,
+                              lambda ids: load_maps(cams_dir, ids), params.base.seed,
+                              max_side=2 * params.train_unet.input_size)
+    if cfg.enabled and result.note:
+        console.print(f"note: train_unet.copy_paste is off for this run: {result.note}", highlight=False,
+                      markup=False, soft_wrap=True)
+    elif result.pairs:
+        console.print(f"copy-paste: {len(result.pairs)} pairs from {result.n_confident} confident cut-outs "
+                      f"(of {result.n_candidates}) on {result.n_backgrounds} background images")
+    return result
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """1 - Dice of the pet class on non-ignored pixels."""
     valid = (target != IGNORE).float()
@@ -142,11 +169,15 @@ def _train(ctx: DistContext, params: Params, paths: Paths, masks: str) -> dict[s
     # Cosine over optimiser steps (stepped by trainer.step), so every U-Net anneals on the same curve.
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     mask_fp = None if masks_dir is None else sorted((p.name, p.stat().st_size) for p in masks_dir.glob("*.png"))
+    pasted = _copy_paste(params, paths, df, train_df, source, masks_dir)
     trainer = Trainer(STAGE, name, name, params, paths, prec,
-                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp),
+                      fingerprint(to_dict(cfg), str(source), params.base.seed, tracking.data_hash(paths), mask_fp,
+                                  pasted.digest()),
                       ctx)
     step_model = trainer.data_parallel(model)
     train_ds = SegmentationDataset(train_df, paths.prepared, cfg.input_size, train=True, masks_dir=masks_dir)
+    if pasted.pairs:  # extra pairs in the same shuffled loader: the steps stay cfg.steps
+        train_ds = ConcatDataset([train_ds, copy_paste.PastedPairs(pasted.pairs, train_ds.transform)])
     val_ds = SegmentationDataset(val_df, paths.prepared, cfg.input_size, train=False)
     train_dl = trainer.loader(train_ds, cfg.batch_size)
     val_dl = loader(val_ds, cfg.batch_size, params, shuffle=False)
@@ -181,6 +212,7 @@ def _train(ctx: DistContext, params: Params, paths: Paths, masks: str) -> dict[s
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
             "world_size": ctx.world_size,
+            **pasted.summary(),
         }
         trainer.save(model, meta, final, logged=final)
         tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
