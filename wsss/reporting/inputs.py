@@ -64,12 +64,20 @@ class Reports:
     cams: dict[str, dict[str, Any]]
     pseudo: dict[str, dict[str, Any]]
     eval: dict[str, dict[str, Any]]
+    self_training: dict[str, Any] | None = None  # reports/self-training.json (rounds, val IoU, champion)
 
     @classmethod
     def load(cls, paths: Paths) -> Reports:
-        """Read ``reports/cams``, ``reports/pseudo`` and ``reports/eval`` of a project."""
+        """Read ``reports/cams``, ``reports/pseudo``, ``reports/eval`` and ``reports/self-training.json``."""
+        self_training = None
+        if paths.self_training_report.is_file():
+            try:
+                self_training = read_json(paths.self_training_report)
+            except (OSError, ValueError) as exc:
+                console.print(f"[yellow]report: skipping unreadable {paths.self_training_report} ({exc})[/]")
         return cls(load_reports(paths.reports / "cams"), load_reports(paths.reports / "pseudo"),
-                   load_reports(paths.reports / "eval"))
+                   load_reports(paths.reports / "eval"),
+                   self_training if isinstance(self_training, dict) else None)
 
     @property
     def unet_evals(self) -> dict[str, dict[str, Any]]:
