@@ -242,7 +242,7 @@ def self_train(
 @_user_errors
 def self_train_champion(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Choose the self-training round with the best val IoU (round 0 included, never test) -> reports/self-training.json."""
-    from wsss.stages import self_train as stage
+    from wsss.stages import self_train_champion as stage
 
     params, paths = _load(params_path)
     stage.run_champion(params, paths)

@@ -24,6 +24,14 @@ import numpy as np
 from wsss.config import PseudoConfig, SelfTrainConfig
 
 IGNORE = 255
+ROUND0_MODEL = "unet-best"  # round 0: the WSSS U-Net on the selected route's pseudo-masks
+
+
+def model_of(round_: int) -> str:
+    """The U-Net of a round: ``unet-best`` for round 0, ``unet-selftrain-r<N>`` after."""
+    from wsss.variants import MaskSource, UnetId
+
+    return ROUND0_MODEL if round_ == 0 else str(UnetId(MaskSource("selftrain", round=round_)))
 
 
 @dataclass(frozen=True)

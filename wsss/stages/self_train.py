@@ -16,7 +16,8 @@ Round ``N`` (``wsss self-train --round N``, 1 <= N <= ``self_train.rounds``):
 Resume: masks are written atomically with their per-image numbers beside them and a fingerprint of the
 previous model, the round-0 masks and the settings; a rerun skips finished masks, and the U-Net resumes
 from its checkpoint. ``wsss self-train-champion`` writes ``reports/self-training.json``: each round's val
-IoU and the champion (best val IoU, never test; a round must beat round 0 to be chosen).
+IoU and the champion (best val IoU, never test; a round must beat round 0 to be chosen;
+:mod:`wsss.stages.self_train_champion`).
 """
 
 from __future__ import annotations
@@ -40,22 +41,16 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
 from wsss.pseudo import effective_config
-from wsss.self_training import band_of, constrain, flip_tta_probs, summary
+from wsss.self_training import ROUND0_MODEL, band_of, constrain, flip_tta_probs, model_of
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
-from wsss.variants import MapVariant, MaskSource, UnetId
+from wsss.variants import MapVariant, MaskSource
 
 STAGE = "self-train"
-ROUND0_MODEL = "unet-best"
 STATS_DIR = "_stats"  # per-mask numbers, written before the mask (a mask on disk always has its numbers)
 DONE_FILE = "_done.json"
 
 TrainFn = Callable[..., dict[str, Any]]
-
-
-def model_of(round_: int) -> str:
-    """The U-Net of a round: ``unet-best`` for round 0, ``unet-selftrain-r<N>`` after."""
-    return ROUND0_MODEL if round_ == 0 else str(UnetId(MaskSource("selftrain", round=round_)))
 
 
 def check_round(params: Params, round_: int) -> None:
@@ -243,30 +238,3 @@ def _val_iou(params: Params, paths: Paths, model: str, device: str | None) -> di
         for r, prob in zip(chunk, predict_probs(net, images, meta.input_size, prec), strict=True):
             meter.add((prob >= 0.5).astype(np.uint8), read_mask(paths.prepared / r.mask_path))
     return {"iou_mean": meter.result().iou_mean, "n_images": len(rows)}
-
-
-def run_champion(params: Params, paths: Paths) -> dict[str, Any]:
-    """Write ``reports/self-training.json``: rounds 0..``self_train.rounds`` with their val IoU (and test
-    IoU where evaluated, for the report only) and the champion, chosen on val."""
-    rounds: list[dict[str, Any]] = []
-    for r in range(1, params.self_train.rounds + 1):
-        path = paths.selftrain_report(r)
-        if not path.exists():
-            raise DataError(f"{path}: self-training round {r} has not run; run `wsss self-train --round {r}`")
-        rep = read_json(path)
-        if r == 1:
-            rounds.append({"round": 0, "model": model_of(0), "val_iou": rep["previous_val_iou"]})
-        rounds.append({"round": r, "model": model_of(r), "val_iou": rep["val_iou"], "n_reset": rep["n_reset"],
-                       "ignore_fraction": rep["ignore_fraction"]})
-    for entry in rounds:  # shown beside, never used to choose
-        test = paths.eval_report(UnetId.parse(entry["model"]))
-        if test.exists():
-            entry["test_iou"] = read_json(test).get("iou_mean")
-    out = summary(rounds)
-    write_json(paths.self_training_report, out)
-    with tracking.stage_run("self-train-champion", "rounds", params, paths, sections=("self_train",)):
-        tracking.log_metrics({"champion_round": out["champion"]["round"], "champion_val_iou": out["champion"]["val_iou"],
-                              **{f"round{e['round']}_val_iou": e["val_iou"] for e in rounds}})
-    console.print(f"self-training champion: round {out['champion']['round']} ({out['champion']['model']}, val IoU "
-                  f"{out['champion']['val_iou']:.3f}); " + ", ".join(f"r{e['round']} {e['val_iou']:.3f}" for e in rounds))
-    return out
