@@ -111,10 +111,11 @@ def test_champion_is_chosen_on_val_and_must_beat_round0() -> None:
     assert summary(rounds)["champion"] == {"round": 1, "model": "unet-selftrain-r1", "val_iou": 0.7}
 
 
-def test_rounds_in_dvc_yaml_match_params() -> None:
+@pytest.mark.parametrize("folder", [".", "pipelines/paper-tables"])
+def test_rounds_in_dvc_yaml_match_params(folder: str) -> None:
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[1] / folder
     params = params_from_dict(yaml.safe_load((root / "params.yaml").read_text()))
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     entries = stages["self-train"]["foreach"]
@@ -124,6 +125,9 @@ def test_rounds_in_dvc_yaml_match_params() -> None:
     assert [e["prev"] for e in entries.values()] == prev  # each round names the model it starts from
     assert stages["evaluate-selftrain"]["foreach"] == [f"selftrain-r{r}" for r in
                                                        range(1, params.self_train.rounds + 1)]
+    champion_deps = stages["self-train-champion"]["deps"]
+    assert [f"reports/selftrain/r{r}.json" for r in range(1, params.self_train.rounds + 1)] == \
+        [d for d in champion_deps if d.startswith("reports/selftrain/")]
 
 
 # --- a tiny project ----------------------------------------------------------------------------------------
