@@ -57,6 +57,9 @@ OWNS: dict[str, tuple[str, ...]] = {
     "train-unet": ("models/unet-", ".wsss/state/train-unet", "reports/training/unet-", "reports/training/curves/unet-"),
     "evaluate": ("reports/eval/", "reports/eval-pseudo/"),
     "report": ("reports/report.md", "reports/figures/"),
+    "self-train": ("masks/selftrain-r", "models/unet-selftrain-r", ".wsss/state/train-unet/unet-selftrain-r",
+                   "reports/selftrain/", "reports/training/unet-selftrain-r", "reports/training/curves/unet-selftrain-r"),
+    "self-train-champion": ("reports/self-training.json",),
     "predict": ("predictions/",),
     "runs": (),
 }
@@ -78,6 +81,8 @@ COMMANDS: dict[str, list[str]] = {
     "evaluate-baselines": ["evaluate", "--baselines"],
     "evaluate-pseudo": ["evaluate", "--pseudo", CAM],
     "report": ["report", "--no-register"],
+    "self-train": ["self-train", "--round", "1"],
+    "self-train-champion": ["self-train-champion"],
     "runs": ["runs"],
     "predict": ["predict", "in.png"],
 }
@@ -250,6 +255,9 @@ def _option_cases() -> list[Case]:
         Case("predict/threshold-out-of-range", ["predict", "in.png", "--threshold", "1.5"], 2, ("--threshold",)),
         Case("predict/out-is-a-file", ["predict", "in.png", "--out", "params.yaml"], 2, ("--out",), **u),
         Case("evaluate/nothing-to-score", ["evaluate"], 1, ("--model", "--baselines", "--pseudo")),
+        Case("self-train/round-out-of-range", ["self-train", "--round", "7"], 2, ("--round 7", "self_train.rounds")),
+        Case("self-train/no-round-0-unet", COMMANDS["self-train"], 1, ("models/unet-best/model.pt",)),
+        Case("self-train-champion/no-rounds", COMMANDS["self-train-champion"], 1, ("reports/selftrain/r1.json",)),
         Case("runs/path-as-stage-filter", ["runs", "--stage", "../x"], 0),  # a filter: matches nothing, writes nothing
     ]
 

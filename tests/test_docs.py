@@ -15,7 +15,7 @@ DOCS = ROOT / "docs"
 # The sections the code, the pipelines and the report point at (``docs/methods.md#ccam``, ...).
 ANCHORS = {
     "methods.md": ["cam", "ecs", "ccam", "polarity", "per-breed-contrast", "ensemble", "map-inference",
-                   "dense-crf", "grabcut", "refiners", "u-net", "baselines"],
+                   "dense-crf", "grabcut", "refiners", "u-net", "self-training", "baselines"],
     "seed-paper.md": ["the-papers-numbers", "our-protocol"],
     "artefacts.md": ["maps", "masks", "models", "reports", "studies"],
     "extending.md": ["add-a-map-method", "add-a-refiner", "add-a-stage"],

@@ -222,6 +222,32 @@ def train_unet(
     stage.run(params, paths, masks, device=device)
 
 
+@app.command("self-train")
+@_user_errors
+def self_train(
+    round_: Annotated[int, typer.Option("--round", help="Round N, 1..self_train.rounds (round 0 is unet-best).")],
+    params_path: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = None,
+) -> None:
+    """One constrained self-training round: the previous U-Net relabels the train images (flip TTA), the route's tuned refiner refines, round-0 constraints apply -> masks/selftrain-r<N>/, then unet-selftrain-r<N> trains on them (train_unet schedule). Resumes after a kill."""
+    from wsss.stages import self_train as stage
+    from wsss.stages import train_unet
+
+    params, paths = _load(params_path)
+    stage.check_round(params, round_)
+    stage.run(params, paths, round_, train=train_unet.run, device=device)
+
+
+@app.command("self-train-champion")
+@_user_errors
+def self_train_champion(params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Choose the self-training round with the best val IoU (round 0 included, never test) -> reports/self-training.json."""
+    from wsss.stages import self_train_champion as stage
+
+    params, paths = _load(params_path)
+    stage.run_champion(params, paths)
+
+
 @app.command()
 @_user_errors
 def evaluate(

@@ -329,6 +329,24 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class SelfTrainConfig:
+    """Constrained self-training rounds (``wsss self-train --round N``; docs/methods.md#self-training).
+
+    Round ``N`` relabels every train image with round ``N-1``'s U-Net (soft output), refines that with the
+    selected route's tuned refiner and constrains the result against the round-0 pseudo-masks, then
+    trains the next U-Net with the ``train_unet`` schedule.
+    """
+
+    rounds: int = _f(1, 1, 20)  # rounds after round 0 (the WSSS U-Net unet-best); dvc.yaml has one stage each
+    # A new mask whose pet area differs from round 0's by more than this fraction of it is reset to round 0's.
+    max_area_change: float = _f(0.5, 0.0, 100.0)
+    ignore_disagreement: bool = True  # pixels where the new mask and round 0's differ -> 255 (ignore)
+    flip_tta: bool = True  # average the prediction with that of the mirrored image
+    border_band: bool = True  # keep the refiner's GrabCut border band background (when it uses one)
+    batch_size: int = _f(16, 1)  # images per forward pass when relabelling
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow observability of every stage run. No stage output depends on it (no ``dvc.yaml`` lists it)."""
 
@@ -355,6 +373,7 @@ class Params:
     tune_ensemble: TuneEnsembleConfig = field(default_factory=TuneEnsembleConfig)
     train_unet: UnetConfig = field(default_factory=UnetConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -140,6 +140,19 @@ class Paths:
     def masks_dir(self, variant: MapVariant | str) -> Path:
         return self.masks_root / _variant(variant)
 
+    def selftrain_masks_dir(self, round_: int) -> Path:
+        """``masks/selftrain-r<N>/``: the constrained masks of self-training round ``N`` (``wsss self-train``)."""
+        return self.masks_root / str(MaskSource("selftrain", round=round_))
+
+    def selftrain_report(self, round_: int) -> Path:
+        """``reports/selftrain/r<N>.json``: round ``N``'s masks (ignored fraction, resets) and its val IoU."""
+        return self.reports / "selftrain" / f"r{MaskSource('selftrain', round=round_).round}.json"
+
+    @property
+    def self_training_report(self) -> Path:
+        """``reports/self-training.json``: every round's val IoU (round 0 included) and the champion."""
+        return self.reports / "self-training.json"
+
     def pseudo_report(self, variant: MapVariant | str) -> Path:
         return self.reports / "pseudo" / f"{_variant(variant)}.json"
 

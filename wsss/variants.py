@@ -295,6 +295,8 @@ class MapVariant:
 
 
 SAME_IMAGES = "same-"  # mask-source prefix: only the train images that have GT (as the supervised U-Net)
+SELFTRAIN = "selftrain-r"  # mask source of self-training round N: masks/selftrain-r<N>/ (wsss self-train)
+_SELFTRAIN_RE = re.compile(r"selftrain-r([1-9][0-9]?)")
 
 
 @dataclass(frozen=True)
@@ -303,17 +305,21 @@ class MaskSource:
 
     ``same-best`` / ``same-<variant>`` (``same_images``): those pseudo-masks on exactly the train images
     that have GT, the images the supervised U-Net (``gt``) trains on: weak vs full labels on the same images.
+    ``selftrain-r<N>``: the constrained masks of self-training round ``N`` (``round``, 1-99).
     """
 
-    kind: Literal["gt", "best", "pseudo"]
+    kind: Literal["gt", "best", "pseudo", "selftrain"]
     variant: MapVariant | None = None
     same_images: bool = False
+    round: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gt", "best", "pseudo") or (self.kind == "pseudo") != (self.variant is not None):
+        if self.kind not in ("gt", "best", "pseudo", "selftrain") or (self.kind == "pseudo") != (self.variant is not None):
             raise ConfigError(f"mask source {self.kind!r}: use gt, best or a map variant")
         if self.same_images and self.kind == "gt":
             raise ConfigError(f"mask source {SAME_IMAGES}gt: the GT masks are on those images already; use gt")
+        if (self.kind == "selftrain") != (self.round > 0) or (self.kind == "selftrain" and self.same_images):
+            raise ConfigError(f"mask source {self.kind!r}: a self-training round is {SELFTRAIN}<1-99>, all images")
 
     @classmethod
     def parse(cls, text: str) -> MaskSource:
@@ -322,6 +328,8 @@ class MaskSource:
         rest = text.removeprefix(SAME_IMAGES) if same else text
         if rest == "best" or (rest == "gt" and not same):
             return cls(rest, same_images=same)  # type: ignore[arg-type]
+        if not same and isinstance(text, str) and (m := _SELFTRAIN_RE.fullmatch(text)):
+            return cls("selftrain", round=int(m.group(1)))
         try:
             return cls("pseudo", MapVariant.parse(rest), same_images=same)
         except ConfigError:
@@ -329,6 +337,8 @@ class MaskSource:
                        f"for the train images with GT only (map variant: {VARIANT_FORMS})") from None
 
     def __str__(self) -> str:
+        if self.kind == "selftrain":
+            return f"{SELFTRAIN}{self.round}"
         name = str(self.variant) if self.variant is not None else self.kind
         return SAME_IMAGES + name if self.same_images else name
 
@@ -347,7 +357,7 @@ class UnetId:
                 return cls(MaskSource.parse(text.removeprefix("unet-")))
             except ConfigError:
                 pass
-        raise _bad("U-Net", text, "unet-<gt|best|map variant|same-<best|map variant>>")
+        raise _bad("U-Net", text, f"unet-<gt|best|map variant|same-<best|map variant>|{SELFTRAIN}<N>>")
 
     def __str__(self) -> str:
         return f"unet-{self.source}"

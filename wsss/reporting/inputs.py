@@ -65,12 +65,21 @@ class Reports:
     pseudo: dict[str, dict[str, Any]]
     eval: dict[str, dict[str, Any]]
     training: dict[str, dict[str, Any]] = field(default_factory=dict)  # reports/training/<model>.json
+    self_training: dict[str, Any] | None = None  # reports/self-training.json (rounds, val IoU, champion)
 
     @classmethod
     def load(cls, paths: Paths) -> Reports:
-        """Read ``reports/cams``, ``reports/pseudo``, ``reports/eval`` and ``reports/training`` of a project."""
+        """Read ``reports/cams``, ``reports/pseudo``, ``reports/eval``, ``reports/training`` and
+        ``reports/self-training.json`` of a project."""
+        self_training = None
+        if paths.self_training_report.is_file():
+            try:
+                self_training = read_json(paths.self_training_report)
+            except (OSError, ValueError) as exc:
+                console.print(f"[yellow]report: skipping unreadable {paths.self_training_report} ({exc})[/]")
         return cls(load_reports(paths.reports / "cams"), load_reports(paths.reports / "pseudo"),
-                   load_reports(paths.reports / "eval"), load_reports(paths.reports / "training"))
+                   load_reports(paths.reports / "eval"), load_reports(paths.reports / "training"),
+                   self_training if isinstance(self_training, dict) else None)
 
     @property
     def unet_evals(self) -> dict[str, dict[str, Any]]:

@@ -339,6 +339,34 @@ ALL_IMAGES = UnetRow("WSSS, all images", "best", "pseudo-masks")
 UNET_ROWS: tuple[UnetRow, ...] = (SUPERVISED, SAME_IMAGES, ALL_IMAGES)
 
 
+def self_training_rows(rep: Reports) -> tuple[UnetRow, ...]:
+    """One row per self-training round after round 0 (``reports/self-training.json``); the champion,
+    chosen on val, is marked."""
+    data = rep.self_training or {}
+    champion = get(data, "champion", "round")
+    rows = []
+    for entry in data.get("rounds", []):
+        r = get(entry, "round")
+        if r is None or r < 1:
+            continue
+        mark = " (champion, by val IoU)" if champion == r else ""
+        rows.append(UnetRow(f"WSSS, self-training round {int(r)}{mark}", f"selftrain-r{int(r)}",
+                            "constrained round masks"))
+    return tuple(rows)
+
+
+def _self_training_line(rep: Reports) -> str | None:
+    """Every round's val IoU and the champion, or None without self-training."""
+    data = rep.self_training
+    if not data or not data.get("rounds"):
+        return None
+    vals = ", ".join(f"round {int(get(e, 'round') or 0)} {pct(get(e, 'val_iou'))}" for e in data["rounds"])
+    champ = get(data, "champion", "round")
+    return (f"Self-training (docs/methods.md#self-training), val IoU: {vals}; champion: round "
+            f"{DASH if champ is None else int(champ)} (chosen on val only; round 0 = `unet-best`, kept unless a "
+            "round beats it).")
+
+
 def _unet_cells(data: Mapping[str, Any] | None, gt_iou: float | None) -> list[str]:
     """images, steps, IoU, Dice, dataset IoU, mIoU and IoU / supervised of one eval report."""
     def count(key: str) -> str:
@@ -356,12 +384,13 @@ def unets_section(rep: Reports) -> str:
     gt = rep.eval.get(SUPERVISED.source)
     gt_iou = get(gt, "iou_mean")
     rows = []
-    for row in UNET_ROWS:
+    unet_rows = (*UNET_ROWS, *self_training_rows(rep))
+    for row in unet_rows:
         data = rep.eval.get(row.source)
         masks = (data or {}).get("masks")
         trained_on = row.supervision + (f" (`{masks}`)" if masks and masks != "gt" else "")
         rows.append([row.label, f"`unet-{row.source}`", trained_on, *_unet_cells(data, gt_iou)])
-    listed = {row.source for row in UNET_ROWS}
+    listed = {row.source for row in unet_rows}
     for name, data in sorted(rep.unet_evals.items()):
         if name not in listed:
             rows.append([DASH, f"`unet-{name}`", f"`{data.get('masks', DASH)}`", *_unet_cells(data, gt_iou)])
@@ -385,6 +414,7 @@ def unets_section(rep: Reports) -> str:
         md_table(headers, rows),
         "",
         line,
+        *(["", st_line] if (st_line := _self_training_line(rep)) else []),
     ])
 
 

@@ -76,6 +76,13 @@ def training_rows(df: pd.DataFrame, paths: Paths, source: MaskSource) -> tuple[p
     the same images); an all-images one takes every train image that has a pseudo-mask.
     """
     gt_rows = pets(df, "train", with_mask=True)
+    if source.kind == "selftrain":  # a self-training round's constrained masks (wsss self-train)
+        masks_dir = paths.selftrain_masks_dir(source.round)
+        if not (masks_dir / "_done.json").exists():
+            raise DataError(f"{masks_dir}: round {source.round} masks not finished; run "
+                            f"`wsss self-train --round {source.round}`")
+        train = pets(df, "train")
+        return train[train["id"].isin({p.stem for p in masks_dir.glob("*.png")})], masks_dir
     if source.variant is None:
         if source.kind != "gt":
             raise DataError(f"mask source {source}: resolve 'best' to a variant first")
