@@ -39,7 +39,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-FACTORS = (1, 4, 16)
+FACTORS = (1, 16, 4)  # run order: the flatness verdict (1x vs 16x) first; the tables sort by size
 # Stages whose memory must not grow with the number of images (they stream shards, masks, images).
 STREAMING = ("make-cams cam", "make-cams ccam", "make-pseudo", "evaluate pseudo", "evaluate unet", "predict")
 DATA_STAGES = ("generate-synthetic", "prepare", "validate") + STREAMING
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smaller base set (40/20/10 images at 64 px)")
     ap.add_argument("--workdir", type=Path, default=None, help="work projects (default: a new temp folder)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scaling.json", help="JSON; .md beside it")
+    ap.add_argument("--sizes", default="", help="comma-separated subset of x1,x16,x4,larger (default: all)")
     return ap.parse_args(argv)
 
 
@@ -177,7 +178,7 @@ def flatness(rows: dict[str, dict[str, dict[str, Any]]], sizes: list[str]) -> di
 
 def to_markdown(result: dict[str, Any]) -> str:
     """Tables: seconds and peak RSS per stage and size, then the flatness verdicts."""
-    sizes = list(result["projects"])
+    sizes = sorted(result["projects"], key=lambda s: (len(s.split()), int(s.split()[0][1:])))  # x1 x4 x16, then larger
     lines = [f"# wsss scaling ({'quick' if result['quick'] else 'full'} mode)", "",
              f"- machine: {result['machine']}",
              f"- load average (1, 5, 15 min) before: {result['loadavg_before']}, after: {result['loadavg_after']}",
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes: dict[str, dict[str, int]] = {f"x{f}": {**base, **{k: base[k] * f for k in ("n_trainval", "n_test", "n_background")}}
                                         for f in FACTORS}
     sizes[f"x1 {base['image_size'] * 2}px"] = {**base, "image_size": base["image_size"] * 2}
+    if args.sizes:
+        keep = {k.strip() for k in args.sizes.split(",")}
+        sizes = {k: v for k, v in sizes.items() if k in keep or (k.startswith("x1 ") and "larger" in keep) or k == "x1"}
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="wsss-scaling-"))).resolve()
     result: dict[str, Any] = {"quick": args.quick, "machine": machine(), "loadavg_before": [round(x, 2) for x in os.getloadavg()],
                               "workdir": str(work), "projects": {}, "rows": {}}
@@ -258,17 +262,23 @@ def main(argv: list[str] | None = None) -> int:
             result["projects"][name]["images"] = image_count(root)
         if first_models is None:
             first_models = root / "models"
+        write(result, args.out.resolve(), start)  # after every size: an interrupted run keeps what it measured
         if failed:
             break
+    print(to_markdown(result))
+    return 1 if failed else 0
+
+
+def write(result: dict[str, Any], out: Path, start: float) -> None:
+    """The JSON and markdown of what has run so far (atomically: temp file, then rename)."""
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["flatness"] = flatness(result["rows"], list(result["rows"]))
-    out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
-    return 1 if failed else 0
+    for path, text in ((out, json.dumps(result, indent=2) + "\n"), (out.with_suffix(".md"), to_markdown(result))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":
