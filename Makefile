@@ -44,8 +44,10 @@ gpu-data:  ## .gpu-data/: the dev data (../shared/data) with the longest side <=
 gpu-prepare: gpu-wheels gpu-data  ## both, and what travels, in bytes (the device tool's limit: 64 MiB)
 	@echo "travels: $$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | xargs -0 cat 2>/dev/null | wc -c) bytes of working tree + $$(cat .whl/*.whl | wc -c) of wheels + $$(find .gpu-data -type f -print0 | xargs -0 cat | wc -c) of data"
 
-gpu-check-cpu: install  ## the GPU check end to end on this CPU with the tiny profile (no wheels)
-	PYTHON=$(BIN)/python SKIP_WHEELS=1 bash benchmarks/gpu_check.sh /tmp/wsss-gpu-check-cpu gpu-check-tiny
+gpu-check-cpu: install  ## the GPU check end to end on this CPU: tiny profile, every 10th dev image, no wheels
+	$(BIN)/python benchmarks/gpu_check.py stage-data --dest /tmp/wsss-gpu-check-data --every 10
+	PYTHON=$(BIN)/python SKIP_WHEELS=1 bash benchmarks/gpu_check.sh /tmp/wsss-gpu-check-cpu gpu-check-tiny \
+	    --data /tmp/wsss-gpu-check-data
 
 scaling-quick: install  ## benchmarks/scaling.py --quick -> benchmarks/results/scaling.{json,md} (~5 min)
 	$(BIN)/python benchmarks/scaling.py --quick

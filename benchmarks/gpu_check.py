@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     st.add_argument("--dest", type=Path, default=REPO / ".gpu-data")
     st.add_argument("--max-side", type=int, default=256, help="longest side of the staged images (0 = as is)")
     st.add_argument("--quality", type=int, default=85, help="JPEG quality of re-encoded images")
+    st.add_argument("--every", type=int, default=1,
+                    help="keep every N-th image of each split file (1 = all; >1: a small set for a CPU check)")
     rn = sub.add_parser("run", help="run the pipeline and write DIR/gpu_check.json + .md")
     rn.add_argument("--out", type=Path, required=True, help="output folder (created)")
     rn.add_argument("--profile", default="gpu-check", help="a benchmarks/profiles/ name or a YAML file")
@@ -69,9 +71,10 @@ def _atomic_copy(write: Any, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def stage_data(src: Path, dest: Path, max_side: int, jpeg_quality: int) -> dict[str, Any]:
-    """Copy the Oxford-layout dev roots under ``src`` into ``dest``: split files as they are, images
-    (JPEG) and trimaps (PNG, nearest neighbour) resized so the longest side is at most ``max_side``."""
+def stage_data(src: Path, dest: Path, max_side: int, jpeg_quality: int, every: int = 1) -> dict[str, Any]:
+    """Copy the Oxford-layout dev roots under ``src`` into ``dest``: split files (every ``every``-th line:
+    a stride keeps every breed group of the sorted lists), images (JPEG) and trimaps (PNG, nearest
+    neighbour) of the listed names, resized so the longest side is at most ``max_side``."""
     from PIL import Image
 
     if not src.is_dir():
@@ -84,14 +87,20 @@ def stage_data(src: Path, dest: Path, max_side: int, jpeg_quality: int) -> dict[
         subdirs = ["images", "annotations"] + (["annotations/trimaps"] if has_trimaps else [])
         for sub in subdirs:
             (droot / sub).mkdir(parents=True, exist_ok=True)
+        names: set[str] = set()
         for name in ("trainval.txt", "test.txt"):
-            shutil.copyfile(sroot / "annotations" / name, droot / "annotations" / name)
+            lines = [ln for ln in (sroot / "annotations" / name).read_text().splitlines()
+                     if ln.strip() and not ln.startswith("#")][::max(1, every)]
+            names |= {ln.split()[0] for ln in lines}
+            (droot / "annotations" / name).write_text("\n".join(lines) + "\n")
         n = 0
         for kind, pattern, resample in (("images", "*.jpg", Image.Resampling.BILINEAR),
                                         ("annotations/trimaps", "*.png", Image.Resampling.NEAREST)):
             if kind != "images" and not has_trimaps:
                 continue
             for path in sorted((sroot / kind).glob(pattern)):
+                if path.stem not in names:
+                    continue
                 out = droot / kind / path.name
                 if out.exists():
                     n += 1
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = parse_args(argv)
     if args.cmd == "stage-data":
-        stage_data(args.src.resolve(), args.dest.resolve(), args.max_side, args.quality)
+        stage_data(args.src.resolve(), args.dest.resolve(), args.max_side, args.quality, args.every)
         return 0
     return run_check(args)
 

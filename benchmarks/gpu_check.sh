@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on a bare CUDA machine (benchmarks/README.md "GPU check"):
-#   bash benchmarks/gpu_check.sh OUT_DIR [PROFILE]      # PROFILE: gpu-check (default) | gpu-check-tiny | FILE
+#   bash benchmarks/gpu_check.sh OUT_DIR [PROFILE [gpu_check.py run options, e.g. --data DIR]]
+#   (PROFILE: gpu-check (default) | gpu-check-tiny | a YAML file)
 # 1. installs the carried wheels (.whl/, `make gpu-wheels`) into a private --target folder: nothing of the
 #    machine's own Python changes, and the machine's torch, numpy, pandas, ... are used as they are;
 # 2. runs benchmarks/gpu_check.py on the staged dev data (.gpu-data/, `make gpu-data`), which writes
@@ -38,6 +39,6 @@ print(f"imports ok; torch {torch.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
 PY
 rc=0
-"$PY" benchmarks/gpu_check.py run --out "$OUT" --profile "$PROFILE" || rc=$?
+"$PY" benchmarks/gpu_check.py run --out "$OUT" --profile "$PROFILE" "${@:3}" || rc=$?
 echo "{\"wheels_install_seconds\": $((t1 - t0)), \"total_seconds\": $(( $(date +%s) - t0 )), \"rc\": $rc}" > "$OUT/gpu_check_wall.json"
 exit $rc
