@@ -29,11 +29,17 @@ t1=$(date +%s)
 echo "wheels installed in $((t1 - t0)) s"
 # Every package the pipeline imports, before anything runs: a missing one fails here in seconds.
 "$PY" - <<'PY'
-import importlib
+import importlib, sys
+missing = []
 for m in ("torch", "torchvision", "numpy", "pandas", "pyarrow", "cv2", "PIL", "yaml", "typer", "rich", "mlflow",
           "sqlalchemy", "alembic", "optuna", "great_expectations", "segmentation_models_pytorch",
           "pydensecrf.densecrf", "safetensors", "matplotlib", "filelock", "psutil", "wsss.cli"):
-    importlib.import_module(m)
+    try:
+        importlib.import_module(m)
+    except Exception as exc:  # noqa: BLE001 - report every missing or broken package at once
+        missing.append(f"{m} ({type(exc).__name__}: {exc})")
+if missing:
+    sys.exit("error: cannot import " + "; ".join(missing))
 import torch
 print(f"imports ok; torch {torch.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
