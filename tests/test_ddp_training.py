@@ -36,13 +36,22 @@ TINY = {
     "train_ccam": {"arch": "resnet18", "resize": 72, "input_size": 64, "epochs": 2, "batch_size": 8,
                    "per_breed_epochs": 2, "breeds_per_batch": 2, "polarity_images": 8},
     "train_unet": {"architecture": "plain", "plain_filters": [4, 8, 16, 32], "input_size": 32, "steps": 6,
-                   "batch_size": 8, "dice_weight": 0.0},
+                   "batch_size": 8, "dice_weight": 0.5},
 }
-# |w(2 ranks) - w(1 process)| / |w(1 process) - w(init)|. Not tighter: on a CPU with native bf16 the
-# stages train under bf16 autocast, where BatchNorm rounds differently on a half batch (measured on this
-# ResNet-18: 18% relative gradient difference after one step, 2e-6 in fp32), and the tiny schedules here
-# amplify it. The exact comparison is the fp32 Trainer test above.
-TOLERANCE = 1.0
+# |w(2 ranks) - w(1 process)| / |w(1 process) - w(init)|, in fp32 (WSSS_CPU_BF16=0, set for every test here;
+# under bf16 autocast BatchNorm rounds differently on a half batch: 18 % relative gradient difference after one
+# ResNet-18 step, against 2e-6 in fp32). Measured: classifier and CCAM 0.000, U-Net 0.016 (Adam's per-weight
+# normalisation amplifies rounding where gradients are near 0). A U-Net loss averaged per rank instead of over
+# the global batch's non-ignored pixels measured 0.184.
+TOLERANCE = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _fp32_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process of these tests (spawned ranks inherit the environment) trains in fp32."""
+    from wsss.device import CPU_BF16_ENV
+
+    monkeypatch.setenv(CPU_BF16_ENV, "0")
 
 
 def invoke(*args: str) -> str:

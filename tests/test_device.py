@@ -75,6 +75,14 @@ def test_cpu_supports_bf16_is_cached_bool() -> None:
     assert dev.cpu_supports_bf16() is dev.cpu_supports_bf16()
 
 
+def test_wsss_cpu_bf16_0_keeps_the_cpu_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setenv(dev.CPU_BF16_ENV, "0")
+    assert dev.precision_for(torch.device("cpu")).autocast_dtype is None
+    monkeypatch.setenv(dev.CPU_BF16_ENV, "1")
+    assert dev.precision_for(torch.device("cpu")).autocast_dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("bf16", [True, False])
 def test_autocast_runs_a_conv(monkeypatch: pytest.MonkeyPatch, bf16: bool) -> None:
     monkeypatch.setattr(dev, "cpu_supports_bf16", lambda: bf16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -98,8 +99,13 @@ class Precision:
     use_grad_scaler: bool
 
 
+# ``WSSS_CPU_BF16=0`` keeps the CPU in fp32 even where it has bf16 units: bf16 rounding depends on the batch
+# shape, so comparisons across batch splits (1 process vs N data-parallel ranks) are exact only in fp32.
+CPU_BF16_ENV = "WSSS_CPU_BF16"
+
+
 def precision_for(device: torch.device, enabled: bool = True) -> Precision:
-    """Pick the mixed-precision settings for ``device``.
+    """Pick the mixed-precision settings for ``device`` (on the CPU, fp32 when ``WSSS_CPU_BF16=0``).
 
     Args:
         device: where the model runs.
@@ -110,7 +116,7 @@ def precision_for(device: torch.device, enabled: bool = True) -> Precision:
         if cuda_supports_bf16(device):
             return Precision(device, torch.bfloat16, channels_last=True, use_grad_scaler=False)
         return Precision(device, torch.float16, channels_last=True, use_grad_scaler=True)
-    if enabled and device.type == "cpu" and cpu_supports_bf16():
+    if enabled and device.type == "cpu" and cpu_supports_bf16() and os.environ.get(CPU_BF16_ENV, "1") != "0":
         return Precision(device, torch.bfloat16, channels_last=True, use_grad_scaler=False)
     return Precision(device, None, channels_last=False, use_grad_scaler=False)
 

@@ -126,13 +126,33 @@ def _copy_paste(params: Params, paths: Paths, df: pd.DataFrame, train_df: pd.Dat
     return result
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - Dice of the pet class on non-ignored pixels."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
+    """1 - Dice of the pet class on non-ignored pixels, over the global batch when data-parallel."""
+    from wsss.training.distributed import global_sum
+
     valid = (target != IGNORE).float()
     prob = logits.softmax(1)[:, 1] * valid
     tgt = (target == 1).float() * valid
-    inter = (prob * tgt).sum()
-    return 1 - (2 * inter + 1) / (prob.sum() + tgt.sum() + 1)
+    sums = torch.stack([(prob * tgt).sum(), prob.sum(), tgt.sum()])
+    if ctx is not None:
+        sums = global_sum(sums, ctx)
+    inter, prob_sum, tgt_sum = sums
+    return 1 - (2 * inter + 1) / (prob_sum + tgt_sum + 1)
+
+
+def unet_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float, ctx: DistContext) -> torch.Tensor:
+    """Cross-entropy over the non-ignored pixels + ``dice_weight`` x soft Dice, both over the global batch:
+    the ranks' halves of a batch hold different numbers of ignored pixels, so per-rank means averaged by
+    DDP would weight pixels by their rank (the result would depend on the number of ranks)."""
+    from wsss.training.distributed import global_sum
+
+    ce_and_count = torch.stack([F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum"),
+                                (target != IGNORE).sum().to(logits.dtype)])
+    ce_sum, count = global_sum(ce_and_count, ctx)
+    loss = ce_sum / count.clamp(min=1)
+    if dice_weight > 0:
+        loss = loss + dice_weight * soft_dice_loss(logits, target, ctx)
+    return loss
 
 
 def run(params: Params, paths: Paths, masks: str, device: str | None = None) -> dict[str, Any]:
@@ -243,9 +263,7 @@ def _train_epoch(trainer: Trainer, model: torch.nn.Module, optimizer: torch.opti
         with autocast(prec):
             logits = model(x)
         logits = logits.float()
-        loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
-        if dice_weight > 0:
-            loss = loss + dice_weight * soft_dice_loss(logits, y)
+        loss = unet_loss(logits, y, dice_weight, trainer.ctx)
         trainer.step(loss, optimizer, scheduler)
         loss_sum += float(loss.detach()) * len(x)
         n += len(x)

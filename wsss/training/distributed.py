@@ -163,6 +163,20 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     return t.tolist()
 
 
+def global_sum(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """``x`` summed over the ranks, differentiably (``x`` itself on one process).
+
+    For a loss that is a ratio of sums over the global batch (a mean over non-ignored pixels, a soft Dice):
+    every rank then holds the same global loss, its backward sends ``world_size`` x each rank's share of the
+    gradient back to that rank, and DDP's average over the ranks makes it exactly the global gradient.
+    """
+    if not ctx.distributed:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x)
+
+
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank in rank order (no gradient); ``x`` itself outside a process group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
