@@ -41,8 +41,10 @@ REPORT_SECTIONS = (
     "## U-Nets on the official test split", "## All map variants", "## All pseudo-mask variants",
     "## Model registry", "## Figures",
 )
-# Stages that may rerun when a `pseudo.crf` parameter changes: the refiner's stages and what they feed.
-BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|train-unet-same|evaluate@(same-)?best|report)$")
+# Stages that may rerun when a `pseudo.crf` parameter changes: the refiner's stages and what they feed
+# (the self-training rounds refine with the same refiner).
+BELOW_CRF = re.compile(r"^(tune-crf@.*|make-pseudo@.*|train-unet-best|train-unet-same|evaluate@(same-)?best|"
+                       r"self-train@.*|evaluate-selftrain@.*|self-train-champion|report)$")
 
 
 def _copy_worktree(dest: Path) -> None:
