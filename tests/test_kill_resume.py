@@ -369,15 +369,20 @@ def test_watcher_sees_partial_files(tmp_path: Path) -> None:
     assert len(problems) == 3 and all(("a.json" in p or "b.npz" in p or "c.png.tmp" in p) for p in problems)
 
 
-def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
+def _dead_pid() -> int:
+    """The pid of a process that has already exited (a killed writer's, as far as the sweep can tell)."""
     import subprocess
     import sys
 
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout)
+
+
+def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
     from wsss import io
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    pid = int(dead.stdout)
+    pid = _dead_pid()
     stale = tmp_path / f".model.pt.{pid}.abcd1234.tmp"
     live = tmp_path / f".model.pt.{__import__('os').getpid()}.efgh5678.tmp"
     other = tmp_path / ".notes.tmp"
@@ -390,14 +395,9 @@ def test_stale_temp_files_of_dead_writers_are_swept(tmp_path: Path) -> None:
 
 def test_temp_files_of_another_host_are_never_swept(tmp_path: Path) -> None:
     """Parts of a sharded run on several nodes share a folder: a pid from another host says nothing here."""
-    import subprocess
-    import sys
-
     from wsss import io
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    pid = int(dead.stdout)
+    pid = _dead_pid()
     ours = tmp_path / f".a.png.{pid}@{io._HOST_TAG}.abcd1234.tmp"
     theirs = tmp_path / f".a.png.{pid}@other-node-7.efgh5678.tmp"
     for p in (ours, theirs):
