@@ -223,8 +223,9 @@ def run_check(args: argparse.Namespace) -> int:
                               "params": quality.shown_params(plan.params), "maps": plan.variants}
     rc, error = 0, None
     try:
-        eval_project, best, val_scores = quality.run_pipeline(plan, work, None, runner)
-        scores = quality.collect(eval_project, plan, best, val_scores)
+        step_maps: dict[str, dict[str, Any]] = {}
+        eval_project, best, val_scores = quality.run_pipeline(plan, work, None, runner, step_maps)
+        scores = quality.collect(eval_project, plan, best, val_scores, work)
         result.update(scores, selected_variant=best, val_pseudo_iou={k: quality.pct(v) for k, v in val_scores.items()},
                       eval={"description": "the dev root's official test split",
                             "n_images": scores["rows"][0].get("n_images")})

@@ -4,13 +4,15 @@ Builds a work project (``params.yaml`` = a profile from ``benchmarks/profiles/``
 real-data settings) and drives the ``wsss`` commands in it as subprocesses, timing each step:
 
     prepare -> train-classifier / train-ccam -> make-cams -> tune crf -> make-pseudo
-    -> train-unet --masks <best on val> / same-<best on val> / gt / prior-grabcut (label-free: rectangle-
-       GrabCut masks)   (every U-Net: train_unet.steps steps)
-    -> evaluate --pseudo <variant> (each) / --model unet-<best> / unet-same-<best> / unet-gt /
-       unet-prior-grabcut / --baselines
+    -> train-unet --masks best / same-best / gt / prior-grabcut (label-free: rectangle-GrabCut masks)
+       (every U-Net: train_unet.steps steps)
+    -> self-train --round 1..self_train.rounds -> self-train-champion
+    -> evaluate --pseudo <variant> (each) / --model unet-best / unet-same-best / unet-gt /
+       unet-prior-grabcut / unet-selftrain-r<N> / --baselines
 
-The pseudo-mask variant for the weakly-supervised U-Net is chosen by its pseudo-masks' fg IoU on the
-validation split (never on the evaluation images). Everything is scored on the evaluation images: the
+The pseudo-mask variant for the weakly-supervised U-Net is the product's own choice (``train-unet --masks
+best``: the best pseudo-mask fg IoU on the trainval images with GT, never on the evaluation images); that
+U-Net is self-training's round 0, and the champion round is chosen on the val split. Everything is scored on the evaluation images: the
 train root's official test split, or every image of ``--eval-root`` (prepared as a second project whose
 test split is all its images, using the first project's models and tuned refiners).
 
@@ -59,7 +61,10 @@ ENSEMBLE = "ensemble"
 # The ensemble is built twice: on the profile's maps, then with the label-free priors as members too
 # (its weights tuned on val each time); the second one is the "ensemble" variant the U-Net may train on.
 ENSEMBLE_KINDS = ("without priors", "with priors")
-SELF_TRAIN_ROUNDS = (1, 2)
+# ``train-unet --masks best``: the U-Net on the product's selected pseudo-masks (models/unet-best), which
+# is also self-training's round 0.
+BEST = "best"
+SELF_TRAIN_ROUNDS = 2  # self_train.rounds unless the profile sets it
 NOT_RUN = "not run"
 
 
@@ -163,6 +168,11 @@ class Plan:
         """Map variants ``<method>_<model>``."""
         return [f"{m}_{n}" for m, n in self.maps]
 
+    @property
+    def rounds(self) -> list[int]:
+        """The self-training rounds after round 0: 1..``self_train.rounds``."""
+        return list(range(1, int(self.params["self_train"]["rounds"]) + 1))
+
 
 def build_plan(profile: dict[str, Any], train_root: Path, extra_roots: list[Path], device: str | None = None,
                imagenet_check: Any = imagenet_available) -> Plan:
@@ -174,6 +184,7 @@ def build_plan(profile: dict[str, Any], train_root: Path, extra_roots: list[Path
     real = {"base": {"dataset": "oxford-pet", "data_root": str(Path(train_root).resolve()),
                      "extra_roots": [str(Path(r).resolve()) for r in extra_roots], "background_root": None}}
     params = deep_merge(profile.get("params", {}), real)
+    params.setdefault("self_train", {}).setdefault("rounds", SELF_TRAIN_ROUNDS)
     if device:
         params["base"]["device"] = device
     steps = profile["steps"]
@@ -359,17 +370,18 @@ def has_command(root: Path, *command: str) -> bool:
     return proc.returncode == 0
 
 
-def run_self_training(runner: Runner, work: Path) -> str:
-    """Rounds 1, 2 of ``wsss self-train --round N`` when the CLI has it; returns what happened (for the
-    steps table: a round that did not run is "not run", with why)."""
+def run_self_training(runner: Runner, work: Path, rounds: list[int]) -> str:
+    """``wsss self-train --round N`` for each of ``rounds``, then ``self-train-champion``, when the CLI has
+    them; returns what happened (for the steps table: a round that did not run is "not run", with why)."""
     if not has_command(work, "self-train"):
         return f"{NOT_RUN}: this wsss has no `self-train` command"
-    for n in SELF_TRAIN_ROUNDS:
+    for n in rounds:
         try:
             runner(f"self-train round {n}", "self-train", "--round", str(n))
         except StepFailed as exc:
             print(f"    self-training stopped: {exc}", file=sys.stderr)
             return f"{NOT_RUN} past round {n - 1}: `wsss self-train --round {n}` failed (see quality.log)"
+    runner("self-train-champion", "self-train-champion")
     return "ran"
 
 
@@ -404,8 +416,11 @@ def _unet_row(name: str, report: dict[str, Any]) -> dict[str, Any]:
             "miou": pct(report.get("miou")), "n_images": training.get("n_images"), "steps": training.get("steps")}
 
 
-def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, float]) -> dict[str, Any]:
-    """Read the evaluation reports into rows (IoU / Dice in %) and the summary."""
+def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, float],
+            work: Path | None = None) -> dict[str, Any]:
+    """Read the evaluation reports into rows (IoU / Dice in %) and the summary. ``wsss_unet_iou`` is the
+    self-training champion's (chosen on val; round 0 = ``unet-best`` unless a round beats it)."""
+    work = eval_project if work is None else work
     reports = eval_project / "reports"
     rows: list[dict[str, Any]] = []
     for variant in plan.variants:
@@ -415,8 +430,8 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
                      "iou": pct(rep["after"]["iou_mean"]), "dice": pct(rep["after"]["dice_mean"]),
                      "iou_before_refine": pct(rep["before"]["iou_mean"]), "val_iou": pct(val_scores.get(variant)),
                      "n_images": rep.get("n_images")})
-    wsss_unet = read_json(reports / "eval" / f"{best}.json")
-    same_unet = read_json(reports / "eval" / f"same-{best}.json")
+    wsss_unet = read_json(reports / "eval" / f"{BEST}.json")
+    same_unet = read_json(reports / "eval" / f"same-{BEST}.json")
     gt_unet = read_json(reports / "eval" / "gt.json")
     base = read_json(reports / "eval" / "baselines.json")
     if best == ENSEMBLE:  # the rows above are the profile's maps; the selected ensemble has priors as members
@@ -426,6 +441,10 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
                      "dice": pct(rep["after"]["dice_mean"]), "iou_before_refine": pct(rep["before"]["iou_mean"]),
                      "val_iou": pct(val_scores.get(ENSEMBLE)), "n_images": rep.get("n_images")})
     rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), all train images", wsss_unet))
+    champion = self_training_champion(work, eval_project)
+    if champion is not None and champion["round"] > 0:
+        wsss_unet = champion["eval"]
+        rows.append(_unet_row(f"U-Net self-training round {champion['round']} (champion, chosen on val)", wsss_unet))
     rows.append(_unet_row(f"U-Net on pseudo-masks ({best}), the GT train images only", same_unet))
     rows.append(_unet_row("U-Net on GT (supervised)", gt_unet))
     free_unet = read_json(reports / "eval" / f"{LABEL_FREE}.json")
@@ -444,6 +463,20 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
     return {"rows": rows, "summary": summary}
 
 
+def self_training_champion(work: Path, eval_project: Path) -> dict[str, Any] | None:
+    """``{round, model, eval}`` of the champion in ``reports/self-training.json`` (chosen on val), with its
+    evaluation report; None when self-training did not run or the champion was not evaluated."""
+    path = work / "reports" / "self-training.json"
+    if not path.is_file():
+        return None
+    champ = read_json(path).get("champion") or {}
+    model = champ.get("model")
+    if not isinstance(model, str) or not model.startswith("unet-"):
+        return None
+    ev = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
+    return {"round": int(champ.get("round", 0)), "model": model, "eval": read_json(ev)} if ev.is_file() else None
+
+
 def _unet_val(project: Path, source: str) -> float:
     """The last-step val fg IoU (%) of ``models/unet-<source>`` from its training report (nan if absent)."""
     path = project / "reports" / "training" / f"unet-{source}.json"
@@ -459,7 +492,8 @@ def _score(entry: dict[str, Any], *keys: str) -> float | None:
     return None
 
 
-def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN) -> list[dict[str, Any]]:
+def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN,
+                       rounds: list[int] | None = None) -> list[dict[str, Any]]:
     """Rounds 1, 2 from ``reports/self-training.json`` (``rounds: [{round, val_iou_mean | val_iou,
     test_iou_mean | test_iou, kept, model}, ...]``, read leniently: the stage is built in parallel), else
     "not run" (``note`` says why). A round with a model but no test score is scored by its ``reports/eval/`` report when the
@@ -467,8 +501,9 @@ def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN) -> l
     path = work / "reports" / "self-training.json"
     data = read_json(path) if path.is_file() else {}
     by_round = {int(r["round"]): r for r in data.get("rounds", []) if isinstance(r, dict) and "round" in r}
+    champion = (data.get("champion") or {}).get("round")
     rows = []
-    for n in SELF_TRAIN_ROUNDS:
+    for n in rounds or list(range(1, SELF_TRAIN_ROUNDS + 1)):
         r = by_round.get(n)
         if r is None:
             rows.append({"step": f"U-Net round {n} (self-training)", "val_iou": None, "test_iou": None,
@@ -479,12 +514,12 @@ def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN) -> l
         if test is None and isinstance(model, str) and model.startswith("unet-"):
             ev = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
             test = read_json(ev)["iou_mean"] if ev.is_file() else None
-        kept = r.get("kept")
+        kept = r.get("kept", None if champion is None else champion == n)
         rows.append({"step": f"U-Net round {n} (self-training)", "val_iou": pct(_score(r, "val_iou_mean", "val_iou")),
                      "test_iou": pct(test), "status": "ran",
-                     "chosen_by": "constraints and refiner tuned on val; "
-                                  + ("kept (val IoU improved)" if kept else "not kept (val IoU did not improve)"
-                                     if kept is not None else "champion = best val round")})
+                     "chosen_by": "refiner: the route's, tuned on val (tune crf); constraints: self_train params; "
+                                  + ("champion (best val round)" if kept else "not the champion (a round with a "
+                                     "better val IoU exists)" if kept is not None else "champion = best val round")})
     return rows
 
 
@@ -528,19 +563,20 @@ def steps_table(work: Path, eval_project: Path, plan: Plan, best: str, val_score
         ev = read_json(reports / "eval-pseudo" / f"{variant}.json")
         add(f"pseudo-masks {variant} after the tuned refiner", pct(val_scores[variant]), pct(ev["after"]["iou_mean"]),
             f"refiner {step_maps[variant].get('refiner', '?')} and its params: tune crf on val"
-            + ("; selected for the U-Net (best val)" if variant == best else ""))
+            + ("; selected for the U-Net (train-unet --masks best)" if variant == best else ""))
     for kind in ENSEMBLE_KINDS:
         snap = step_maps[f"{ENSEMBLE} ({kind})"]
         selected = kind == "with priors" and best == ENSEMBLE
         add(f"pseudo-masks ensemble {kind} after the tuned refiner", pct(snap["val_pseudo_iou"]),
             pct(snap["eval"]["after"]["iou_mean"]),
             f"refiner {snap.get('refiner', '?')} and its params: tune crf on val"
-            + ("; selected for the U-Net (best val)" if selected else ""))
-    wsss_unet = read_json(reports / "eval" / f"{best}.json")
-    add(f"U-Net round 0 (pseudo-masks {best}, all train images)", _unet_val(work, best), pct(wsss_unet["iou_mean"]),
-        "its masks: the best pseudo-masks on val; last of train_unet.steps steps",
-        steps=(wsss_unet.get("training") or {}).get("steps"))
-    rows.extend(self_training_rows(work, eval_project, step_maps.get("self-training", {}).get("note", NOT_RUN)))
+            + ("; selected for the U-Net (train-unet --masks best)" if selected else ""))
+    wsss_unet = read_json(reports / "eval" / f"{BEST}.json")
+    add(f"U-Net round 0 (pseudo-masks {best}, all train images)", _unet_val(work, BEST), pct(wsss_unet["iou_mean"]),
+        "its masks: the best pseudo-masks on the trainval images with GT (train-unet --masks best); "
+        "last of train_unet.steps steps", steps=(wsss_unet.get("training") or {}).get("steps"))
+    rows.extend(self_training_rows(work, eval_project, step_maps.get("self-training", {}).get("note", NOT_RUN),
+                                   plan.rounds))
     gt = read_json(reports / "eval" / "gt.json")
     add("supervised U-Net (GT masks) at equal steps", _unet_val(work, "gt"), pct(gt["iou_mean"]),
         "nothing (GT of the train images with masks; last of train_unet.steps steps)",
@@ -695,21 +731,25 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner,
             "eval": read_json(eval_project / "reports" / "eval-pseudo" / f"{ENSEMBLE}.json"),
             "val_pseudo_iou": val_pseudo_iou(work, ENSEMBLE)}
     candidates = [*plan.variants, ENSEMBLE]  # the ensemble with priors
-    val_scores = {v: val_pseudo_iou(work, v) for v in candidates}
-    best = max(candidates, key=lambda v: val_scores[v])
-    print(f"    selected {best} on the val split: " + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
-    run(f"train-unet {best}", "train-unet", "--masks", best)
-    run(f"train-unet same-{best}", "train-unet", "--masks", f"same-{best}")
+    val_scores = {v: val_pseudo_iou(work, v) for v in candidates}  # shown beside the product's choice
+    run(f"train-unet {BEST}", "train-unet", "--masks", BEST)
+    best = str(read_json(work / "models" / f"unet-{BEST}" / "meta.json")["masks"])
+    print(f"    train-unet --masks best chose {best}; val pseudo-mask IoU: "
+          + ", ".join(f"{v} {s:.3f}" for v, s in val_scores.items()))
+    run(f"train-unet same-{BEST}", "train-unet", "--masks", f"same-{BEST}")
     run("train-unet gt", "train-unet", "--masks", "gt")
     run(f"make-pseudo {LABEL_FREE} (label-free)", "make-pseudo", "--method", LABEL_FREE)
     run(f"train-unet {LABEL_FREE} (label-free)", "train-unet", "--masks", LABEL_FREE)
-    step_maps["self-training"] = {"note": run_self_training(runner, work)}
+    step_maps["self-training"] = {"note": run_self_training(runner, work, plan.rounds)}
 
     runner.root = eval_project
     for variant in plan.variants:
         run(f"evaluate pseudo {variant}", "evaluate", "--pseudo", variant, project=project)
-    run(f"evaluate unet-{best}", "evaluate", "--model", f"unet-{best}", project=project)
-    run(f"evaluate unet-same-{best}", "evaluate", "--model", f"unet-same-{best}", project=project)
+    run(f"evaluate unet-{BEST}", "evaluate", "--model", f"unet-{BEST}", project=project)
+    run(f"evaluate unet-same-{BEST}", "evaluate", "--model", f"unet-same-{BEST}", project=project)
+    for n in plan.rounds:
+        if (work / "models" / f"unet-selftrain-r{n}" / "model.pt").is_file():
+            run(f"evaluate unet-selftrain-r{n}", "evaluate", "--model", f"unet-selftrain-r{n}", project=project)
     run("evaluate unet-gt", "evaluate", "--model", "unet-gt", project=project)
     run(f"evaluate unet-{LABEL_FREE}", "evaluate", "--model", f"unet-{LABEL_FREE}", project=project)
     run("evaluate baselines", "evaluate", "--baselines", project=project)
@@ -757,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         steps_out.write_text(json.dumps(steps_result, indent=2, default=str) + "\n")
         steps_out.with_suffix(".md").write_text(steps_markdown(steps_result))
         result["steps_table"] = shown(steps_out)
-        scores = collect(eval_project, plan, best, val_scores)
+        scores = collect(eval_project, plan, best, val_scores, work)
         result.update(scores)
         summary = scores["summary"]
         result["selected_variant"] = best

@@ -113,6 +113,34 @@ def test_run_without_staged_data_fails_clearly(tmp_path: Path, capsys: pytest.Ca
     assert rc == 2 and "stage-data" in capsys.readouterr().err
 
 
+def test_run_drives_quality_pipeline_and_writes_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_check calls quality.py's pipeline and collect with their current signatures (a stale call
+    is only found on the GPU otherwise) and writes the check's files."""
+    data = tmp_path / "data"
+    for name in ("oxford-pet-dev", "oxford-pet-dev-clsonly"):
+        (data / name / "oxford-iiit-pet" / "annotations").mkdir(parents=True)
+        (data / name / "oxford-iiit-pet" / "annotations" / "trainval.txt").write_text("Bengal_1 6 2 1\n")
+    seen: dict[str, object] = {}
+
+    def pipeline(plan, work, eval_root, runner, step_maps):  # noqa: ANN001, ANN202 - quality.run_pipeline's
+        seen["pipeline"] = (eval_root, isinstance(step_maps, dict))
+        (work / "quality.log").write_text("log\n")
+        return work, "ccam_ccam-none", {"ccam_ccam-none": 0.5}
+
+    def collect(eval_project, plan, best, val_scores, work=None):  # noqa: ANN001, ANN202 - quality.collect's
+        seen["collect"] = (best, work)
+        return {"rows": [{"name": "x", "kind": "baseline", "iou": 50.0, "dice": 60.0, "n_images": 3}],
+                "summary": {"pseudo_iou": 0.5}}
+
+    monkeypatch.setattr(quality, "run_pipeline", pipeline)
+    monkeypatch.setattr(quality, "collect", collect)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = gpu_check.main(["run", "--out", str(out), "--data", str(data), "--workdir", str(work),
+                         "--profile", "gpu-check-tiny", "--device", "cpu"])
+    assert rc == 0 and seen == {"pipeline": (None, True), "collect": ("ccam_ccam-none", work.resolve())}
+    assert {p.name for p in out.iterdir()} >= {"gpu_check.json", "gpu_check.md", "quality.json", "wsss.log"}
+
+
 def test_stage_seconds_and_markdown() -> None:
     steps = [{"command": "wsss tune crf --method a", "seconds": 1.0}, {"command": "wsss tune crf --method b", "seconds": 2.0},
              {"command": "wsss train-unet --masks gt", "seconds": 3.5}]

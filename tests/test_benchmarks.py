@@ -96,6 +96,7 @@ def test_profiles_merge_into_valid_params(name: str, tmp_path: Path) -> None:
     assert params.base.data_root == str((tmp_path / "pets").resolve())
     assert params.base.extra_roots == (str((tmp_path / "extra").resolve()),)
     assert plan.variants and not any(plan.imagenet.values())
+    assert plan.rounds == list(range(1, params.self_train.rounds + 1)) and plan.rounds  # self-training runs
     assert all(v.split("_", 1)[0] in ("cam", "ecs", "ccam", "ccam-ecs") for v in plan.variants)
 
 
@@ -163,8 +164,8 @@ def _fake_reports(root: Path, variants: list[str]) -> None:
     def unet(iou: float, n_images: int) -> dict[str, object]:
         return {**scores(iou), "training": {"steps": 400, "n_images": n_images, "images": "gt", "epochs": 34}}
 
-    (root / "reports" / "eval" / f"{variants[1]}.json").write_text(json.dumps(unet(0.55, 1307)))
-    (root / "reports" / "eval" / f"same-{variants[1]}.json").write_text(json.dumps(unet(0.525, 198)))
+    (root / "reports" / "eval" / "best.json").write_text(json.dumps(unet(0.55, 1307)))  # unet-best: variants[1]
+    (root / "reports" / "eval" / "same-best.json").write_text(json.dumps(unet(0.525, 198)))
     (root / "reports" / "eval" / "gt.json").write_text(json.dumps(unet(0.7, 198)))
     (root / "reports" / "eval" / "prior-grabcut.json").write_text(json.dumps(unet(0.681, 1307)))
     (root / "reports" / "eval" / "baselines.json").write_text(json.dumps(
@@ -186,6 +187,18 @@ def test_collect_and_summary_line(tmp_path: Path) -> None:
                     "label_free_unet_iou=68.1 same_images_unet_iou=52.5 wsss_unet_steps=400 "
                     "same_images_unet_steps=400 supervised_unet_steps=400 label_free_unet_steps=400")
     assert "U-Net on label-free rectangle-GrabCut masks (no labels)" in [r["name"] for r in got["rows"]]
+
+    # a self-training round that beats round 0 on val is the WSSS U-Net of the summary (its test score only shown)
+    (tmp_path / "reports" / "self-training.json").write_text(json.dumps({"champion": {
+        "round": 2, "model": "unet-selftrain-r2", "val_iou": 0.6}}))
+    (tmp_path / "reports" / "eval" / "selftrain-r2.json").write_text(json.dumps(
+        {"iou_mean": 0.58, "dice_mean": 0.7, "training": {"steps": 400, "n_images": 1307}}))
+    champ = quality.collect(tmp_path, plan, best, {v: 0.5 for v in plan.variants})
+    assert champ["summary"]["wsss_unet_iou"] == pytest.approx(58.0)
+    assert "U-Net self-training round 2 (champion, chosen on val)" in [r["name"] for r in champ["rows"]]
+    (tmp_path / "reports" / "self-training.json").write_text(json.dumps({"champion": {"round": 0, "model": "unet-best"}}))
+    assert quality.collect(tmp_path, plan, best, {})["summary"]["wsss_unet_iou"] == pytest.approx(55.0)
+    (tmp_path / "reports" / "self-training.json").unlink()
     assert quality.summary_line({"pseudo_iou": math.nan}).startswith("pseudo_iou=nan wsss_unet_iou=nan")
     assert quality.summary_line({}).endswith("supervised_unet_steps=nan label_free_unet_steps=nan")
     result = {"profile": "smoke", "train_root": "t", "extra_train_roots": ["x"], "machine": "m",
@@ -269,7 +282,7 @@ def _steps_fixture(root: Path, plan: quality.Plan, best: str) -> dict:
     (root / "reports" / "cams" / f"{plan.variants[0]}.json").write_text(json.dumps(
         {"baseline_whole_iou": 0.2, "baseline_ellipse_iou": 0.4}))
     (root / "reports" / "training").mkdir(parents=True)
-    for source, val in ((best, 0.51), ("gt", 0.66), ("prior-grabcut", 0.6)):
+    for source, val in (("best", 0.51), ("gt", 0.66), ("prior-grabcut", 0.6)):
         (root / "reports" / "training" / f"unet-{source}.json").write_text(json.dumps({"last_val_iou_mean": val}))
     snap = {"val_map_iou": 0.3, "threshold": 0.25, "config": "tuned", "refiner": "crf"}
     ens = {"eval": {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}, "val_pseudo_iou": 0.44}
@@ -312,4 +325,14 @@ def test_steps_table_has_every_step_chosen_on_val(tmp_path: Path) -> None:
     (tmp_path / "reports" / "eval" / "round-2.json").write_text(json.dumps({"iou_mean": 0.54}))
     rounds = quality.self_training_rows(tmp_path, tmp_path, "ran")
     assert [v for r in rounds for v in (r["val_iou"], r["test_iou"])] == pytest.approx([53.0, 56.0, 52.0, 54.0])
-    assert "not kept" in rounds[1]["chosen_by"] and "not kept" not in rounds[0]["chosen_by"]
+    assert "not the champion" in rounds[1]["chosen_by"] and "not the champion" not in rounds[0]["chosen_by"]
+
+    # the stage's own file: "kept" follows its champion, chosen on val
+    (tmp_path / "reports" / "self-training.json").write_text(json.dumps({"selected_on": "val", "rounds": [
+        {"round": 0, "model": "unet-best", "val_iou": 0.51}, {"round": 1, "model": "unet-selftrain-r1", "val_iou": 0.53},
+        {"round": 2, "model": "unet-selftrain-r2", "val_iou": 0.52}],
+        "champion": {"round": 1, "model": "unet-selftrain-r1", "val_iou": 0.53}}))
+    (tmp_path / "reports" / "eval" / "selftrain-r1.json").write_text(json.dumps({"iou_mean": 0.57}))
+    rounds = quality.self_training_rows(tmp_path, tmp_path, "ran", plan.rounds)
+    assert rounds[0]["test_iou"] == pytest.approx(57.0) and math.isnan(rounds[1]["test_iou"])  # r2 not evaluated
+    assert "champion (best val round)" in rounds[0]["chosen_by"] and "not the champion" in rounds[1]["chosen_by"]
