@@ -188,8 +188,29 @@ def test_predict_out_keeps_foreign_files(project: Path, linked: bool) -> None:
     after = _tree(target)
     assert {k: after.get(k) for k in before} == before  # every foreign file kept, unchanged
     assert (target / "thesis.tex").read_text() == "years of work"
-    assert sorted(set(after) - set(before)) == ["cat_mask.png", "cat_overlay.png", "index.json"]
+    assert sorted(set(after) - set(before)) == [".wsss-predict.json", "cat_mask.png", "cat_overlay.png", "index.json"]
     assert out.is_symlink() is linked  # the link itself is not replaced by a folder
+
+
+def test_predict_refuses_to_replace_a_foreign_file_of_an_output_name(project: Path) -> None:
+    """A ``cat_mask.png`` that ``wsss predict`` did not write is never replaced: exit 1 naming it, nothing
+    written; once the folder is this command's own, a rerun rewrites its outputs."""
+    _predict_setup(project)
+    out = project / "results"
+    out.mkdir()
+    (out / "cat_mask.png").write_bytes(b"a hand-drawn mask")
+    result = runner.invoke(app, ["predict", "in", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "cat_mask.png" in result.output and "not written by `wsss predict`" in result.output
+    assert _tree(out) == {"cat_mask.png": len(b"a hand-drawn mask")}  # nothing written, nothing replaced
+    (out / "cat_mask.png").unlink()
+    for _ in range(2):  # the first run claims the folder; the second rewrites its own outputs
+        result = runner.invoke(app, ["predict", "in", "--out", str(out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    assert sorted(_tree(out)) == [".wsss-predict.json", "cat_mask.png", "cat_overlay.png", "index.json"]
+    (out / ".wsss-predict.json").unlink()  # an older run's folder (index.json, no claim file) is its own too
+    result = runner.invoke(app, ["predict", "in", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("out", ["../outside-out", "/ABS"], ids=["dotdot", "absolute"])

@@ -46,7 +46,7 @@ def test_predict_folder_with_a_corrupt_file(project: Path) -> None:
     assert "1 failed" in result.output and "2 of 3 images" in result.output
     assert "Traceback" not in result.output
     out = project / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["cat_mask.png", "cat_overlay.png", "dog_mask.png",
+    assert sorted(p.name for p in out.iterdir()) == [".wsss-predict.json", "cat_mask.png", "cat_overlay.png", "dog_mask.png",
                                                      "dog_overlay.png", "index.json"]
     for stem, (w, h) in (("cat", (61, 37)), ("dog", (45, 80))):
         with Image.open(out / f"{stem}_mask.png") as m, Image.open(out / f"{stem}_overlay.png") as o:

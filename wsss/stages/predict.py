@@ -12,6 +12,12 @@ output came from: ``{"predicted": {input: {"mask": name, "overlay": name}}, "fai
 (inputs as given, output names relative to ``<out>``). Inputs that cannot be read, including symlink
 loops, are failures with a reason; the rest is processed.
 
+An existing ``--out`` folder is kept: this run adds its own files there. Before writing anything the run
+claims the folder (``<out>/.wsss-predict.json``); a folder that ``wsss predict`` has not claimed (and
+that has no ``index.json`` of an older run) where one of this run's output names already exists is
+refused with exit 1, naming that file, so nobody's ``x_mask.png`` is silently replaced. A claimed
+folder is this command's own: a rerun (or a resume after a kill) rewrites its outputs.
+
 Sharded (``--shard i/n`` or ``torchrun``'s ranks): every part collects the same inputs and names outputs
 alike, predicts its own contiguous block of them and records it in ``<out>/.index.part-<i>-of-<n>.json``;
 the part that finds all ``n`` records of the same inputs, model and threshold writes ``index.json`` (the
@@ -44,6 +50,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 INDEX_NAME = "index.json"
 PART_INDEX = ".index.part-{tag}.json"
 PART_GLOB = ".index.part-*.json"
+OWNER_NAME = ".wsss-predict.json"  # a folder wsss predict has written into (its outputs may be rewritten)
 
 
 @dataclass
@@ -206,6 +213,29 @@ def _merge_parts(out: Path, shard: Shard, fp: str, index: dict[str, Any],
     return merged
 
 
+def claim_out(out: Path, names: Sequence[str]) -> None:
+    """Make ``out`` this command's own before any output is written.
+
+    Under the folder's lock (shards claim it once, for every part's outputs): a folder already claimed,
+    or holding an older run's ``index.json``, is taken as is; otherwise no file named in ``names`` may
+    exist there, and the claim file is written.
+
+    Raises:
+        DataError: an output name exists in a folder wsss predict has not written into.
+    """
+    from wsss.io import write_json
+
+    with folder_lock(out):
+        if (out / OWNER_NAME).is_file() or (out / INDEX_NAME).is_file():
+            return
+        taken = [out / n for n in names if (out / n).exists() or (out / n).is_symlink()]
+        if taken:
+            raise DataError(f"{taken[0]}: exists and was not written by `wsss predict` ({len(taken)} of this run's "
+                            f"output names are taken in {out}); move those files or choose another --out")
+        write_json(out / OWNER_NAME, {"written_by": "wsss predict", "outputs": "<stem>_mask.png, <stem>_overlay.png, "
+                                                                                "index.json"})
+
+
 def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,
         threshold: float = 0.5, shard: Shard = ALL) -> PredictResult:
     """Predict a mask and an overlay for every image; a bad file is reported and skipped.
@@ -243,6 +273,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     console.print(f"model {desc}, input {size}px, device {prec.device}")
     result = PredictResult(failures=list(failures))
     stems = output_stems(images)
+    claim_out(out, [f"{stems[p]}_{kind}.png" for p in images for kind in ("mask", "overlay")])
     (out / INDEX_NAME).unlink(missing_ok=True)  # a stale index must not describe this run's outputs
     predicted: dict[str, dict[str, str]] = {}
     mine = shard.take(images)
