@@ -463,6 +463,15 @@ def collect(eval_project: Path, plan: Plan, best: str, val_scores: dict[str, flo
     return {"rows": rows, "summary": summary}
 
 
+def eval_of_model(eval_project: Path, model: Any) -> dict[str, Any] | None:
+    """The ``wsss evaluate --model unet-<x>`` report of ``model`` (``reports/eval/<x>.json``), None when
+    ``model`` is not a U-Net name or it was not evaluated."""
+    if not isinstance(model, str) or not model.startswith("unet-"):
+        return None
+    path = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
+    return read_json(path) if path.is_file() else None
+
+
 def self_training_champion(work: Path, eval_project: Path) -> dict[str, Any] | None:
     """``{round, model, eval}`` of the champion in ``reports/self-training.json`` (chosen on val), with its
     evaluation report; None when self-training did not run or the champion was not evaluated."""
@@ -470,11 +479,8 @@ def self_training_champion(work: Path, eval_project: Path) -> dict[str, Any] | N
     if not path.is_file():
         return None
     champ = read_json(path).get("champion") or {}
-    model = champ.get("model")
-    if not isinstance(model, str) or not model.startswith("unet-"):
-        return None
-    ev = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
-    return {"round": int(champ.get("round", 0)), "model": model, "eval": read_json(ev)} if ev.is_file() else None
+    ev = eval_of_model(eval_project, champ.get("model"))
+    return None if ev is None else {"round": int(champ.get("round", 0)), "model": champ["model"], "eval": ev}
 
 
 def _unet_val(project: Path, source: str) -> float:
@@ -510,10 +516,8 @@ def self_training_rows(work: Path, eval_project: Path, note: str = NOT_RUN,
                          "chosen_by": note if note != "ran" else NOT_RUN, "status": NOT_RUN})
             continue
         test = _score(r, "test_iou_mean", "test_iou")
-        model = r.get("model")
-        if test is None and isinstance(model, str) and model.startswith("unet-"):
-            ev = eval_project / "reports" / "eval" / f"{model[len('unet-'):]}.json"
-            test = read_json(ev)["iou_mean"] if ev.is_file() else None
+        if test is None:
+            test = (eval_of_model(eval_project, r.get("model")) or {}).get("iou_mean")
         kept = r.get("kept", None if champion is None else champion == n)
         rows.append({"step": f"U-Net round {n} (self-training)", "val_iou": pct(_score(r, "val_iou_mean", "val_iou")),
                      "test_iou": pct(test), "status": "ran",
