@@ -59,7 +59,8 @@ LABEL_FREE = "prior-grabcut"
 PRIORS = ("prior-grabcut", "prior-ellipse")
 ENSEMBLE = "ensemble"
 # The ensemble is built twice: on the profile's maps, then with the label-free priors as members too
-# (its weights tuned on val each time); the second one is the "ensemble" variant the U-Net may train on.
+# (its weights tuned on val each time); the second one is the "ensemble" variant the U-Net may train on, so
+# only it is made into pseudo-masks for every train image.
 ENSEMBLE_KINDS = ("without priors", "with priors")
 # ``train-unet --masks best``: the U-Net on the product's selected pseudo-masks (models/unet-best), which
 # is also self-training's round 0.
@@ -306,6 +307,15 @@ def val_pseudo_iou(project: Path, variant: str) -> float:
     if n == 0:
         raise StepFailed(f"no val pseudo-masks for {variant} to select with")
     return meter.result().iou_mean
+
+
+def tuned_val_iou(project: Path, variant: str) -> float:
+    """The best trial's mean val fg IoU of the variant's last ``tune crf`` study: the score its pseudo-masks
+    get on the val split, without making them for every train image."""
+    study = read_json(project / "studies" / variant / "study.json")
+    if study.get("best_value") is None:
+        raise StepFailed(f"tune crf for {variant} finished no trial to score it with")
+    return float(study["best_value"])
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -726,14 +736,16 @@ def run_pipeline(plan: Plan, work: Path, eval_root: Path | None, runner: Runner,
         run(f"tune ensemble ({kind})", "tune", "ensemble", "--trials", str(plan.tune_trials))
         run(f"make-cams ensemble ({kind})", "make-cams", "--method", ENSEMBLE)
         run(f"tune crf ensemble ({kind})", "tune", "crf", "--method", ENSEMBLE, "--trials", str(plan.tune_trials))
-        run(f"make-pseudo ensemble ({kind})", "make-pseudo", "--method", ENSEMBLE)
+        selectable = kind == ENSEMBLE_KINDS[-1]
+        if selectable:  # the other one is replaced under the same name: its train-set masks would go unused
+            run(f"make-pseudo ensemble ({kind})", "make-pseudo", "--method", ENSEMBLE)
         runner.root = eval_project
         run(f"evaluate pseudo ensemble ({kind})", "evaluate", "--pseudo", ENSEMBLE, project=project)
         runner.root = work
         step_maps[f"{ENSEMBLE} ({kind})"] = {
             **map_snapshot(work, ENSEMBLE), "members": members,
             "eval": read_json(eval_project / "reports" / "eval-pseudo" / f"{ENSEMBLE}.json"),
-            "val_pseudo_iou": val_pseudo_iou(work, ENSEMBLE)}
+            "val_pseudo_iou": val_pseudo_iou(work, ENSEMBLE) if selectable else tuned_val_iou(work, ENSEMBLE)}
     candidates = [*plan.variants, ENSEMBLE]  # the ensemble with priors
     val_scores = {v: val_pseudo_iou(work, v) for v in candidates}  # shown beside the product's choice
     run(f"train-unet {BEST}", "train-unet", "--masks", BEST)

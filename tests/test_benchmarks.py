@@ -172,6 +172,16 @@ def _fake_reports(root: Path, variants: list[str]) -> None:
         {"whole_image": scores(0.3), "ellipse": scores(0.456), "grabcut_rect": scores(0.5), "split": "test"}))
 
 
+def test_tuned_val_iou_reads_the_last_study(tmp_path: Path) -> None:
+    study = tmp_path / "studies" / "ensemble"
+    study.mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"best_trial": 3, "best_value": 0.589, "n_images": 50}))
+    assert quality.tuned_val_iou(tmp_path, "ensemble") == pytest.approx(0.589)
+    (study / "study.json").write_text(json.dumps({"best_trial": None, "best_value": None, "n_images": 50}))
+    with pytest.raises(quality.StepFailed, match="ensemble"):
+        quality.tuned_val_iou(tmp_path, "ensemble")
+
+
 def test_collect_and_summary_line(tmp_path: Path) -> None:
     plan = quality.build_plan(quality.load_profile("smoke"), tmp_path, [], imagenet_check=lambda a: False)
     best = plan.variants[1]
