@@ -294,7 +294,8 @@ def _steps_fixture(root: Path, plan: quality.Plan, best: str) -> dict:
     (root / "reports" / "training").mkdir(parents=True)
     for source, val in (("best", 0.51), ("gt", 0.66), ("prior-grabcut", 0.6)):
         (root / "reports" / "training" / f"unet-{source}.json").write_text(json.dumps({"last_val_iou_mean": val}))
-    snap = {"val_map_iou": 0.3, "threshold": 0.25, "config": "tuned", "refiner": "crf"}
+    snap = {"val_map_iou": 0.3, "threshold": 0.25, "config": "tuned", "refiner": "crf", "val_best_iou": 0.43,
+            "best_threshold": 0.15}
     ens = {"eval": {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}, "val_pseudo_iou": 0.44}
     return {**{v: snap for v in plan.variants}, "prior-grabcut": {**snap, "val_map_iou": 0.55, "config": "label-free"},
             "ensemble (without priors)": {**snap, **ens, "members": plan.variants, "weights": [0.7, 0.3]},
@@ -326,7 +327,11 @@ def test_steps_table_has_every_step_chosen_on_val(tmp_path: Path) -> None:
     assert by["U-Net round 1 (self-training)"]["status"] == "not run"
     assert not any("test" in r["chosen_by"] for r in rows)  # nothing is chosen on the test split
     md = quality.steps_markdown({"profile": "smoke", "eval": "the test split", "rows": rows})
-    assert "| U-Net round 2 (self-training) | not run | not run | not run: this wsss has no `self-train` command |" in md
+    assert "| U-Net round 2 (self-training) | not run | not run | not run: this wsss has no `self-train` command | |" in md
+    # a map row also shows the map at its own best val threshold (no such cell on other rows)
+    cam_row = next(line for line in md.splitlines() if line.startswith(f"| map: CAM ({plan.variants[0]})"))
+    assert cam_row.endswith("| 43.0 (τ 0.15) |") and "threshold 0.25, where its tuned refiner decides" in cam_row
+    assert by["label-free: centred ellipse"].get("val_best_iou") is None
 
     # rounds the self-training stage reports are read, and scored from their eval report when it has none
     (tmp_path / "reports" / "self-training.json").write_text(json.dumps({"rounds": [
