@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import hostinfo  # the sibling module (benchmarks/ is on sys.path when a script runs)
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -124,8 +124,8 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def machine() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{platform.processor() or platform.machine()}, {cores} usable cores, load {os.getloadavg()[0]:.1f} at start"
+    """CPU model, usable cores and the load when the run starts."""
+    return f"{hostinfo.describe(with_torch=False)}, load {os.getloadavg()[0]:.1f} at start"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -37,7 +37,6 @@ import copy
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hostinfo  # the sibling module (benchmarks/ is on sys.path when a script runs)
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -685,17 +685,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def machine() -> str:
     """CPU model and cores, torch threads, GPU."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {cores} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    return hostinfo.describe(with_torch=True)
 
 
 # --------------------------------------------------------------------------------------------------

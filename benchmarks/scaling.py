@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hostinfo  # the sibling module (benchmarks/ is on sys.path when a script runs)
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -214,13 +214,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def machine() -> str:
     """CPU model and usable cores."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, Python {platform.python_version()}"
+    return hostinfo.describe(with_torch=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # the sibling benchmarks are scripts, not a package
 
 import cam_speed  # noqa: E402
+import hostinfo  # noqa: E402
 import refine_speed  # noqa: E402
 
 # Targets: minimum ratio ours / plain (None: reported only).
@@ -56,21 +57,12 @@ TARGETS: dict[str, float | None] = {"cam": 2.5, "crf_pool": 1.8, "classifier_tra
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core counts, torch version and threads, accelerator."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     from wsss.device import cpu_supports_bf16
 
     return {
-        "cpu": model,
+        "cpu": hostinfo.cpu_model(),
         "cpu_count": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": hostinfo.usable_cores(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "bf16": cpu_supports_bf16(),
