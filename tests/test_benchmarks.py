@@ -6,19 +6,30 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import hostinfo  # noqa: E402
 import pretraining  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
+import unet_seeds  # noqa: E402
 
 from wsss.config import params_from_dict  # noqa: E402
 
 # --- speed.py ---------------------------------------------------------------------------------------------
+
+
+def test_hostinfo_is_one_line_every_benchmark_shares() -> None:
+    line = hostinfo.describe()
+    assert line.startswith(hostinfo.cpu_model()) and f"{hostinfo.usable_cores()} usable cores" in line
+    assert "torch " in line and "threads" in line
+    assert "torch" not in hostinfo.describe(with_torch=False)
+    assert quality.machine() == line
 
 
 def test_speed_pieces_on_tiny_sizes() -> None:
@@ -351,3 +362,70 @@ def test_steps_table_has_every_step_chosen_on_val(tmp_path: Path) -> None:
     rounds = quality.self_training_rows(tmp_path, tmp_path, "ran", plan.rounds)
     assert rounds[0]["test_iou"] == pytest.approx(57.0) and math.isnan(rounds[1]["test_iou"])  # r2 not evaluated
     assert "champion (best val round)" in rounds[0]["chosen_by"] and "not the champion" in rounds[1]["chosen_by"]
+
+
+# --- unet_seeds.py ----------------------------------------------------------------------------------------
+
+
+def _unet_reports(project: Path, masks: str, val: float, test: float) -> None:
+    (project / "reports" / "training").mkdir(parents=True, exist_ok=True)
+    (project / "reports" / "eval").mkdir(parents=True, exist_ok=True)
+    (project / "reports" / "training" / f"unet-{masks}.json").write_text(json.dumps({"last_val_iou_mean": val}))
+    (project / "reports" / "eval" / f"{masks}.json").write_text(json.dumps(
+        {"iou_mean": test, "dice_mean": test + 0.1, "n_images": 222, "training": {"steps": 400}}))
+
+
+def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path) -> None:
+    source = tmp_path / "work"
+    quality.write_params(source, {"base": {"seed": 0}})
+    for rel in ("data/prepared", "masks/ensemble", "reports/pseudo"):
+        (source / rel).mkdir(parents=True)
+    _unet_reports(source, "best", 0.60, 0.66)
+    _unet_reports(source, "gt", 0.64, 0.68)
+    calls: list[tuple[Path, tuple[str, ...]]] = []
+    scores = {1: {"best": (0.62, 0.67), "gt": (0.65, 0.69)}, 2: {"best": (0.61, 0.65), "gt": (0.63, 0.70)}}
+
+    def runner_for(root: Path) -> Any:
+        seed = unet_seeds.base_seed(root)
+
+        class Fake:
+            steps: list[dict[str, Any]] = []
+
+            def __call__(self, name: str, *args: str) -> None:
+                calls.append((root, args))
+                if args[0] == "evaluate":
+                    masks = args[-1].removeprefix("unet-")
+                    _unet_reports(root, masks, *scores[seed][masks])
+        return Fake()
+
+    args = unet_seeds.parse_args(["--project", str(source), "--masks", "best", "gt", "--seeds", "1", "2",
+                                  "--workdir", str(tmp_path / "seeds"), "--out", str(tmp_path / "out" / "s.json")])
+    result = unet_seeds.run(args, runner_for=runner_for)
+
+    assert result["seeds"] == [0, 1, 2]
+    assert [c[1][0] for c in calls] == ["train-unet", "evaluate"] * 4
+    seed1 = tmp_path / "seeds" / "seed-1"
+    assert unet_seeds.base_seed(seed1) == 1 and (seed1 / "masks").is_symlink() and (seed1 / "reports" / "pseudo").is_symlink()
+    assert json.loads((source / "reports" / "eval" / "best.json").read_text())["iou_mean"] == 0.66  # never written
+    best = result["summary"]["per_source"]["best"]["test"]
+    assert (best["n"], best["mean"], best["min"], best["max"]) == (3, pytest.approx(66.0), 65.0, 67.0)
+    pair = result["summary"]["paired_differences"]["best - gt"]
+    assert pair["test_per_seed"] == pytest.approx([-2.0, -2.0, -5.0])
+    md = (tmp_path / "out" / "s.md").read_text()
+    assert "| `best` | 61.00 ± 1.00 (60.0–62.0) | 66.00 ± 1.00 (65.0–67.0) | 66.0, 67.0, 65.0 |" in md
+    assert "| best - gt | -3.00 ± 1.73 (-5.0–-2.0) |" in md
+
+    # a rerun keeps what is already trained and evaluated
+    calls.clear()
+    unet_seeds.run(args, runner_for=runner_for)
+    assert calls == []
+
+
+def test_unet_seeds_needs_a_finished_project(tmp_path: Path) -> None:
+    quality.write_params(tmp_path, {"base": {"seed": 0}})
+    args = unet_seeds.parse_args(["--project", str(tmp_path), "--masks", "best", "--seeds", "1",
+                                  "--out", str(tmp_path / "s.json")])
+    with pytest.raises(quality.StepFailed, match="unet-best has no training or evaluation report"):
+        unet_seeds.run(args)
+    with pytest.raises(SystemExit):
+        unet_seeds.parse_args(["--project", str(tmp_path / "nope")])

@@ -1,0 +1,187 @@
+"""How much of a U-Net comparison is the seed? Retrain U-Nets of a finished project under more seeds.
+
+``quality.py`` compares U-Nets trained once each (one ``base.seed``): the WSSS U-Net on the selected
+pseudo-masks, the label-free one on the rectangle-GrabCut masks, the supervised one on GT. This script
+retrains each of them with other seeds on exactly the same masks and schedule and scores every run on the
+same evaluation images, so a difference between two rows can be read against the spread of one row.
+
+For each extra seed it makes a sibling project ``<workdir>/seed-<n>/``: ``params.yaml`` is the source
+project's with ``base.seed`` replaced, and ``data/``, ``masks/``, ``cams/`` and ``reports/pseudo/`` are
+symlinks to the source project's (read only: nothing of the source project is written). There it runs
+``wsss train-unet --masks <source>`` and ``wsss evaluate --model unet-<source>``. The source project's own
+models are the first seed (its ``base.seed``), read from its reports, not retrained.
+
+Seeds are paired: the same seed gives every mask source the same initial weights and batch order, so the
+per-seed difference between two sources is printed beside their means.
+
+    python benchmarks/unet_seeds.py --project WORK --masks best prior-grabcut gt --seeds 1 2 \\
+        --out benchmarks/results/unet-seeds-cpu.json
+
+``WORK`` is a ``quality.py --workdir`` without ``--eval-root`` (the U-Nets are scored on its test split);
+``best`` resolves there as in the source project (its ``reports/pseudo`` is linked), so ``unet-best`` trains on
+the same selected pseudo-masks.
+Takes one ``train-unet`` + ``evaluate`` per (source, extra seed): about 5 min each for the cpu profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import Runner, StepFailed, machine, read_json, write_params  # noqa: E402
+
+LINKED = ("data", "masks", "cams", "reports/pseudo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--project", type=Path, required=True,
+                    help="a finished wsss project (quality.py --workdir) whose U-Nets were trained and evaluated")
+    ap.add_argument("--masks", nargs="+", default=["best", "prior-grabcut", "gt"],
+                    help="mask sources to retrain (train-unet --masks), e.g. best prior-grabcut gt")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="extra base.seed values")
+    ap.add_argument("--workdir", type=Path, default=None, help="where the seed projects go (default <project>-seeds)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/unet-seeds.json"))
+    args = ap.parse_args(argv)
+    if not (args.project / "params.yaml").is_file():
+        ap.error(f"--project {args.project}: no params.yaml (a wsss project folder is needed)")
+    return args
+
+
+def base_seed(project: Path) -> int:
+    """The ``base.seed`` a project's params.yaml sets (0 when it sets none, wsss's default)."""
+    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
+    return int((params.get("base") or {}).get("seed", 0))
+
+
+def seed_project(source: Path, dest: Path, seed: int) -> Path:
+    """``dest``: the source project's params with ``base.seed = seed``, its inputs linked, not copied."""
+    params = yaml.safe_load((source / "params.yaml").read_text()) or {}
+    params.setdefault("base", {})["seed"] = seed
+    write_params(dest, params)
+    for rel in LINKED:
+        target, link = source / rel, dest / rel
+        if target.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return dest
+
+
+def scores(project: Path, masks: str) -> dict[str, Any] | None:
+    """A trained and evaluated U-Net's scores: last val fg IoU (training report) and test fg IoU / Dice."""
+    training = project / "reports" / "training" / f"unet-{masks}.json"
+    ev = project / "reports" / "eval" / f"{masks}.json"
+    if not (training.is_file() and ev.is_file()):
+        return None
+    t, e = read_json(training), read_json(ev)
+    return {"val_iou": t.get("last_val_iou_mean"), "test_iou": e.get("iou_mean"), "test_dice": e.get("dice_mean"),
+            "n_test": e.get("n_images"), "steps": (e.get("training") or {}).get("steps")}
+
+
+def spread(values: list[float]) -> dict[str, float | int | None]:
+    """Mean, sample standard deviation, min and max in % (sd None below two values)."""
+    pct = [100.0 * v for v in values]
+    return {"n": len(pct), "mean": round(statistics.fmean(pct), 2) if pct else None,
+            "sd": round(statistics.stdev(pct), 2) if len(pct) > 1 else None,
+            "min": round(min(pct), 2) if pct else None, "max": round(max(pct), 2) if pct else None}
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per source: val and test spread over seeds; per pair of sources: the per-seed test difference."""
+    per_source = {m: {"val": spread([r["val_iou"] for r in by_seed.values() if r.get("val_iou") is not None]),
+                      "test": spread([r["test_iou"] for r in by_seed.values() if r.get("test_iou") is not None])}
+                  for m, by_seed in runs.items()}
+    names = list(runs)
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            diffs = [runs[a][s]["test_iou"] - runs[b][s]["test_iou"] for s in seeds]
+            vdiffs = [runs[a][s]["val_iou"] - runs[b][s]["val_iou"] for s in seeds]
+            pairs[f"{a} - {b}"] = {"seeds": seeds, "test": spread(diffs), "val": spread(vdiffs),
+                                   "test_per_seed": [round(100 * d, 2) for d in diffs]}
+    return {"per_source": per_source, "paired_differences": pairs}
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    def cell(s: dict[str, Any]) -> str:
+        if s.get("mean") is None:
+            return "—"
+        sd = f" ± {s['sd']:.2f}" if s.get("sd") is not None else ""
+        return f"{s['mean']:.2f}{sd} ({s['min']:.1f}–{s['max']:.1f})"
+
+    out = [f"# U-Net seed spread: `{result['project']}`", "",
+           f"{result['machine']}. Seeds {', '.join(map(str, result['seeds']))} (the first is the project's own "
+           f"models). Every U-Net: same masks, same `train_unet` schedule; fg IoU % as mean ± sd (min–max); "
+           f"test = {result.get('n_test', '?')} images never used to train or choose.", "",
+           "| masks | val IoU | test IoU | per seed (test) |", "|---|---|---|---|"]
+    for m, s in result["summary"]["per_source"].items():
+        per = ", ".join(f"{100 * r['test_iou']:.1f}" for _, r in sorted(result["runs"][m].items(), key=lambda kv: int(kv[0])))
+        out.append(f"| `{m}` | {cell(s['val'])} | {cell(s['test'])} | {per} |")
+    out += ["", "Paired by seed (same initial weights and batch order), test and val fg IoU differences in points:", "",
+            "| difference | test | val | test per seed |", "|---|---|---|---|"]
+    for name, p in result["summary"]["paired_differences"].items():
+        out.append(f"| {name} | {cell(p['test'])} | {cell(p['val'])} | {', '.join(f'{d:+.1f}' for d in p['test_per_seed'])} |")
+    out += ["", f"Total {result['total_seconds'] / 60:.1f} min; every step in the JSON."]
+    return "\n".join(out) + "\n"
+
+
+def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
+    """Retrain and evaluate; returns the result (also written as JSON + markdown to ``args.out``)."""
+    project = args.project.resolve()
+    workdir = (args.workdir or project.with_name(project.name + "-seeds")).resolve()
+    first = base_seed(project)
+    seeds = [first, *[s for s in args.seeds if s != first]]
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for m in args.masks:
+        own = scores(project, m)
+        if own is None:
+            raise StepFailed(f"{project}: unet-{m} has no training or evaluation report; run quality.py first")
+        runs[m] = {first: own}
+    start, steps = time.perf_counter(), []
+    for seed in seeds[1:]:
+        dest = seed_project(project, workdir / f"seed-{seed}", seed)
+        runner = (runner_for or (lambda root: Runner(root, root / "unet-seeds.log")))(dest)
+        for m in args.masks:
+            if scores(dest, m) is None:  # a rerun keeps what a killed run finished
+                runner(f"train-unet {m} (seed {seed})", "train-unet", "--masks", m)
+                runner(f"evaluate unet-{m} (seed {seed})", "evaluate", "--model", f"unet-{m}")
+            result = scores(dest, m)
+            if result is None:
+                raise StepFailed(f"{dest}: unet-{m} left no reports")
+            runs[m][seed] = result
+        steps += runner.steps
+    n_test = {r["n_test"] for by_seed in runs.values() for r in by_seed.values()}
+    result = {"project": str(project), "workdir": str(workdir), "machine": machine(), "seeds": seeds,
+              "masks": list(args.masks), "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
+              "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
+              "summary": summarise(runs), "steps": steps, "total_seconds": round(time.perf_counter() - start, 1)}
+    out = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except StepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
