@@ -41,6 +41,10 @@ ShardOpt = Annotated[
                                  "the part that finishes last writes the final outputs. Under torchrun, RANK/WORLD_SIZE "
                                  "set it."),
 ]
+# The two Optuna studies (tune crf, tune ensemble) stop the same way.
+TimeoutOpt = Annotated[
+    float | None, typer.Option(min=0, help="Start no new trial after this many seconds (0: no limit).")
+]
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -292,9 +296,7 @@ def tune_crf(
     trials: Annotated[
         int | None, typer.Option(min=1, help="Trials to add in this run (default: tune.trials).")
     ] = None,
-    timeout: Annotated[
-        float | None, typer.Option(min=0, help="Start no new trial after this many seconds (0: no limit).")
-    ] = None,
+    timeout: TimeoutOpt = None,
     storage: Annotated[
         str | None,
         typer.Option(help="Optuna storage URL (default: tune.storage, else SQLite in studies/<variant>/optuna.db)."),
@@ -323,9 +325,7 @@ def tune_ensemble(
     trials: Annotated[
         int | None, typer.Option(min=1, help="Trials to add in this run (default: tune_ensemble.trials).")
     ] = None,
-    timeout: Annotated[
-        float | None, typer.Option(min=0, help="Start no new trial after this many seconds (0: no limit).")
-    ] = None,
+    timeout: TimeoutOpt = None,
     storage: Annotated[
         str | None,
         typer.Option(help="Optuna storage URL (default: SQLite in studies/ensemble-weights/optuna.db)."),
