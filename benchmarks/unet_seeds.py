@@ -37,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import Runner, StepFailed, machine, read_json, write_params  # noqa: E402
+from quality import Runner, StepFailed, machine, read_json, shown, write_params  # noqa: E402
 
 LINKED = ("data", "masks", "cams", "reports/pseudo")
 
@@ -125,7 +125,8 @@ def to_markdown(result: dict[str, Any]) -> str:
            f"test = {result.get('n_test', '?')} images never used to train or choose.", "",
            "| masks | val IoU | test IoU | per seed (test) |", "|---|---|---|---|"]
     for m, s in result["summary"]["per_source"].items():
-        per = ", ".join(f"{100 * r['test_iou']:.1f}" for _, r in sorted(result["runs"][m].items(), key=lambda kv: int(kv[0])))
+        runs = sorted(result["runs"][m].items(), key=lambda kv: int(kv[0]))
+        per = ", ".join(f"{round(100 * r['test_iou'], 2):.1f}" for _, r in runs)  # rounded as the spread is
         out.append(f"| `{m}` | {cell(s['val'])} | {cell(s['test'])} | {per} |")
     out += ["", "Paired by seed (same initial weights and batch order), test and val fg IoU differences in points:", "",
             "| difference | test | val | test per seed |", "|---|---|---|---|"]
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
             runs[m][seed] = result
         steps += runner.steps
     n_test = {r["n_test"] for by_seed in runs.values() for r in by_seed.values()}
-    result = {"project": str(project), "workdir": str(workdir), "machine": machine(), "seeds": seeds,
+    result = {"project": shown(project), "workdir": shown(workdir), "machine": machine(), "seeds": seeds,
               "masks": list(args.masks), "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
               "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
               "summary": summarise(runs), "steps": steps, "total_seconds": round(time.perf_counter() - start, 1)}
