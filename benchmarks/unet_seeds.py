@@ -14,6 +14,11 @@ models are the first seed (its ``base.seed``), read from its reports, not retrai
 Seeds are paired: the same seed gives every mask source the same initial weights and batch order, so the
 per-seed difference between two sources is printed beside their means.
 
+Each U-Net is also scanned over decision thresholds (``THRESHOLDS``; the product decides at 0.5): the
+threshold with the best **val** IoU (ties: the one nearest 0.5) and the test IoU there, with and without
+horizontal-flip TTA. That measures what choosing the threshold on val would give each U-Net; the test
+split chooses nothing.
+
     python benchmarks/unet_seeds.py --project WORK --masks best prior-grabcut gt --seeds 1 2 \\
         --out benchmarks/results/unet-seeds-cpu.json
 
@@ -40,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import Runner, StepFailed, machine, read_json, shown, write_params  # noqa: E402
 
 LINKED = ("data", "masks", "cams", "reports/pseudo")
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="extra base.seed values")
     ap.add_argument("--workdir", type=Path, default=None, help="where the seed projects go (default <project>-seeds)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/unet-seeds.json"))
+    ap.add_argument("--no-thresholds", dest="thresholds", action="store_false",
+                    help="skip the decision-threshold scan (val and test inference of every U-Net, plain and flipped)")
     args = ap.parse_args(argv)
     if not (args.project / "params.yaml").is_file():
         ap.error(f"--project {args.project}: no params.yaml (a wsss project folder is needed)")
@@ -87,6 +95,61 @@ def scores(project: Path, masks: str) -> dict[str, Any] | None:
             "n_test": e.get("n_images"), "steps": (e.get("training") or {}).get("steps")}
 
 
+def choose_threshold(val: dict[float, float], test: dict[float, float], default: float = 0.5) -> dict[str, float]:
+    """The threshold with the best val IoU (ties: nearest ``default``) and the IoUs there and at ``default``."""
+    best = max(val, key=lambda t: (round(val[t], 9), -abs(t - default)))
+    return {"threshold": best, "val_iou": val[best], "test_iou": test[best],
+            "val_iou_default": val[default], "test_iou_default": test[default]}
+
+
+def _iou_by_threshold(probs: list[Any], gts: list[Any]) -> dict[float, float]:
+    from wsss.evaluation import SegMeter
+
+    out = {}
+    for t in THRESHOLDS:
+        meter = SegMeter()
+        for prob, gt in zip(probs, gts, strict=True):
+            meter.add((prob >= t).astype("uint8"), gt)
+        out[t] = meter.result().iou_mean
+    return out
+
+
+def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
+    """``unet-<masks>`` of ``project`` on its val and test pets with GT, at every threshold of
+    :data:`THRESHOLDS`, plain and with flip TTA: :func:`choose_threshold` of each."""
+    import numpy as np
+
+    from wsss.config import load_params
+    from wsss.data.manifest import load_manifest, official_test_rows, pets
+    from wsss.data.readers import read_mask, read_rgb
+    from wsss.device import precision_from, prepare_model
+    from wsss.inference import predict_probs
+    from wsss.models.loading import load_model_dir
+    from wsss.paths import Paths
+
+    paths = Paths(project)
+    params = load_params(project / "params.yaml")
+    net, meta = load_model_dir(paths.model_dir(f"unet-{masks}"), "unet")
+    prec = precision_from(None, params)
+    net = prepare_model(net, prec)
+    splits = {"val": pets(load_manifest(paths.manifest), "val", with_mask=True), "test": official_test_rows(paths.manifest)}
+    scores: dict[bool, dict[str, dict[float, float]]] = {False: {}, True: {}}
+    for split, rows in splits.items():
+        plain, flipped, gts = [], [], []
+        records = list(rows.itertuples())
+        for i in range(0, len(records), params.evaluate.batch_size):
+            chunk = records[i : i + params.evaluate.batch_size]
+            images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
+            plain += predict_probs(net, images, meta.input_size, prec)
+            flipped += [p[:, ::-1] for p in predict_probs(net, [np.ascontiguousarray(im[:, ::-1]) for im in images],
+                                                          meta.input_size, prec)]
+            gts += [read_mask(paths.prepared / r.mask_path) for r in chunk]
+        scores[False][split] = _iou_by_threshold(plain, gts)
+        scores[True][split] = _iou_by_threshold([(a + b) / 2 for a, b in zip(plain, flipped, strict=True)], gts)
+    return {"plain": choose_threshold(scores[False]["val"], scores[False]["test"]),
+            "flip_tta": choose_threshold(scores[True]["val"], scores[True]["test"])}
+
+
 def spread(values: list[float]) -> dict[str, float | int | None]:
     """Mean, sample standard deviation, min and max in % (sd None below two values)."""
     pct = [100.0 * v for v in values]
@@ -109,7 +172,15 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
             vdiffs = [runs[a][s]["val_iou"] - runs[b][s]["val_iou"] for s in seeds]
             pairs[f"{a} - {b}"] = {"seeds": seeds, "test": spread(diffs), "val": spread(vdiffs),
                                    "test_per_seed": [round(100 * d, 2) for d in diffs]}
-    return {"per_source": per_source, "paired_differences": pairs}
+    thresholds = {}
+    for m, by_seed in runs.items():
+        scans = [r["thresholds"] for r in by_seed.values() if r.get("thresholds")]
+        if scans:
+            thresholds[m] = {kind: {"thresholds": [sc[kind]["threshold"] for sc in scans],
+                                    "test_at_default": spread([sc[kind]["test_iou_default"] for sc in scans]),
+                                    "test_at_chosen": spread([sc[kind]["test_iou"] for sc in scans])}
+                             for kind in ("plain", "flip_tta")}
+    return {"per_source": per_source, "paired_differences": pairs, "decision_thresholds": thresholds}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -132,7 +203,19 @@ def to_markdown(result: dict[str, Any]) -> str:
             "| difference | test | val | test per seed |", "|---|---|---|---|"]
     for name, p in result["summary"]["paired_differences"].items():
         out.append(f"| {name} | {cell(p['test'])} | {cell(p['val'])} | {', '.join(f'{d:+.1f}' for d in p['test_per_seed'])} |")
-    out += ["", f"Total {result['total_seconds'] / 60:.1f} min; every step in the JSON."]
+    thresholds = result["summary"].get("decision_thresholds") or {}
+    if thresholds:
+        out += ["", "Decision threshold chosen on **val** for each U-Net (the product decides at 0.5), test fg IoU "
+                "at 0.5 and at the chosen threshold, plain and with horizontal-flip TTA:", "",
+                "| masks | chosen per seed | test at 0.5 | test at chosen | flip TTA: chosen | flip TTA: test at 0.5 "
+                "| flip TTA: test at chosen |", "|---|---|---|---|---|---|---|"]
+        for m, t in thresholds.items():
+            p, f = t["plain"], t["flip_tta"]
+            out.append(f"| `{m}` | {', '.join(f'{x:g}' for x in p['thresholds'])} | {cell(p['test_at_default'])} | "
+                       f"{cell(p['test_at_chosen'])} | {', '.join(f'{x:g}' for x in f['thresholds'])} | "
+                       f"{cell(f['test_at_default'])} | {cell(f['test_at_chosen'])} |")
+    out += ["", f"Total {result['total_seconds'] / 60:.1f} min in this invocation (U-Nets a previous one trained "
+            "and evaluated are reused, not retrained); every step it ran is in the JSON."]
     return "\n".join(out) + "\n"
 
 
@@ -143,11 +226,12 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
     first = base_seed(project)
     seeds = [first, *[s for s in args.seeds if s != first]]
     runs: dict[str, dict[int, dict[str, Any]]] = {}
+    scan = scan_thresholds if args.thresholds else None
     for m in args.masks:
         own = scores(project, m)
         if own is None:
             raise StepFailed(f"{project}: unet-{m} has no training or evaluation report; run quality.py first")
-        runs[m] = {first: own}
+        runs[m] = {first: {**own, **({"thresholds": scan(project, m)} if scan else {})}}
     start, steps = time.perf_counter(), []
     for seed in seeds[1:]:
         dest = seed_project(project, workdir / f"seed-{seed}", seed)
@@ -159,7 +243,7 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
             result = scores(dest, m)
             if result is None:
                 raise StepFailed(f"{dest}: unet-{m} left no reports")
-            runs[m][seed] = result
+            runs[m][seed] = {**result, **({"thresholds": scan(dest, m)} if scan else {})}
         steps += runner.steps
     n_test = {r["n_test"] for by_seed in runs.values() for r in by_seed.values()}
     result = {"project": shown(project), "workdir": shown(workdir), "machine": machine(), "seeds": seeds,

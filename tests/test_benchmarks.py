@@ -375,7 +375,16 @@ def _unet_reports(project: Path, masks: str, val: float, test: float) -> None:
         {"iou_mean": test, "dice_mean": test + 0.1, "n_images": 222, "training": {"steps": 400}}))
 
 
-def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path) -> None:
+def test_unet_seeds_chooses_the_threshold_on_val_only() -> None:
+    val = {0.4: 0.60, 0.5: 0.62, 0.6: 0.64, 0.7: 0.64}
+    test = {0.4: 0.70, 0.5: 0.66, 0.6: 0.61, 0.7: 0.69}
+    chosen = unet_seeds.choose_threshold(val, test)
+    assert chosen == {"threshold": 0.6, "val_iou": 0.64, "test_iou": 0.61,  # the tie on val: nearest 0.5
+                      "val_iou_default": 0.62, "test_iou_default": 0.66}  # test's own best (0.4) is never chosen
+
+
+def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "work"
     quality.write_params(source, {"base": {"seed": 0}})
     for rel in ("data/prepared", "masks/ensemble", "reports/pseudo"):
@@ -398,9 +407,21 @@ def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path)
                     _unet_reports(root, masks, *scores[seed][masks])
         return Fake()
 
+    scanned: list[tuple[str, str]] = []
+
+    def scan(project: Path, masks: str) -> dict[str, dict[str, float]]:
+        scanned.append((project.name, masks))
+        t = 0.6 if masks == "best" else 0.5
+        one = {"threshold": t, "val_iou": 0.6, "test_iou": 0.7, "val_iou_default": 0.55, "test_iou_default": 0.65}
+        return {"plain": one, "flip_tta": {**one, "test_iou": 0.71}}
+
+    monkeypatch.setattr(unet_seeds, "scan_thresholds", scan)
     args = unet_seeds.parse_args(["--project", str(source), "--masks", "best", "gt", "--seeds", "1", "2",
                                   "--workdir", str(tmp_path / "seeds"), "--out", str(tmp_path / "out" / "s.json")])
     result = unet_seeds.run(args, runner_for=runner_for)
+    assert sorted(scanned) == sorted((p, m) for p in ("work", "seed-1", "seed-2") for m in ("best", "gt"))
+    thresholds = result["summary"]["decision_thresholds"]["best"]["plain"]
+    assert thresholds["thresholds"] == [0.6, 0.6, 0.6] and thresholds["test_at_chosen"]["mean"] == pytest.approx(70.0)
 
     assert result["seeds"] == [0, 1, 2]
     assert [c[1][0] for c in calls] == ["train-unet", "evaluate"] * 4
@@ -414,17 +435,21 @@ def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path)
     md = (tmp_path / "out" / "s.md").read_text()
     assert "| `best` | 61.00 ± 1.00 (60.0–62.0) | 66.00 ± 1.00 (65.0–67.0) | 66.0, 67.0, 65.0 |" in md
     assert "| best - gt | -3.00 ± 1.73 (-5.0–-2.0) |" in md
+    assert "| `best` | 0.6, 0.6, 0.6 | 65.00 ± 0.00 (65.0–65.0) | 70.00 ± 0.00 (70.0–70.0) |" in md
 
-    # a rerun keeps what is already trained and evaluated
+    # a rerun keeps what is already trained and evaluated; --no-thresholds skips the scan
     calls.clear()
-    unet_seeds.run(args, runner_for=runner_for)
-    assert calls == []
+    scanned.clear()
+    again = unet_seeds.run(unet_seeds.parse_args([*map(str, (
+        "--project", source, "--masks", "best", "gt", "--seeds", 1, 2, "--workdir", tmp_path / "seeds",
+        "--out", tmp_path / "out" / "s.json")), "--no-thresholds"]), runner_for=runner_for)
+    assert calls == [] and scanned == [] and again["summary"]["decision_thresholds"] == {}
 
 
 def test_unet_seeds_needs_a_finished_project(tmp_path: Path) -> None:
     quality.write_params(tmp_path, {"base": {"seed": 0}})
     args = unet_seeds.parse_args(["--project", str(tmp_path), "--masks", "best", "--seeds", "1",
-                                  "--out", str(tmp_path / "s.json")])
+                                  "--out", str(tmp_path / "s.json"), "--no-thresholds"])
     with pytest.raises(quality.StepFailed, match="unet-best has no training or evaluation report"):
         unet_seeds.run(args)
     with pytest.raises(SystemExit):
