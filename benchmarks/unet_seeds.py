@@ -31,7 +31,6 @@ Takes one ``train-unet`` + ``evaluate`` per (source, extra seed): about 5 min ea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import Runner, StepFailed, machine, read_json, shown, write_params  # noqa: E402
+
+from wsss.io import write_json, write_text  # noqa: E402
 
 LINKED = ("data", "masks", "cams", "reports/pseudo")
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
@@ -117,8 +118,6 @@ def _iou_by_threshold(probs: list[Any], gts: list[Any]) -> dict[float, float]:
 def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     """``unet-<masks>`` of ``project`` on its val and test pets with GT, at every threshold of
     :data:`THRESHOLDS`, plain and with flip TTA: :func:`choose_threshold` of each."""
-    import numpy as np
-
     from wsss.config import load_params
     from wsss.data.manifest import load_manifest, official_test_rows, pets
     from wsss.data.readers import read_mask, read_rgb
@@ -126,6 +125,7 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
     from wsss.paths import Paths
+    from wsss.self_training import flip_tta_probs
 
     paths = Paths(project)
     params = load_params(project / "params.yaml")
@@ -133,21 +133,24 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     prec = precision_from(None, params)
     net = prepare_model(net, prec)
     splits = {"val": pets(load_manifest(paths.manifest), "val", with_mask=True), "test": official_test_rows(paths.manifest)}
-    scores: dict[bool, dict[str, dict[float, float]]] = {False: {}, True: {}}
+    def predict(images: list[Any]) -> list[Any]:
+        return predict_probs(net, images, meta.input_size, prec)
+
+    by_kind: dict[bool, dict[str, dict[float, float]]] = {False: {}, True: {}}
     for split, rows in splits.items():
-        plain, flipped, gts = [], [], []
+        probs: dict[bool, list[Any]] = {False: [], True: []}
+        gts = []
         records = list(rows.itertuples())
         for i in range(0, len(records), params.evaluate.batch_size):
             chunk = records[i : i + params.evaluate.batch_size]
             images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
-            plain += predict_probs(net, images, meta.input_size, prec)
-            flipped += [p[:, ::-1] for p in predict_probs(net, [np.ascontiguousarray(im[:, ::-1]) for im in images],
-                                                          meta.input_size, prec)]
+            for flip in (False, True):  # self-training's own TTA (one more plain pass: simpler than sharing it)
+                probs[flip] += flip_tta_probs(predict, images, flip)
             gts += [read_mask(paths.prepared / r.mask_path) for r in chunk]
-        scores[False][split] = _iou_by_threshold(plain, gts)
-        scores[True][split] = _iou_by_threshold([(a + b) / 2 for a, b in zip(plain, flipped, strict=True)], gts)
-    return {"plain": choose_threshold(scores[False]["val"], scores[False]["test"]),
-            "flip_tta": choose_threshold(scores[True]["val"], scores[True]["test"])}
+        for flip in (False, True):
+            by_kind[flip][split] = _iou_by_threshold(probs[flip], gts)
+    return {"plain": choose_threshold(by_kind[False]["val"], by_kind[False]["test"]),
+            "flip_tta": choose_threshold(by_kind[True]["val"], by_kind[True]["test"])}
 
 
 def spread(values: list[float]) -> dict[str, float | int | None]:
@@ -227,12 +230,12 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
     seeds = [first, *[s for s in args.seeds if s != first]]
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     scan = scan_thresholds if args.thresholds else None
+    start, steps = time.perf_counter(), []
     for m in args.masks:
         own = scores(project, m)
         if own is None:
             raise StepFailed(f"{project}: unet-{m} has no training or evaluation report; run quality.py first")
         runs[m] = {first: {**own, **({"thresholds": scan(project, m)} if scan else {})}}
-    start, steps = time.perf_counter(), []
     for seed in seeds[1:]:
         dest = seed_project(project, workdir / f"seed-{seed}", seed)
         runner = (runner_for or (lambda root: Runner(root, root / "unet-seeds.log")))(dest)
@@ -252,8 +255,8 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
               "summary": summarise(runs), "steps": steps, "total_seconds": round(time.perf_counter() - start, 1)}
     out = args.out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
+    write_json(out, result)  # atomic, as every wsss report: a killed run leaves the previous file whole
+    write_text(out.with_suffix(".md"), to_markdown(result))
     return result
 
 
