@@ -198,13 +198,17 @@ def to_markdown(result: dict[str, Any]) -> str:
            f"models). Every U-Net: same masks, same `train_unet` schedule; fg IoU % as mean ± sd (min–max); "
            f"test = {result.get('n_test', '?')} images never used to train or choose.", "",
            "| masks | val IoU | test IoU | per seed (test) |", "|---|---|---|---|"]
-    for m, s in result["summary"]["per_source"].items():
+    order = result["masks"]  # the --masks order (the JSON's keys are sorted)
+    for m in order:
+        s = result["summary"]["per_source"][m]
         runs = sorted(result["runs"][m].items(), key=lambda kv: int(kv[0]))
         per = ", ".join(f"{round(100 * r['test_iou'], 2):.1f}" for _, r in runs)  # rounded as the spread is
         out.append(f"| `{m}` | {cell(s['val'])} | {cell(s['test'])} | {per} |")
     out += ["", "Paired by seed (same initial weights and batch order), test and val fg IoU differences in points:", "",
             "| difference | test | val | test per seed |", "|---|---|---|---|"]
-    for name, p in result["summary"]["paired_differences"].items():
+    pairs = result["summary"]["paired_differences"]
+    for name in (f"{a} - {b}" for i, a in enumerate(order) for b in order[i + 1:]):
+        p = pairs[name]
         out.append(f"| {name} | {cell(p['test'])} | {cell(p['val'])} | {', '.join(f'{d:+.1f}' for d in p['test_per_seed'])} |")
     thresholds = result["summary"].get("decision_thresholds") or {}
     if thresholds:
@@ -212,8 +216,8 @@ def to_markdown(result: dict[str, Any]) -> str:
                 "at 0.5 and at the chosen threshold, plain and with horizontal-flip TTA:", "",
                 "| masks | chosen per seed | test at 0.5 | test at chosen | flip TTA: chosen | flip TTA: test at 0.5 "
                 "| flip TTA: test at chosen |", "|---|---|---|---|---|---|---|"]
-        for m, t in thresholds.items():
-            p, f = t["plain"], t["flip_tta"]
+        for m in (m for m in order if m in thresholds):
+            p, f = thresholds[m]["plain"], thresholds[m]["flip_tta"]
             out.append(f"| `{m}` | {', '.join(f'{x:g}' for x in p['thresholds'])} | {cell(p['test_at_default'])} | "
                        f"{cell(p['test_at_chosen'])} | {', '.join(f'{x:g}' for x in f['thresholds'])} | "
                        f"{cell(f['test_at_default'])} | {cell(f['test_at_chosen'])} |")
