@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -72,17 +73,19 @@ def test_an_unclaimed_running_trial_is_failed_after_its_grace(tmp_path: Path) ->
     """A process killed between Optuna creating a trial and the objective claiming it left no pid."""
     import optuna
 
-    from wsss.tuning import UNCLAIMED_GRACE_S, claim_trial, fail_orphaned_trials
+    from wsss.tuning import HOST_ATTR, UNCLAIMED_GRACE_S, claim_trial, fail_orphaned_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
-    old, fresh, mine = study.ask(), study.ask(), study.ask()
+    old, half, fresh, mine = study.ask(), study.ask(), study.ask(), study.ask()
     claim_trial(mine)  # this live process: never failed
+    half.set_user_attr(HOST_ATTR, socket.gethostname())  # killed between claim_trial's two writes
     long_ago = datetime.datetime.now() - datetime.timedelta(seconds=UNCLAIMED_GRACE_S + 5)
     with contextlib.closing(sqlite3.connect(tmp_path / "o.db")) as con, con:
-        con.execute("UPDATE trials SET datetime_start = ? WHERE number = ?",
-                    (long_ago.strftime("%Y-%m-%d %H:%M:%S.%f"), old.number))
-    assert fail_orphaned_trials(study) == [old.number]
+        for trial in (old, half):
+            con.execute("UPDATE trials SET datetime_start = ? WHERE number = ?",
+                        (long_ago.strftime("%Y-%m-%d %H:%M:%S.%f"), trial.number))
+    assert fail_orphaned_trials(study) == [old.number, half.number]
     states = {t.number: t.state for t in study.trials}
     assert states[fresh.number] == states[mine.number] == optuna.trial.TrialState.RUNNING
 

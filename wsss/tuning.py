@@ -476,9 +476,9 @@ def fail_orphaned_trials(study: Any) -> list[int]:
     """Mark the study's ``RUNNING`` trials whose process is gone ``FAIL``; returns their numbers.
 
     A trial of a killed ``wsss tune crf`` would otherwise stay ``RUNNING`` for ever. Gone means: its
-    :func:`claim_trial` host is this one and its pid no longer exists, or it was never claimed and started
-    more than :data:`UNCLAIMED_GRACE_S` ago (killed between Optuna creating it and the objective
-    claiming it); with a heartbeat storage
+    :func:`claim_trial` host is this one and its pid no longer exists, or it was never (or only half)
+    claimed and started more than :data:`UNCLAIMED_GRACE_S` ago (killed between Optuna creating it and
+    the objective claiming it); with a heartbeat storage
     (:func:`make_storage` ``shared``) also any trial silent for longer than the grace period, wherever
     it ran.
     """
@@ -488,7 +488,9 @@ def fail_orphaned_trials(study: Any) -> list[int]:
     storage = study._storage  # Optuna's own fail_stale_trials works on it the same way
     before = {t.number for t in study.get_trials(deepcopy=False, states=(running,))}
     for t in study.get_trials(deepcopy=False, states=(running,)):
-        unclaimed = HOST_ATTR not in t.user_attrs and t.datetime_start is not None and (
+        # claim_trial writes host, then pid: a process killed between the two left a half claim.
+        claimed = HOST_ATTR in t.user_attrs and PID_ATTR in t.user_attrs
+        unclaimed = not claimed and t.datetime_start is not None and (
             datetime.datetime.now() - t.datetime_start).total_seconds() > UNCLAIMED_GRACE_S
         if unclaimed or process_gone(t.user_attrs.get(HOST_ATTR), t.user_attrs.get(PID_ATTR)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, t.number)
