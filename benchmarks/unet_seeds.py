@@ -122,10 +122,9 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     from wsss.data.manifest import load_manifest, official_test_rows, pets
     from wsss.data.readers import read_mask, read_rgb
     from wsss.device import precision_from, prepare_model
-    from wsss.inference import predict_probs
+    from wsss.inference import flip_tta_probs, predict_probs
     from wsss.models.loading import load_model_dir
     from wsss.paths import Paths
-    from wsss.self_training import flip_tta_probs
 
     paths = Paths(project)
     params = load_params(project / "params.yaml")
@@ -144,7 +143,7 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
         for i in range(0, len(records), params.evaluate.batch_size):
             chunk = records[i : i + params.evaluate.batch_size]
             images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
-            for flip in (False, True):  # self-training's own TTA (one more plain pass: simpler than sharing it)
+            for flip in (False, True):  # the product's flip TTA (one more plain pass: simpler than sharing it)
                 probs[flip] += flip_tta_probs(predict, images, flip)
             gts += [read_mask(paths.prepared / r.mask_path) for r in chunk]
         for flip in (False, True):

@@ -90,6 +90,10 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_project: Path) -> None:
     for source in ("best", "same-best", "gt"):  # equal schedules whatever the images
         ev = json.loads((root / "reports" / "eval" / f"{source}.json").read_text())
         assert ev["training"]["steps"] == TINY_MODELS["train_unet"]["steps"], source
+        # evaluate decides by the rule train-unet chose on val and stored with the model
+        rule = json.loads((root / "models" / f"unet-{source}" / "meta.json").read_text())["decision"]
+        assert ev["decision"] == {"threshold": rule["threshold"], "flip_tta": rule["flip_tta"]} and rule["flip_tta"]
+        assert rule["chosen_on"] == "val" and rule["val"]["n_images"] > 0 and rule["val"]["curve"]["0.5"] >= 0
     report = (root / "reports" / "report.md").read_text()
     assert "Table 1" in report and "Table 3" in report
     assert "| WSSS, same images | `unet-same-best` |" in report

@@ -438,6 +438,8 @@ def test_weights_and_checksum_replaced_together_fail_the_state_check(model_copy:
     (lambda m: m.update(plain_filters=[8, 16, 32, 64]), ("weights.safetensors", "does not fit")),
     (lambda m: m.update(architecture="deeplab"), ("wsss_unet.json", "architecture 'deeplab'")),
     (lambda m: m["preprocessing"].update(mean=[0.5, 0.5, 0.5]), ("ImageNet mean/std",)),
+    (lambda m: m.update(threshold=1.5), ("wsss_unet.json", "threshold 1.5")),
+    (lambda m: m.update(flip_tta="yes"), ("wsss_unet.json", "flip_tta 'yes'")),
 ])
 def test_metadata_that_lies_is_one_clear_error(model_copy: Path, image: Path, tmp_path: Path, edit,  # noqa: ANN001
                                                words: tuple[str, ...]) -> None:
@@ -454,3 +456,25 @@ def test_an_mlflow_model_of_another_kind_is_refused(model_copy: Path, image: Pat
     mlmodel.write_text(yaml.safe_dump(conf))
     _one_clear_error(["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o")],
                      "not a wsss U-Net MLflow model", "wsss_format")
+
+
+def test_a_version_1_model_still_loads_and_decides_without_flip(model_copy: Path, image: Path,
+                                                                 tmp_path: Path) -> None:
+    """Models registered before the decision rule was recorded (format 1: no ``flip_tta``) keep working;
+    a format newer than this wsss is refused."""
+    mlmodel = model_copy / "MLmodel"
+    conf = yaml.safe_load(mlmodel.read_text())
+    conf["metadata"]["wsss_format"] = "wsss-unet/1"
+    mlmodel.write_text(yaml.safe_dump(conf))
+    meta = _meta(model_copy)
+    meta["format_version"] = 1
+    meta.pop("flip_tta")
+    _write_meta(model_copy, meta)
+    result = runner.invoke(app, ["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o"),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "threshold 0.5," in result.output and "flip TTA" not in result.output
+    conf["metadata"]["wsss_format"] = "wsss-unet/3"
+    mlmodel.write_text(yaml.safe_dump(conf))
+    _one_clear_error(["predict", str(image), "--model", str(model_copy), "--out", str(tmp_path / "o2")],
+                     "model format 'wsss-unet/3'", "upgrade wsss")

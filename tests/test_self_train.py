@@ -17,8 +17,9 @@ from wsss.cli import app
 from wsss.config import PseudoConfig, SelfTrainConfig, params_from_dict
 from wsss.data.manifest import load_manifest, pets
 from wsss.data.readers import read_mask
+from wsss.inference import flip_tta_probs
 from wsss.paths import Paths
-from wsss.self_training import band_of, border_band, choose_champion, constrain, flip_tta_probs, summary
+from wsss.self_training import band_of, border_band, choose_champion, constrain, summary
 
 runner = CliRunner()
 VARIANT = "cam_classifier-species"

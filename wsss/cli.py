@@ -395,7 +395,10 @@ def predict(
         str, typer.Option(help="A models/unet-* folder, or an MLflow model URI such as models:/wsss-unet@champion.")
     ] = "models/unet-best",
     out: Annotated[Path, typer.Option(help="Output folder.", file_okay=False)] = Path("predictions"),
-    threshold: Annotated[float, typer.Option(help="Pet probability threshold.")] = 0.5,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Pet probability threshold (default: the model's, chosen on val by train-unet)."),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = None,
     shard: ShardOpt = None,

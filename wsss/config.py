@@ -300,6 +300,18 @@ class CopyPasteConfig:
 
 
 @dataclass(frozen=True)
+class DecisionConfig:
+    """How a trained U-Net turns pet probabilities into masks (:mod:`wsss.decision`), chosen on val at the
+    end of ``train-unet`` and applied by ``evaluate``, ``predict`` and the exported MLflow model."""
+
+    flip_tta: bool = True  # average with the mirrored image's probability (twice the inference cost)
+    choose_threshold: bool = True  # off: always 0.5
+    thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)  # scanned on val (+ 0.5)
+    # A threshold other than 0.5 is kept only when its paired val gain over 0.5 exceeds this many standard errors.
+    min_gain_se: float = _f(2.0, 0.0)
+
+
+@dataclass(frozen=True)
 class UnetConfig:
     """Segmenter trained on pseudo-masks (or GT for the supervised baseline).
 
@@ -318,6 +330,7 @@ class UnetConfig:
     dice_weight: float = _f(0.0, 0.0)
     plain_filters: tuple[int, ...] = (32, 64, 128, 256)
     copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
 
 
 @dataclass(frozen=True)
@@ -505,6 +518,10 @@ def _validate_cross_fields(p: Params, source: str) -> None:
     cp = p.train_unet.copy_paste
     if cp.scale_min > cp.scale_max:
         raise ConfigError(f"{source}: 'train_unet.copy_paste.scale_min' must not exceed 'scale_max'")
+    thresholds = p.train_unet.decision.thresholds
+    if not thresholds or any(not 0.0 < t < 1.0 for t in thresholds):
+        raise ConfigError(f"{source}: 'train_unet.decision.thresholds' must be a non-empty list of numbers "
+                          "strictly between 0 and 1")
     filters = p.train_unet.plain_filters
     if len(filters) < 2 or any(f < 1 for f in filters):
         raise ConfigError(f"{source}: 'train_unet.plain_filters' must list at least 2 positive channel counts")

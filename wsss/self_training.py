@@ -15,7 +15,7 @@ round 0 strictly to be chosen, and the test split never enters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,15 +99,6 @@ def constrain(new: np.ndarray, round0: np.ndarray, cfg: SelfTrainConfig, border:
     out = np.where(new == round0, new, IGNORE).astype(np.uint8) if cfg.ignore_disagreement else new
     out[band] = 0
     return Constrained(out, False, a_new, a_0)
-
-
-def flip_tta_probs(predict: Any, images: Sequence[np.ndarray], flip: bool) -> list[np.ndarray]:
-    """``predict(images)`` (pet probability per image), averaged with the mirrored images' (mirrored back)."""
-    probs = predict(list(images))
-    if not flip:
-        return probs
-    mirrored = predict([np.ascontiguousarray(im[:, ::-1]) for im in images])
-    return [((p + m[:, ::-1]) / 2).astype(np.float32) for p, m in zip(probs, mirrored, strict=True)]
 
 
 def choose_champion(val_iou: Mapping[int, float]) -> int:

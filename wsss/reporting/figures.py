@@ -94,8 +94,8 @@ def map_grid_figure(paths: Paths, variant: str, rows: Sequence[Any], unets: dict
 
     from wsss.cams import load_maps
     from wsss.data.datasets import load_mask, load_rgb
+    from wsss.decision import Decision
     from wsss.errors import DataError
-    from wsss.inference import predict_probs
     from wsss.viz import colorize
 
     try:
@@ -123,8 +123,9 @@ def map_grid_figure(paths: Paths, variant: str, rows: Sequence[Any], unets: dict
             mask_path = masks_dir / f"{r.id}.png"
             panels.append((colorize(load_mask(mask_path)) if mask_path.is_file() else np.full_like(image, 64), None))
         if unet is not None:
-            prob = predict_probs(unet[1], [image], unet[2].input_size, prec)[0]
-            panels.append((colorize((prob >= 0.5).astype(np.uint8)), None))
+            rule = Decision.from_meta(unet[2].raw)
+            prob = rule.probs(unet[1], [image], unet[2].input_size, prec)[0]
+            panels.append((colorize(rule.mask(prob)), None))
         panels.append((colorize(gt), None))
         for j, (ax, (picture, heat)) in enumerate(zip(axes[i], panels, strict=True)):
             ax.imshow(picture)

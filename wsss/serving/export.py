@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from wsss.decision import Decision
 from wsss.serving import unet_format
 from wsss.serving.pyfunc import INPUT_COLUMN
 
@@ -69,12 +70,14 @@ def _package_copy(dest: Path) -> Path:
     return dest / "wsss"
 
 
-def _model_kwargs(tmp: Path, model: nn.Module, input_size: int, masks: str | None) -> dict[str, Any]:
+def _model_kwargs(tmp: Path, model: nn.Module, input_size: int, masks: str | None,
+                  rule: Decision | None) -> dict[str, Any]:
     """What ``mlflow.pyfunc.log_model`` / ``save_model`` get (files written under ``tmp``)."""
     import pandas as pd
 
-    meta_path, weights_path = unet_format.write(tmp / "artifacts", model, input_size, masks)
-    threshold = unet_format.DEFAULT_THRESHOLD
+    rule = rule or Decision()
+    meta_path, weights_path = unet_format.write(tmp / "artifacts", model, input_size, masks, rule)
+    threshold = rule.threshold
     return {
         "python_model": str(PYFUNC_CODE),
         "artifacts": {"metadata": str(meta_path), "weights": str(weights_path)},
@@ -87,18 +90,20 @@ def _model_kwargs(tmp: Path, model: nn.Module, input_size: int, masks: str | Non
     }
 
 
-def log_unet(model: nn.Module, input_size: int, masks: str | None = None) -> Any:
-    """Log ``model`` as the MLflow model ``model`` of the active run; returns MLflow's ``ModelInfo``."""
+def log_unet(model: nn.Module, input_size: int, masks: str | None = None, rule: Decision | None = None) -> Any:
+    """Log ``model`` (deciding by ``rule``, default 0.5 without flip) as the MLflow model ``model`` of the
+    active run; returns MLflow's ``ModelInfo``."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="wsss-export-") as tmp:
-        return mlflow.pyfunc.log_model(name=MODEL_NAME, **_model_kwargs(Path(tmp), model, input_size, masks))
+        return mlflow.pyfunc.log_model(name=MODEL_NAME, **_model_kwargs(Path(tmp), model, input_size, masks, rule))
 
 
-def save_unet(dest: Path, model: nn.Module, input_size: int, masks: str | None = None) -> Path:
+def save_unet(dest: Path, model: nn.Module, input_size: int, masks: str | None = None,
+              rule: Decision | None = None) -> Path:
     """Write the same MLflow model as a local folder ``dest`` (no tracking store); returns ``dest``."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="wsss-export-") as tmp:
-        mlflow.pyfunc.save_model(path=str(dest), **_model_kwargs(Path(tmp), model, input_size, masks))
+        mlflow.pyfunc.save_model(path=str(dest), **_model_kwargs(Path(tmp), model, input_size, masks, rule))
     return Path(dest)

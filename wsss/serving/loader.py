@@ -21,7 +21,7 @@ from torch import nn
 
 from wsss.errors import DataError
 from wsss.serving import unet_format
-from wsss.serving.unet_format import CODE_FILE, FORMAT_TAG, format_tag
+from wsss.serving.unet_format import CODE_FILE, FORMAT_TAG, format_tag, readable_tags
 
 MLMODEL = "MLmodel"
 ARTIFACTS = "artifacts"
@@ -63,9 +63,9 @@ def check_mlmodel(folder: Path, where: str) -> None:
                         f"which wsss never unpickles; {unet_format.RETRAIN} to get the safetensors format")
     if tag is None:
         raise DataError(f"{where}: not a wsss U-Net MLflow model ({MLMODEL} has no metadata.{FORMAT_TAG})")
-    if tag != format_tag():
-        raise DataError(f"{where}: model format {tag!r}; this wsss reads {format_tag()!r}: upgrade wsss or "
-                        "re-register the model")
+    if tag not in readable_tags():
+        raise DataError(f"{where}: model format {tag!r}; this wsss reads {' and '.join(map(repr, readable_tags()))} "
+                        f"(writes {format_tag()!r}): upgrade wsss or re-register the model")
     pyfunc = flavors.get("python_function") if isinstance(flavors.get("python_function"), dict) else {}
     if Path(str(pyfunc.get("model_code_path", ""))).name != CODE_FILE:
         raise DataError(f"{where}/{MLMODEL}: python_function is not the wsss U-Net code ({CODE_FILE})")

@@ -6,8 +6,9 @@ Python, an ``(H, W, 3)`` uint8 RGB array. Output: a DataFrame with one row per i
 (``(H, W)`` uint8, 1 = pet, 0 = background), ``pet_probability`` (``(H, W)`` float32), ``height``,
 ``width``, all at the input's own size. Param ``threshold`` (default from the metadata). Model config
 ``device`` (``cpu`` by default; ``cuda``/``auto`` at load time). The preprocessing (resize, ImageNet
-normalisation), the decision threshold and the architecture come from ``wsss_unet.json``; prediction runs
-through :func:`wsss.inference.predict_probs`, exactly as ``wsss predict`` does.
+normalisation), the decision rule (threshold chosen on val, flip test-time augmentation) and the
+architecture come from ``wsss_unet.json``; prediction runs through :func:`wsss.inference.predict_probs`,
+exactly as ``wsss predict`` does.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class UnetPyfunc(mlflow.pyfunc.PythonModel):
                 image = to_rgb(value, i)
             except InvalidImage as exc:
                 raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-            prob = predict_probs(self.net, [image], int(self.meta["input_size"]), self.prec)[0]
+            prob = predict_probs(self.net, [image], int(self.meta["input_size"]), self.prec,
+                                 flip=bool(self.meta.get("flip_tta", False)))[0]
             rows.append({"mask": (prob >= threshold).astype(np.uint8), "pet_probability": prob.astype(np.float32),
                          "height": image.shape[0], "width": image.shape[1]})
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

@@ -2,7 +2,7 @@
 
 The metadata holds everything needed to rebuild and use the network without this repository's
 ``models/`` folder: architecture, encoder / filters, classes, input size, ImageNet mean/std, decision
-threshold, and two checksums: the SHA-256 of the weights file (checked before a byte of it is parsed)
+rule (threshold, flip test-time augmentation; :mod:`wsss.decision`), and two checksums: the SHA-256 of the weights file (checked before a byte of it is parsed)
 and the state SHA-256 of :func:`wsss.training.checkpoint.state_sha256` (the same value as
 ``models/<name>/meta.json``, so a logged model can be matched to the DVC-tracked one). Nothing here
 unpickles: safetensors is a JSON header plus raw tensor bytes. Format: docs/artefacts.md#mlflow-model.
@@ -19,13 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from wsss.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from wsss.decision import Decision
 from wsss.errors import DataError
 
 FORMAT = "wsss-unet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ``flip_tta`` (a version-1 file decides without flip)
 METADATA_FILE = "wsss_unet.json"
 WEIGHTS_FILE = "weights.safetensors"
-DEFAULT_THRESHOLD = 0.5  # pet probability at or above which a pixel is pet (= argmax of the two classes)
 CLASSES = ("background", "pet")
 MAX_METADATA_BYTES = 1 << 20
 RETRAIN = "retrain it (`wsss train-unet`) and re-register it (`wsss report`)"
@@ -34,8 +34,13 @@ CODE_FILE = "pyfunc_code.py"  # the models-from-code file of the pyfunc (wsss/se
 
 
 def format_tag() -> str:
-    """The value of ``metadata.wsss_format`` in MLmodel, e.g. ``wsss-unet/1``."""
+    """The value of ``metadata.wsss_format`` in MLmodel this wsss writes, e.g. ``wsss-unet/2``."""
     return f"{FORMAT}/{FORMAT_VERSION}"
+
+
+def readable_tags() -> tuple[str, ...]:
+    """Every ``metadata.wsss_format`` this wsss loads: this version and the older ones."""
+    return tuple(f"{FORMAT}/{v}" for v in range(1, FORMAT_VERSION + 1))
 
 
 def file_sha256(data: bytes) -> str:
@@ -86,8 +91,10 @@ def build(meta: dict[str, Any], where: str) -> nn.Module:
                         f"{RETRAIN}") from None
 
 
-def write(dest: Path, model: nn.Module, input_size: int, masks: str | None = None) -> tuple[Path, Path]:
-    """Write ``weights.safetensors`` and ``wsss_unet.json`` for ``model`` into ``dest``.
+def write(dest: Path, model: nn.Module, input_size: int, masks: str | None = None,
+          rule: Decision | None = None) -> tuple[Path, Path]:
+    """Write ``weights.safetensors`` and ``wsss_unet.json`` for ``model`` into ``dest``, deciding by ``rule``
+    (default: 0.5 without flip).
 
     The description is checked by rebuilding the network from it and loading the weights strictly, so a
     metadata file that could not rebuild its weights is never written.
@@ -105,14 +112,17 @@ def write(dest: Path, model: nn.Module, input_size: int, masks: str | None = Non
     dest.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     arch = describe(model)
+    rule = rule or Decision()
     meta: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": "unet", **arch,
         "classes": list(CLASSES), "pet_class": CLASSES.index("pet"),
-        "input_size": int(input_size), "threshold": DEFAULT_THRESHOLD,
+        "input_size": int(input_size), "threshold": float(rule.threshold),
+        "flip_tta": bool(rule.flip_tta),
         "preprocessing": {"color": "RGB", "dtype": "uint8", "scale": 1 / 255, "mean": list(IMAGENET_MEAN),
                           "std": list(IMAGENET_STD),
                           "resize": "bilinear (antialiased) to input_size x input_size; the logits are "
-                                    "resized back bilinearly to the image's size before the softmax"},
+                                    "resized back bilinearly to the image's size before the softmax; with "
+                                    "flip_tta, averaged with the mirrored image's probability"},
         "masks": masks, "state_sha256": state_sha256(state), "torch_version": torch.__version__,
         "wsss_version": __version__,
     }
@@ -150,6 +160,11 @@ def read_metadata(path: Path, where: str) -> dict[str, Any]:
     if (not isinstance(pre, dict) or [float(v) for v in pre.get("mean", ())] != list(IMAGENET_MEAN)
             or [float(v) for v in pre.get("std", ())] != list(IMAGENET_STD)):
         raise DataError(f"{where}: preprocessing is not the ImageNet mean/std this wsss applies; {RETRAIN}")
+    threshold = meta.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+        raise DataError(f"{where}: threshold {threshold!r} is not a number strictly between 0 and 1; {RETRAIN}")
+    if not isinstance(meta.get("flip_tta", False), bool):
+        raise DataError(f"{where}: flip_tta {meta.get('flip_tta')!r} is not true or false; {RETRAIN}")
     return meta
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 from wsss import tracking
 from wsss.config import Params
 from wsss.data.manifest import official_test_rows
 from wsss.data.readers import read_mask, read_rgb
+from wsss.decision import Decision
 from wsss.io import read_json, write_json
 from wsss.paths import Paths
 from wsss.ui import console, task
@@ -26,14 +25,14 @@ BASELINES = ("whole_image", "ellipse", "grabcut_rect")
 
 
 def run(params: Params, paths: Paths, model: str, device: str | None = None) -> dict[str, Any]:
-    """Evaluate ``models/<model>/`` on the test split."""
+    """Evaluate ``models/<model>/`` on the test split under its decision rule (chosen on val by train-unet)."""
     from wsss.device import precision_from, prepare_model
     from wsss.evaluation import SegMeter
-    from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
 
     test = official_test_rows(paths.manifest)
     net, meta = load_model_dir(paths.model_dir(model), "unet")
+    rule = Decision.from_meta(meta.raw)
     prec = precision_from(device, params)
     net = prepare_model(net, prec)
     meter = SegMeter()
@@ -44,8 +43,8 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
         for i in range(0, len(rows), bs):
             chunk = rows[i : i + bs]
             images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
-            for r, prob in zip(chunk, predict_probs(net, images, meta.input_size, prec), strict=True):
-                meter.add((prob >= 0.5).astype(np.uint8), read_mask(paths.prepared / r.mask_path))
+            for r, prob in zip(chunk, rule.probs(net, images, meta.input_size, prec), strict=True):
+                meter.add(rule.mask(prob), read_mask(paths.prepared / r.mask_path))
             advance(len(chunk))
     seconds = time.perf_counter() - start
     scores = meter.result().to_dict()
@@ -53,6 +52,7 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
     training = read_json(paths.model_dir(model) / "meta.json").get("training")
     training = training if isinstance(training, dict) else {}
     report = {"model": model, "masks": meta.masks, "split": "test", **scores,
+              "decision": {"threshold": rule.threshold, "flip_tta": rule.flip_tta},
               **({"training": training} if training else {}),
               "seconds": round(seconds, 2), "images_per_s": len(rows) / max(seconds, 1e-9)}
     source = str(UnetId.parse(model).source)
@@ -61,8 +61,10 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
         # MLflow names say the split (test_...); the report's keys are the SegScores names, as in every report.
         logged = {(f"test_{k}" if k in scores else k): v for k, v in report.items() if isinstance(v, (int, float))}
         logged.update({f"train_{k}": v for k, v in training.items() if isinstance(v, (int, float))})
+        logged.update({"decision_threshold": rule.threshold, "decision_flip_tta": float(rule.flip_tta)})
         tracking.log_metrics(logged)
-    console.print(f"{model} on test: fg IoU {scores['iou_mean']:.3f} (dataset {scores['iou_dataset']:.3f}), "
+    console.print(f"{model} on test ({rule.describe()}): fg IoU {scores['iou_mean']:.3f} "
+                  f"(dataset {scores['iou_dataset']:.3f}), "
                   f"Dice {scores['dice_mean']:.3f}, mIoU {scores['miou']:.3f} over {len(rows)} images")
     return report
 

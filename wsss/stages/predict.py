@@ -31,6 +31,7 @@ use; an old pickle-format MLflow model is refused with a message to retrain / re
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -39,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from wsss.decision import Decision
 from wsss.errors import ConfigError, DataError
 from wsss.paths import Paths
 from wsss.sharding import ALL, Shard, folder_lock, rank_device
@@ -150,14 +150,14 @@ def output_stems(images: Sequence[Path]) -> dict[Path, str]:
     return out
 
 
-def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
+def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, Decision, str]:
     """Load a U-Net from a ``models/`` folder, an MLflow model folder or an MLflow URI; nothing is unpickled.
 
     MLflow models go through :func:`wsss.serving.loader.load_mlflow_unet` (format checked, weights
     checksum verified before they are read, safetensors, network rebuilt from the metadata).
 
     Returns:
-        ``(model in eval mode on CPU, input size, description)``.
+        ``(model in eval mode on CPU, input size, its decision rule, description)``.
 
     Raises:
         DataError: the folder or URI does not hold a wsss U-Net, or it fails a check.
@@ -168,7 +168,7 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
     path = Path(spec)
     if path.is_dir() and (path / "meta.json").is_file():
         model, meta = load_model_dir(path, "unet")
-        return model, meta.input_size, f"{path} (masks {meta.masks or '?'})"
+        return model, meta.input_size, Decision.from_meta(meta.raw), f"{path} (masks {meta.masks or '?'})"
     if not loader.is_mlflow_model(spec):
         raise DataError(f"--model {spec}: not a model folder (model.pt + meta.json), an MLflow model folder "
                         "or an MLflow model URI (e.g. models:/wsss-unet@champion)")
@@ -177,13 +177,14 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, str]:
 
         tracking.connect(paths)  # fails fast on a dead server; creates a new store safely
     model, meta = loader.load_mlflow_unet(spec)
-    return model, int(meta["input_size"]), f"{spec} (masks {meta.get('masks') or '?'})"
+    rule = Decision(float(meta["threshold"]), bool(meta.get("flip_tta", False)))
+    return model, int(meta["input_size"]), rule, f"{spec} (masks {meta.get('masks') or '?'})"
 
 
-def _run_fingerprint(images: Sequence[Path], failures: Sequence[tuple[Path, str]], model: str, threshold: float,
+def _run_fingerprint(images: Sequence[Path], failures: Sequence[tuple[Path, str]], model: str, rule: Decision,
                      count: int) -> str:
-    """What the parts of one sharded run agree on: the inputs (in order), the model, the threshold, ``n``."""
-    key = [[str(p) for p in images], [[str(p), r] for p, r in failures], model, threshold, count]
+    """What the parts of one sharded run agree on: the inputs (in order), the model, the decision rule, ``n``."""
+    key = [[str(p) for p in images], [[str(p), r] for p, r in failures], model, rule.threshold, rule.flip_tta, count]
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
 
@@ -237,7 +238,7 @@ def claim_out(out: Path, names: Sequence[str]) -> None:
 
 
 def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None, paths: Paths | None = None,
-        threshold: float = 0.5, shard: Shard = ALL) -> PredictResult:
+        threshold: float | None = None, shard: Shard = ALL) -> PredictResult:
     """Predict a mask and an overlay for every image; a bad file is reported and skipped.
 
     Args:
@@ -246,7 +247,8 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
         out: output folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         paths: the project (for the MLflow tracking store of a URI).
-        threshold: pet probability at or above which a pixel is pet.
+        threshold: pet probability at or above which a pixel is pet (None: the model's own, which
+            ``train-unet`` chose on val; 0.5 for a model saved without one).
         shard: predict only this part of the images; the part that finishes last writes ``index.json``
             (its result covers every part; another part's covers its own images).
 
@@ -256,11 +258,10 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     """
     from wsss.data.images import ImageIssue, read_rgb
     from wsss.device import precision_from, prepare_model
-    from wsss.inference import predict_probs
     from wsss.io import save_png, write_json
     from wsss.viz import tint
 
-    if not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 < threshold < 1.0:
         raise ConfigError(f"--threshold {threshold}: must be strictly between 0 and 1")
     paths = paths or Paths()
     out = Path(out)
@@ -268,9 +269,11 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
     if not images and not failures:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, inputs))}")
     prec = precision_from(rank_device(device or "auto"))
-    net, size, desc = load_predictor(model, paths)
+    net, size, rule, desc = load_predictor(model, paths)
+    if threshold is not None:
+        rule = dataclasses.replace(rule, threshold=threshold)
     net = prepare_model(net, prec)
-    console.print(f"model {desc}, input {size}px, device {prec.device}")
+    console.print(f"model {desc}, input {size}px, {rule.describe()}, device {prec.device}")
     result = PredictResult(failures=list(failures))
     stems = output_stems(images)
     claim_out(out, [f"{stems[p]}_{kind}.png" for p in images for kind in ("mask", "overlay")])
@@ -283,7 +286,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
         for path in mine:
             try:
                 image = read_rgb(path)
-                prob = predict_probs(net, [image], size, prec)[0]
+                prob = rule.probs(net, [image], size, prec)[0]
             except ImageIssue as exc:
                 result.failures.append((path, exc.reason))
                 advance(1, info=f"failed: {path.name}")
@@ -292,7 +295,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
                 result.failures.append((path, f"prediction failed ({type(exc).__name__}: {exc})"))
                 advance(1, info=f"failed: {path.name}")
                 continue
-            mask = (prob >= threshold).astype(np.uint8)
+            mask = rule.mask(prob)
             dest = out / f"{stems[path]}_mask.png"
             overlay = out / f"{stems[path]}_overlay.png"
             save_png(dest, mask)
@@ -302,7 +305,7 @@ def run(inputs: Sequence[Path], model: str, out: Path, device: str | None = None
             advance(1, info=path.name)
     index = {"predicted": predicted, "failed": {str(p): r for p, r in result.failures}}
     if shard.sharded:
-        fp = _run_fingerprint(images, failures, model, threshold, shard.count)
+        fp = _run_fingerprint(images, failures, model, rule, shard.count)
         merged = _merge_parts(out, shard, fp, index, failures)
         if merged is None:
             console.print(f"part {shard}: {len(result.masks)} of {len(mine)} images predicted -> {out}; the last "

@@ -41,7 +41,7 @@ from wsss.errors import ConfigError, DataError
 from wsss.io import read_json, save_png, write_json
 from wsss.paths import Paths
 from wsss.pseudo import effective_config
-from wsss.self_training import ROUND0_MODEL, band_of, constrain, flip_tta_probs, model_of
+from wsss.self_training import ROUND0_MODEL, band_of, constrain, model_of
 from wsss.stages.common import reset_if_stale
 from wsss.ui import console, task
 from wsss.variants import MapVariant, MaskSource
@@ -132,7 +132,7 @@ def run(params: Params, paths: Paths, round_: int, train: TrainFn, device: str |
         "refiner": cfg.refiner, "refiner_params": cfg_source, "border_band": border,
         **stats,
         "val_iou": val[round_]["iou_mean"], "previous_val_iou": val[round_ - 1]["iou_mean"],
-        "n_val": val[round_]["n_images"], "steps": trained.get("steps"),
+        "n_val": val[round_]["n_images"], "decision": val[round_]["decision"], "steps": trained.get("steps"),
         "mask_seconds": round(mask_seconds, 2), "train_seconds": trained.get("train_seconds"),
         "val_seconds": round(time.perf_counter() - t1, 2),
     }
@@ -166,7 +166,7 @@ def _relabel(params: Params, paths: Paths, prev_dir: Path, todo: list[Any], roun
         for i in range(0, len(todo), st.batch_size):
             chunk = todo[i : i + st.batch_size]
             images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
-            probs = flip_tta_probs(lambda ims: predict_probs(net, ims, meta.input_size, prec), images, st.flip_tta)
+            probs = predict_probs(net, images, meta.input_size, prec, flip=st.flip_tta)
             for r, image, prob in zip(chunk, images, probs, strict=True):
                 queue.append(str(r.id))
                 yield image, np.clip(prob, 0.0, 1.0)
@@ -217,10 +217,11 @@ def _fingerprint(params: Params, cfg: Any, prev_dir: Path, round0_dir: Path, pat
 
 
 def _val_iou(params: Params, paths: Paths, model: str, device: str | None) -> dict[str, Any]:
-    """Per-image mean pet IoU of ``models/<model>/`` on the validation split (as ``evaluate`` scores test)."""
+    """Per-image mean pet IoU of ``models/<model>/`` on the validation split, under the model's decision
+    rule (as ``evaluate`` scores test)."""
+    from wsss.decision import Decision
     from wsss.device import precision_from, prepare_model
     from wsss.evaluation import SegMeter
-    from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
 
     val = pets(load_manifest(paths.manifest), "val", with_mask=True).sort_values("id")
@@ -229,12 +230,13 @@ def _val_iou(params: Params, paths: Paths, model: str, device: str | None) -> di
     net, meta = load_model_dir(paths.model_dir(model), "unet")
     prec = precision_from(device, params)
     net = prepare_model(net, prec)
+    rule = Decision.from_meta(meta.raw)
     meter = SegMeter()
     rows = list(val.itertuples())
     bs = params.self_train.batch_size
     for i in range(0, len(rows), bs):
         chunk = rows[i : i + bs]
         images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
-        for r, prob in zip(chunk, predict_probs(net, images, meta.input_size, prec), strict=True):
-            meter.add((prob >= 0.5).astype(np.uint8), read_mask(paths.prepared / r.mask_path))
-    return {"iou_mean": meter.result().iou_mean, "n_images": len(rows)}
+        for r, prob in zip(chunk, rule.probs(net, images, meta.input_size, prec), strict=True):
+            meter.add(rule.mask(prob), read_mask(paths.prepared / r.mask_path))
+    return {"iou_mean": meter.result().iou_mean, "n_images": len(rows), "decision": rule.describe()}

@@ -28,6 +28,7 @@ from wsss.data import copy_paste
 from wsss.data.datasets import SegmentationDataset, denormalize_uint8, load_mask
 from wsss.data.loaders import loader
 from wsss.data.manifest import load_manifest, pets
+from wsss.decision import Decision, choose_rule
 from wsss.device import Precision
 from wsss.errors import DataError
 from wsss.evaluation import IGNORE
@@ -225,11 +226,15 @@ def _train(ctx: DistContext, params: Params, paths: Paths, masks: str) -> dict[s
         if not ctx.is_main:
             return None
         model.load_state_dict(result.best_state)
+        rule, choice = choose_rule(model, val_df, paths.prepared, cfg.input_size, prec, cfg.decision, cfg.batch_size)
         training = {"steps": trainer.optimizer_steps, "n_images": len(train_df), "images": images,
                     "batch_size": cfg.batch_size, "epochs": schedule.epochs}
+        decision = {"threshold": rule.threshold, "flip_tta": rule.flip_tta,
+                    "chosen_on": "val" if choice is not None else None,
+                    **({"val": choice.to_dict()} if choice is not None else {})}
         meta = {"kind": "unet", "architecture": cfg.architecture, "encoder": cfg.encoder,
                 "input_size": cfg.input_size, "masks": str(source), "num_classes": 2,
-                "plain_filters": list(cfg.plain_filters), "training": training}
+                "plain_filters": list(cfg.plain_filters), "training": training, "decision": decision}
         last = result.history[-1] if result.history else {}
         final = {
             "masks": str(source), "images": images, "steps": trainer.optimizer_steps, "epochs": schedule.epochs,
@@ -239,12 +244,18 @@ def _train(ctx: DistContext, params: Params, paths: Paths, masks: str) -> dict[s
             "last_val_iou_mean": last.get("val_iou_mean", float("nan")),
             "final_train_loss": last.get("train_loss", float("nan")),
             "world_size": ctx.world_size,
+            "decision_threshold": rule.threshold, "decision_flip_tta": rule.flip_tta,
+            **({"decision_best_threshold": choice.best, "decision_val_iou": choice.val_iou,
+                "decision_val_iou_default": choice.val_iou_default, "decision_gain": choice.gain,
+                "decision_gain_se": choice.gain_se} if choice is not None else {}),
             **pasted.summary(),
         }
         trainer.save(model, meta, final, logged=final)
-        tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size)
+        tracking.guard(log_mlflow_model, model.cpu().float(), cfg.input_size, rule)
+    chosen = "" if choice is None else (f"; val IoU {choice.val_iou:.3f} at {rule.describe()} "
+                                        f"(0.5: {choice.val_iou_default:.3f}, best {choice.best:g})")
     console.print(f"saved {paths.model_dir(name)} ({source} on {len(train_df)} images, {trainer.optimizer_steps} "
-                  f"steps; last val IoU {final['last_val_iou_mean']:.3f})")
+                  f"steps; last val IoU {final['last_val_iou_mean']:.3f}{chosen})")
     return final
 
 
@@ -317,11 +328,11 @@ def _mask_for_overlay(row: pd.Series, masks_dir: Path | None, paths: Paths, shap
     return np.asarray(mask.resize((shape[1], shape[0]), Image.NEAREST), dtype=np.uint8)
 
 
-def log_mlflow_model(model: torch.nn.Module, size: int) -> None:
+def log_mlflow_model(model: torch.nn.Module, size: int, rule: Decision | None = None) -> None:
     """Log the U-Net as a self-contained, pickle-free MLflow pyfunc (safetensors weights + JSON metadata).
 
-    Takes an RGB image of any size, returns its mask at that size (docs/artefacts.md#mlflow-model); the
-    pseudo-mask source recorded is the active run's ``masks`` tag.
+    Takes an RGB image of any size, returns its mask at that size under ``rule`` (default: 0.5, no flip;
+    docs/artefacts.md#mlflow-model); the pseudo-mask source recorded is the active run's ``masks`` tag.
     """
     import mlflow
 
@@ -329,4 +340,4 @@ def log_mlflow_model(model: torch.nn.Module, size: int) -> None:
 
     run = mlflow.active_run()
     tags = mlflow.get_run(run.info.run_id).data.tags if run is not None else {}
-    log_unet(model, size, masks=tags.get("masks"))
+    log_unet(model, size, masks=tags.get("masks"), rule=rule)
