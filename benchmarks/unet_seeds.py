@@ -14,10 +14,10 @@ models are the first seed (its ``base.seed``), read from its reports, not retrai
 Seeds are paired: the same seed gives every mask source the same initial weights and batch order, so the
 per-seed difference between two sources is printed beside their means.
 
-Each U-Net is also scanned over decision thresholds (``THRESHOLDS``; the product decides at 0.5): the
-threshold with the best **val** IoU (ties: the one nearest 0.5) and the test IoU there, with and without
-horizontal-flip TTA. That measures what choosing the threshold on val would give each U-Net; the test
-split chooses nothing.
+Each U-Net is also scanned over decision thresholds (``THRESHOLDS``): the threshold with the best **val**
+IoU (ties: the one nearest 0.5), the product's guarded choice (``train_unet.decision``,
+:mod:`wsss.decision`) and the test IoU at each, with and without horizontal-flip TTA. That measures what
+choosing the threshold on val gives each U-Net, with and without the guard; the test split chooses nothing.
 
     python benchmarks/unet_seeds.py --project WORK --masks best prior-grabcut gt --seeds 1 2 \\
         --out benchmarks/results/unet-seeds-cpu.json
@@ -96,33 +96,35 @@ def scores(project: Path, masks: str) -> dict[str, Any] | None:
             "n_test": e.get("n_images"), "steps": (e.get("training") or {}).get("steps")}
 
 
-def choose_threshold(val: dict[float, float], test: dict[float, float], default: float = 0.5) -> dict[str, float]:
-    """The threshold with the best val IoU (ties: nearest ``default``) and the IoUs there and at ``default``."""
-    best = max(val, key=lambda t: (round(val[t], 9), -abs(t - default)))
-    return {"threshold": best, "val_iou": val[best], "test_iou": test[best],
-            "val_iou_default": val[default], "test_iou_default": test[default]}
+def choose_threshold(val: dict[float, Any], test: dict[float, Any], min_gain_se: float) -> dict[str, float]:
+    """Per-image val and test IoUs by threshold -> the val best (ties: nearest 0.5), the product's guarded
+    choice (:func:`wsss.decision.choose_threshold` with ``min_gain_se``) and the mean IoUs there and at 0.5.
+    Test only scores: it never enters a choice."""
+    import numpy as np
 
+    from wsss.decision import choose_threshold as choose
 
-def _iou_by_threshold(probs: list[Any], gts: list[Any]) -> dict[float, float]:
-    from wsss.evaluation import SegMeter
+    best, guarded = choose(val, 0.0), choose(val, min_gain_se)
 
-    out = {}
-    for t in THRESHOLDS:
-        meter = SegMeter()
-        for prob, gt in zip(probs, gts, strict=True):
-            meter.add((prob >= t).astype("uint8"), gt)
-        out[t] = meter.result().iou_mean
-    return out
+    def mean(ious: dict[float, Any], t: float) -> float:
+        return float(np.mean(ious[t]))
+
+    return {"threshold": best.threshold, "val_iou": mean(val, best.threshold), "test_iou": mean(test, best.threshold),
+            "val_iou_default": mean(val, 0.5), "test_iou_default": mean(test, 0.5),
+            "guarded_threshold": guarded.threshold, "guarded_test_iou": mean(test, guarded.threshold),
+            "gain": best.gain, "gain_se": best.gain_se}
 
 
 def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     """``unet-<masks>`` of ``project`` on its val and test pets with GT, at every threshold of
-    :data:`THRESHOLDS`, plain and with flip TTA: :func:`choose_threshold` of each."""
+    :data:`THRESHOLDS`, plain and with flip TTA: :func:`choose_threshold` of each, guarded by the
+    project's ``train_unet.decision.min_gain_se``."""
     from wsss.config import load_params
     from wsss.data.manifest import load_manifest, official_test_rows, pets
     from wsss.data.readers import read_mask, read_rgb
+    from wsss.decision import per_image_ious
     from wsss.device import precision_from, prepare_model
-    from wsss.inference import flip_tta_probs, predict_probs
+    from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
     from wsss.paths import Paths
 
@@ -131,11 +133,9 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     net, meta = load_model_dir(paths.model_dir(f"unet-{masks}"), "unet")
     prec = precision_from(None, params)
     net = prepare_model(net, prec)
-    splits = {"val": pets(load_manifest(paths.manifest), "val", with_mask=True), "test": official_test_rows(paths.manifest)}
-    def predict(images: list[Any]) -> list[Any]:
-        return predict_probs(net, images, meta.input_size, prec)
-
-    by_kind: dict[bool, dict[str, dict[float, float]]] = {False: {}, True: {}}
+    splits = {"val": pets(load_manifest(paths.manifest), "val", with_mask=True).sort_values("id"),
+              "test": official_test_rows(paths.manifest)}
+    by_kind: dict[bool, dict[str, dict[float, Any]]] = {False: {}, True: {}}
     for split, rows in splits.items():
         probs: dict[bool, list[Any]] = {False: [], True: []}
         gts = []
@@ -144,12 +144,13 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
             chunk = records[i : i + params.evaluate.batch_size]
             images = [read_rgb(paths.prepared / r.image_path) for r in chunk]
             for flip in (False, True):  # the product's flip TTA (one more plain pass: simpler than sharing it)
-                probs[flip] += flip_tta_probs(predict, images, flip)
+                probs[flip] += predict_probs(net, images, meta.input_size, prec, flip=flip)
             gts += [read_mask(paths.prepared / r.mask_path) for r in chunk]
         for flip in (False, True):
-            by_kind[flip][split] = _iou_by_threshold(probs[flip], gts)
-    return {"plain": choose_threshold(by_kind[False]["val"], by_kind[False]["test"]),
-            "flip_tta": choose_threshold(by_kind[True]["val"], by_kind[True]["test"])}
+            by_kind[flip][split] = per_image_ious(zip(probs[flip], gts, strict=True), THRESHOLDS)
+    guard = params.train_unet.decision.min_gain_se
+    return {"plain": choose_threshold(by_kind[False]["val"], by_kind[False]["test"], guard),
+            "flip_tta": choose_threshold(by_kind[True]["val"], by_kind[True]["test"], guard)}
 
 
 def spread(values: list[float]) -> dict[str, float | int | None]:
@@ -180,7 +181,10 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
         if scans:
             thresholds[m] = {kind: {"thresholds": [sc[kind]["threshold"] for sc in scans],
                                     "test_at_default": spread([sc[kind]["test_iou_default"] for sc in scans]),
-                                    "test_at_chosen": spread([sc[kind]["test_iou"] for sc in scans])}
+                                    "test_at_chosen": spread([sc[kind]["test_iou"] for sc in scans]),
+                                    "guarded_thresholds": [sc[kind].get("guarded_threshold") for sc in scans],
+                                    "test_at_guarded": spread([sc[kind]["guarded_test_iou"] for sc in scans
+                                                               if "guarded_test_iou" in sc[kind]])}
                              for kind in ("plain", "flip_tta")}
     return {"per_source": per_source, "paired_differences": pairs, "decision_thresholds": thresholds}
 
@@ -211,15 +215,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         out.append(f"| {name} | {cell(p['test'])} | {cell(p['val'])} | {', '.join(f'{d:+.1f}' for d in p['test_per_seed'])} |")
     thresholds = result["summary"].get("decision_thresholds") or {}
     if thresholds:
-        out += ["", "Decision threshold chosen on **val** for each U-Net (the product decides at 0.5), test fg IoU "
-                "at 0.5 and at the chosen threshold, plain and with horizontal-flip TTA:", "",
-                "| masks | chosen per seed | test at 0.5 | test at chosen | flip TTA: chosen | flip TTA: test at 0.5 "
-                "| flip TTA: test at chosen |", "|---|---|---|---|---|---|---|"]
+        def chosen(xs: list[Any]) -> str:
+            return ", ".join("—" if x is None else f"{x:g}" for x in xs)
+
+        out += ["", "Decision threshold chosen on **val** for each U-Net, test fg IoU at 0.5, at the val best and "
+                "at the product's guarded choice (`train_unet.decision`: the val best only where its paired val "
+                "gain over 0.5 exceeds `min_gain_se` standard errors), plain and with horizontal-flip TTA (the "
+                "product's default):", "",
+                "| masks | val best per seed | test at 0.5 | test at val best | flip TTA: val best | flip TTA: "
+                "test at 0.5 | flip TTA: test at val best | flip TTA: guarded choice | flip TTA: test at guarded |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for m in (m for m in order if m in thresholds):
             p, f = thresholds[m]["plain"], thresholds[m]["flip_tta"]
-            out.append(f"| `{m}` | {', '.join(f'{x:g}' for x in p['thresholds'])} | {cell(p['test_at_default'])} | "
-                       f"{cell(p['test_at_chosen'])} | {', '.join(f'{x:g}' for x in f['thresholds'])} | "
-                       f"{cell(f['test_at_default'])} | {cell(f['test_at_chosen'])} |")
+            out.append(f"| `{m}` | {chosen(p['thresholds'])} | {cell(p['test_at_default'])} | "
+                       f"{cell(p['test_at_chosen'])} | {chosen(f['thresholds'])} | "
+                       f"{cell(f['test_at_default'])} | {cell(f['test_at_chosen'])} | "
+                       f"{chosen(f.get('guarded_thresholds') or [])} | {cell(f.get('test_at_guarded') or {})} |")
     out += ["", f"Total {result['total_seconds'] / 60:.1f} min in this invocation (U-Nets a previous one trained "
             "and evaluated are reused, not retrained); every step it ran is in the JSON."]
     return "\n".join(out) + "\n"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -376,11 +377,18 @@ def _unet_reports(project: Path, masks: str, val: float, test: float) -> None:
 
 
 def test_unet_seeds_chooses_the_threshold_on_val_only() -> None:
-    val = {0.4: 0.60, 0.5: 0.62, 0.6: 0.64, 0.7: 0.64}
-    test = {0.4: 0.70, 0.5: 0.66, 0.6: 0.61, 0.7: 0.69}
-    chosen = unet_seeds.choose_threshold(val, test)
-    assert chosen == {"threshold": 0.6, "val_iou": 0.64, "test_iou": 0.61,  # the tie on val: nearest 0.5
-                      "val_iou_default": 0.62, "test_iou_default": 0.66}  # test's own best (0.4) is never chosen
+    def images(mean: float, spread: float = 0.0) -> np.ndarray:  # 4 images with this mean IoU
+        return mean + spread * np.array([1.0, -1.0, 1.0, -1.0])
+
+    val = {0.4: images(0.60), 0.5: images(0.62), 0.6: images(0.64, 0.2), 0.7: images(0.64, 0.2)}
+    test = {0.4: images(0.70), 0.5: images(0.66), 0.6: images(0.61), 0.7: images(0.69)}
+    chosen = unet_seeds.choose_threshold(val, test, min_gain_se=2.0)
+    assert {k: round(v, 6) for k, v in chosen.items() if k not in ("gain", "gain_se")} == {
+        "threshold": 0.6, "val_iou": 0.64, "test_iou": 0.61,  # the tie on val: nearest 0.5
+        "val_iou_default": 0.62, "test_iou_default": 0.66,  # test's own best (0.4) is never chosen
+        "guarded_threshold": 0.5, "guarded_test_iou": 0.66}  # a 0.02 gain with a 0.12 standard error: not kept
+    assert chosen["gain"] == pytest.approx(0.02) and chosen["gain_se"] == pytest.approx(0.2 * 2 / np.sqrt(12))
+    assert unet_seeds.choose_threshold(val, test, min_gain_se=0.0)["guarded_threshold"] == 0.6
 
 
 def test_unet_seeds_retrains_each_source_per_seed_and_pairs_them(tmp_path: Path,
