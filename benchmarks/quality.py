@@ -48,6 +48,8 @@ from typing import Any
 import hostinfo  # the sibling module (benchmarks/ is on sys.path when a script runs)
 import yaml
 
+from wsss.io import read_json, write_text
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROFILES = HERE / "profiles"
@@ -316,11 +318,6 @@ def tuned_val_iou(project: Path, variant: str) -> float:
     if study.get("best_value") is None:
         raise StepFailed(f"tune crf for {variant} finished no trial to score it with")
     return float(study["best_value"])
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON report."""
-    return json.loads(Path(path).read_text())
 
 
 def val_map_iou(project: Path, variant: str) -> tuple[float, float, str]:
@@ -812,8 +809,9 @@ def main(argv: list[str] | None = None) -> int:
         steps_result = {"profile": args.profile, "train_root": shown(args.train_root), "selected_variant": best,
                         "eval": "every image of the eval root" if args.eval_root else "the official test split",
                         "rows": table}
-        steps_out.write_text(json.dumps(steps_result, indent=2, default=str) + "\n")
-        steps_out.with_suffix(".md").write_text(steps_markdown(steps_result))
+        # atomic (a killed run leaves the previous file whole); json.dumps keeps the rows' key order
+        write_text(steps_out, json.dumps(steps_result, indent=2, default=str) + "\n")
+        write_text(steps_out.with_suffix(".md"), steps_markdown(steps_result))
         result["steps_table"] = shown(steps_out)
         scores = collect(eval_project, plan, best, val_scores, work)
         result.update(scores)
@@ -832,8 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     result["total_seconds"] = round(time.perf_counter() - start, 1)
     result["summary"] = summary
     result["summary_line"] = summary_line(summary)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
+    write_text(out, json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out.with_suffix(".md"), to_markdown(result))
     if rc == 0:
         print_table(result)
     print(result["summary_line"], flush=True)
