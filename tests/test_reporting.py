@@ -139,21 +139,22 @@ def test_sections_from_in_memory_reports() -> None:
     assert markdown_table(md, "## U-Nets on the official")["WSSS, all images"]["IoU / supervised"] == "87.5"
 
 
-def _unet_eval(iou: float, masks: str, n_images: int, steps: int, images: str) -> dict:
-    return {**_scores(iou, iou + 0.05), "masks": masks,
+def _unet_eval(iou: float, masks: str, n_images: int, steps: int, images: str, threshold: float = 0.5) -> dict:
+    return {**_scores(iou, iou + 0.05), "masks": masks, "decision": {"threshold": threshold, "flip_tta": True},
             "training": {"steps": steps, "n_images": n_images, "images": images, "batch_size": 16, "epochs": 3}}
 
 
 def test_unet_table_compares_supervised_same_images_and_all_images_at_their_steps() -> None:
     evals = {"gt": _unet_eval(0.6, "gt", 198, 400, "gt"),
              "same-best": _unet_eval(0.54, "same-ccam_ccam-none", 198, 400, "gt"),
-             "best": _unet_eval(0.66, "ccam_ccam-none", 1307, 400, "all"),
+             "best": _unet_eval(0.66, "ccam_ccam-none", 1307, 400, "all", threshold=0.65),
              PERBREED: _unet_eval(0.3, PERBREED, 1307, 400, "all"), "baselines": {"ellipse": _scores(0.4, 0.5)}}
     md = tables.unets_section(Reports({}, {}, evals))
     t = markdown_table(md, "## U-Nets")
     assert list(t) == ["supervised", "WSSS, same images", "WSSS, all images", "—"]  # extra U-Nets after the rows
     assert [(t[k]["images"], t[k]["steps"]) for k in list(t)[:3]] == [("198", "400"), ("198", "400"), ("1307", "400")]
     assert t["WSSS, same images"]["model"] == "`unet-same-best`"
+    assert t["WSSS, all images"]["decision"] == "0.65 + flip" and t["supervised"]["decision"] == "0.5 + flip"
     assert t["WSSS, same images"]["trained on"] == "pseudo-masks (`same-ccam_ccam-none`)"
     assert t["supervised"]["trained on"] == "GT masks" and t["—"]["model"] == f"`unet-{PERBREED}`"
     assert t["WSSS, same images"]["IoU / supervised"] == "90.0" and t["WSSS, all images"]["IoU / supervised"] == "110.0"

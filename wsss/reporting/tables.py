@@ -367,15 +367,24 @@ def _self_training_line(rep: Reports) -> str | None:
             "round beats it).")
 
 
+def _decision_cell(data: Mapping[str, Any] | None) -> str:
+    """The threshold (and flip TTA) a U-Net was scored with, e.g. ``0.65 + flip``."""
+    threshold = get(data, "decision", "threshold")
+    if threshold is None:
+        return DASH
+    rule = (data or {}).get("decision")
+    return f"{threshold:g}" + (" + flip" if isinstance(rule, Mapping) and rule.get("flip_tta") is True else "")
+
+
 def _unet_cells(data: Mapping[str, Any] | None, gt_iou: float | None) -> list[str]:
-    """images, steps, IoU, Dice, dataset IoU, mIoU and IoU / supervised of one eval report."""
+    """images, steps, decision rule, IoU, Dice, dataset IoU, mIoU and IoU / supervised of one eval report."""
     def count(key: str) -> str:
         value = get(data, "training", key)
         return DASH if value is None else str(int(value))
 
     iou = get(data, "iou_mean")
-    return [count("n_images"), count("steps"), pct(iou), pct(get(data, "dice_mean")), pct(get(data, "iou_dataset")),
-            pct(get(data, "miou")), pct(ratio(iou, gt_iou), 1)]
+    return [count("n_images"), count("steps"), _decision_cell(data), pct(iou), pct(get(data, "dice_mean")),
+            pct(get(data, "iou_dataset")), pct(get(data, "miou")), pct(ratio(iou, gt_iou), 1)]
 
 
 def unets_section(rep: Reports) -> str:
@@ -401,15 +410,18 @@ def unets_section(rep: Reports) -> str:
     n_same, n_all = get(same, "training", "n_images"), get(every, "training", "n_images")
     if n_same is not None and n_same == n_all:
         line += " Every train image has GT here, so both WSSS rows train on the same images."
-    headers = ["U-Net", "model", "trained on", "images", "steps", "IoU", "Dice", "dataset IoU", "mIoU (bg, pet)",
-               "IoU / supervised"]
+    headers = ["U-Net", "model", "trained on", "images", "steps", "decision", "IoU", "Dice", "dataset IoU",
+               "mIoU (bg, pet)", "IoU / supervised"]
     return "\n".join([
         "## U-Nets on the official test split",
         "",
         "Every U-Net trains for the same number of optimiser steps (`train_unet.steps`) whatever its number "
         "of images, so the rows compare at equal schedules. *Same images*: the best pseudo-masks of exactly "
         "the train images with GT, the supervised U-Net's images (weak vs full labels); *all images*: the "
-        "same pseudo-masks on every train image (more images with weak labels).",
+        "same pseudo-masks on every train image (more images with weak labels). *Decision*: the pet-probability "
+        "threshold each U-Net's masks are cut at and whether its probability is flip-averaged, chosen by "
+        "`train-unet` on the validation images (a threshold other than 0.5 only where its val gain is "
+        "significant; `train_unet.decision`).",
         "",
         md_table(headers, rows),
         "",
