@@ -182,6 +182,9 @@ def test_per_breed_fine_tuning_of_a_ccam_of_another_arch(proj: Path) -> None:
     ({"architecture": "smp"}, ("unet-gt", "does not fit")),
     ({"architecture": None}, ("unet-gt", "meta.json", "architecture")),
     ({"num_classes": 3}, ("unet-gt", "does not fit")),
+    ({"decision": {"threshold": 5, "flip_tta": True}}, ("unet-gt", "meta.json", "decision threshold 5")),
+    ({"decision": {"threshold": 0.5, "flip_tta": "no"}}, ("unet-gt", "meta.json", "flip_tta 'no'")),
+    ({"decision": [0.5]}, ("unet-gt", "meta.json", "not a mapping")),
 ])
 def test_evaluate_with_a_unet_whose_meta_lies(proj: Path, change: dict, words: tuple[str, ...]) -> None:
     _edit_meta(_save_unet(proj), **change)

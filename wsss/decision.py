@@ -32,11 +32,22 @@ class Decision:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Decision:
         """The rule a model's metadata records (``meta.json``'s ``decision``); a model saved before rules
-        were recorded decided at 0.5 without flip."""
-        rule = meta.get("decision")
-        if not isinstance(rule, Mapping):
+        were recorded decided at 0.5 without flip.
+
+        Raises:
+            ValueError: ``decision`` is there but is not a threshold strictly between 0 and 1 and a boolean flip.
+        """
+        if "decision" not in meta:
             return cls()
-        return cls(float(rule.get("threshold", DEFAULT_THRESHOLD)), bool(rule.get("flip_tta", False)))
+        rule = meta["decision"]
+        if not isinstance(rule, Mapping):
+            raise ValueError(f"decision {rule!r} is not a mapping")
+        threshold, flip = rule.get("threshold", DEFAULT_THRESHOLD), rule.get("flip_tta", False)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"decision threshold {threshold!r} is not a number strictly between 0 and 1")
+        if not isinstance(flip, bool):
+            raise ValueError(f"decision flip_tta {flip!r} is not true or false")
+        return cls(float(threshold), flip)
 
     def probs(self, model: Any, images: Sequence[np.ndarray], size: int, prec: Any) -> list[np.ndarray]:
         """Pet probability per image at its own size, flip-averaged when the rule says so."""
