@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,20 @@ class Decision:
         if not isinstance(flip, bool):
             raise ValueError(f"decision flip_tta {flip!r} is not true or false")
         return cls(float(threshold), flip)
+
+    @classmethod
+    def of_model(cls, meta: Mapping[str, Any], model_dir: str | Path) -> Decision:
+        """:meth:`from_meta` of a saved model, a malformed rule being one error naming its ``meta.json``.
+
+        Raises:
+            DataError: the recorded rule is malformed.
+        """
+        from wsss.errors import DataError
+
+        try:
+            return cls.from_meta(meta)
+        except ValueError as exc:
+            raise DataError(f"{Path(model_dir) / 'meta.json'}: {exc}; retrain the model (`wsss train-unet`)") from None
 
     def probs(self, model: Any, images: Sequence[np.ndarray], size: int, prec: Any) -> list[np.ndarray]:
         """Pet probability per image at its own size, flip-averaged when the rule says so."""
@@ -140,8 +155,6 @@ def choose_rule(model: Any, rows: Any, prepared: Any, size: int, prec: Any, cfg:
     """The decision rule of a trained U-Net under ``cfg`` (:class:`wsss.config.DecisionConfig`): flip as
     configured, the threshold chosen on ``rows`` (val images with GT, under ``prepared``) by
     :func:`choose_threshold`. No scan (0.5) when ``cfg.choose_threshold`` is off or there are no rows."""
-    from pathlib import Path
-
     from wsss.data.readers import read_mask, read_rgb
 
     if not cfg.choose_threshold or len(rows) == 0:

@@ -144,14 +144,12 @@ def _build_backbone_model(meta: dict[str, Any], src: Path) -> tuple[nn.Module, s
 def _build_unet(meta: dict[str, Any], src: Path) -> tuple[nn.Module, str]:
     """A U-Net as ``meta`` describes it."""
     from wsss.config import UnetConfig
-    from wsss.decision import Decision
     from wsss.errors import WsssError
     from wsss.models.unet import build_unet
     from wsss.training.checkpoint import require_meta
 
     require_meta(meta, ("architecture", "encoder", "input_size"), src)
     try:
-        Decision.from_meta(meta)  # checked here, so every command that loads the model gets one clear error
         cfg = UnetConfig(architecture=meta["architecture"], encoder=meta["encoder"], encoder_weights="none",
                          input_size=int(meta["input_size"]), plain_filters=tuple(
                              int(f) for f in meta.get("plain_filters", ())) or UnetConfig().plain_filters)

@@ -123,7 +123,7 @@ def map_grid_figure(paths: Paths, variant: str, rows: Sequence[Any], unets: dict
             mask_path = masks_dir / f"{r.id}.png"
             panels.append((colorize(load_mask(mask_path)) if mask_path.is_file() else np.full_like(image, 64), None))
         if unet is not None:
-            rule = Decision.from_meta(unet[2].raw)
+            rule = Decision.of_model(unet[2].raw, paths.model_dir(unet[0]))
             prob = rule.probs(unet[1], [image], unet[2].input_size, prec)[0]
             panels.append((colorize(rule.mask(prob)), None))
         panels.append((colorize(gt), None))

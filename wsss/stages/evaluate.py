@@ -32,7 +32,7 @@ def run(params: Params, paths: Paths, model: str, device: str | None = None) -> 
 
     test = official_test_rows(paths.manifest)
     net, meta = load_model_dir(paths.model_dir(model), "unet")
-    rule = Decision.from_meta(meta.raw)
+    rule = Decision.of_model(meta.raw, paths.model_dir(model))
     prec = precision_from(device, params)
     net = prepare_model(net, prec)
     meter = SegMeter()

@@ -168,7 +168,7 @@ def load_predictor(spec: str, paths: Paths) -> tuple[Any, int, Decision, str]:
     path = Path(spec)
     if path.is_dir() and (path / "meta.json").is_file():
         model, meta = load_model_dir(path, "unet")
-        return model, meta.input_size, Decision.from_meta(meta.raw), f"{path} (masks {meta.masks or '?'})"
+        return model, meta.input_size, Decision.of_model(meta.raw, path), f"{path} (masks {meta.masks or '?'})"
     if not loader.is_mlflow_model(spec):
         raise DataError(f"--model {spec}: not a model folder (model.pt + meta.json), an MLflow model folder "
                         "or an MLflow model URI (e.g. models:/wsss-unet@champion)")

@@ -230,7 +230,7 @@ def _val_iou(params: Params, paths: Paths, model: str, device: str | None) -> di
     net, meta = load_model_dir(paths.model_dir(model), "unet")
     prec = precision_from(device, params)
     net = prepare_model(net, prec)
-    rule = Decision.from_meta(meta.raw)
+    rule = Decision.of_model(meta.raw, paths.model_dir(model))
     meter = SegMeter()
     rows = list(val.itertuples())
     bs = params.self_train.batch_size
