@@ -122,8 +122,8 @@ def scan_thresholds(project: Path, masks: str) -> dict[str, dict[str, float]]:
     from wsss.config import load_params
     from wsss.data.manifest import load_manifest, official_test_rows, pets
     from wsss.data.readers import read_mask, read_rgb
-    from wsss.decision import per_image_ious
     from wsss.device import precision_from, prepare_model
+    from wsss.evaluation import per_image_ious
     from wsss.inference import predict_probs
     from wsss.models.loading import load_model_dir
     from wsss.paths import Paths

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from wsss.cli import app
 from wsss.config import DecisionConfig, UnetConfig
-from wsss.decision import Decision, candidates, choose_rule, choose_threshold, per_image_ious
+from wsss.decision import Decision, candidates, choose_rule, choose_threshold
+from wsss.evaluation import per_image_ious
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsss.evaluation import SegMeter, threshold_curve
+from wsss.evaluation import SegMeter, cross_validated_threshold, per_image_ious, threshold_curve
 
 
 def fg_iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -130,3 +130,43 @@ def test_threshold_curve_nan_map_is_background() -> None:
     gt = np.array([[1, 0]], np.uint8)
     curve = threshold_curve([np.array([[np.nan, 0.0]], np.float32)], [gt], [0.5])
     assert curve["iou_mean"] == [0.0]
+
+
+# --- cross-validated threshold ------------------------------------------------------------------------------
+
+
+def test_per_image_ious_matches_the_curve_and_casts_like_it() -> None:
+    rng = np.random.default_rng(2)
+    maps = [rng.random((5, 6)).astype(np.float16) for _ in range(3)]
+    gts = [(rng.random((5, 6)) > 0.5).astype(np.uint8) for _ in range(3)]
+    ious = per_image_ious(zip(maps, gts, strict=True), (0.3, 0.6))
+    curve = threshold_curve(maps, gts, (0.3, 0.6))
+    assert [float(ious[t].mean()) for t in (0.3, 0.6)] == pytest.approx(curve["iou_mean"])
+    assert all(len(v) == 3 for v in ious.values())
+
+
+def test_cross_validated_threshold_scores_each_image_at_a_threshold_it_did_not_choose() -> None:
+    # Each image prefers a different threshold: the best threshold on all images scores 0.5, but a
+    # threshold chosen on the other image is always the wrong one for the held-out image.
+    ious = {0.3: np.array([1.0, 0.0]), 0.7: np.array([0.0, 1.0])}
+    cv = cross_validated_threshold(ious, folds=2)
+    assert cv.iou_mean == 0.0 and cv.thresholds == (0.7, 0.3) and cv.folds == 2
+    assert max(float(v.mean()) for v in ious.values()) == 0.5
+
+
+def test_cross_validated_threshold_equals_the_best_when_every_image_agrees() -> None:
+    rng = np.random.default_rng(3)
+    base = rng.random(30)
+    ious = {0.3: base * 0.5, 0.5: base * 0.8, 0.8: base}  # 0.8 is the best for every image
+    cv = cross_validated_threshold(ious, folds=5)
+    assert cv.thresholds == (0.8,) * 5 and cv.iou_mean == pytest.approx(float(base.mean()))
+
+
+def test_cross_validated_threshold_ties_fewer_images_and_one_image() -> None:
+    tied = {0.2: np.array([0.5, 0.5, 0.5]), 0.4: np.array([0.5, 0.5, 0.5]), 0.9: np.array([0.5, 0.5, 0.5])}
+    assert cross_validated_threshold(tied, folds=5, prefer=0.25).thresholds == (0.2, 0.2, 0.2)  # 3 folds
+    assert cross_validated_threshold(tied, folds=5, prefer=0.8).thresholds == (0.9, 0.9, 0.9)
+    one = cross_validated_threshold({0.5: np.array([0.7])})
+    assert np.isnan(one.iou_mean) and one.folds == 0 and one.thresholds == ()
+    with pytest.raises(ValueError, match="no thresholds"):
+        cross_validated_threshold({})

@@ -251,6 +251,9 @@ def test_learning_section_verdicts_follow_the_numbers() -> None:
     cams = {"cam_classifier-species": {"iou_mean": 0.52, "best_iou_mean": 0.55, "baseline_ellipse_iou": 0.40},
             "ccam_ccam-none": {"iou_mean": 0.41, "baseline_ellipse_iou": 0.40},
             "ecs_classifier-species": {"iou_mean": 0.30, "baseline_ellipse_iou": 0.40},
+            # judged at the val-chosen (cross-validated) threshold, not at make_cams.threshold
+            "cam_classifier-breed": {"iou_mean": 0.20, "cv_iou_mean": 0.47, "baseline_ellipse_iou": 0.40},
+            "ecs_classifier-breed": {"iou_mean": 0.50, "cv_iou_mean": 0.38, "baseline_ellipse_iou": 0.40},
             "prior-ellipse": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40},
             "ensemble": {"iou_mean": 0.9, "baseline_ellipse_iou": 0.40}}
     training = {"classifier-species": {"val_balanced_acc": 0.5, "best_epoch": 0, "n_val": 38},
@@ -270,7 +273,11 @@ def test_learning_section_verdicts_follow_the_numbers() -> None:
     maps = {k: r["verdict"] for k, r in markdown_table(md, "| map variant").items()}
     assert maps == {"cam_classifier-species": "clearly above the ellipse (+12.0)",
                     "ccam_ccam-none": "above the ellipse, within noise (+1.0)",
-                    "ecs_classifier-species": "not above the ellipse (-10.0)"}
+                    "ecs_classifier-species": "not above the ellipse (-10.0)",
+                    "cam_classifier-breed": "clearly above the ellipse (+7.0)",
+                    "ecs_classifier-breed": "not above the ellipse (-2.0)"}
+    row = markdown_table(md, "| map variant")["cam_classifier-breed"]
+    assert row["IoU at `make_cams.threshold`"] == "20.00" and row["IoU at a val-chosen threshold (k-fold)"] == "47.00"
     assert "1 of 3 classifiers are clearly above chance" in md
-    assert "1 of 3 learned map variants clearly above the centred ellipse" in md
+    assert "2 of 5 learned map variants clearly above the centred ellipse" in md
     assert tables.learning_section(Reports({}, {}, {}), {}) is None

@@ -112,17 +112,6 @@ def candidates(thresholds: Iterable[float]) -> tuple[float, ...]:
     return tuple(sorted({round(float(t), 6) for t in thresholds} | {DEFAULT_THRESHOLD}))
 
 
-def per_image_ious(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: Sequence[float]) -> dict[float, np.ndarray]:
-    """Per-image fg IoU at each threshold of ``(pet probability, GT {0, 1, 255})`` pairs."""
-    from wsss.evaluation import SegMeter
-
-    meters = {t: SegMeter() for t in thresholds}
-    for prob, gt in pairs:
-        for t, meter in meters.items():
-            meter.add(prob >= t, gt)
-    return {t: np.asarray(m.ious, dtype=np.float64) for t, m in meters.items()}
-
-
 def choose_threshold(ious: Mapping[float, np.ndarray], min_gain_se: float) -> ThresholdChoice:
     """The val-best threshold when its paired gain over 0.5 exceeds ``min_gain_se`` standard errors, else 0.5.
 
@@ -156,6 +145,7 @@ def choose_rule(model: Any, rows: Any, prepared: Any, size: int, prec: Any, cfg:
     configured, the threshold chosen on ``rows`` (val images with GT, under ``prepared``) by
     :func:`choose_threshold`. No scan (0.5) when ``cfg.choose_threshold`` is off or there are no rows."""
     from wsss.data.readers import read_mask, read_rgb
+    from wsss.evaluation import per_image_ious
 
     if not cfg.choose_threshold or len(rows) == 0:
         return Decision(DEFAULT_THRESHOLD, cfg.flip_tta), None
