@@ -227,6 +227,30 @@ def test_registry_champion_and_supervised(project: Path) -> None:
         assert im.size == (50, 30)
 
 
+def test_the_champion_alias_follows_the_self_training_champion(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    _train_unet_artifacts(project, "unet-best", PERBREED)
+    _train_unet_artifacts(project, "unet-selftrain-r1", "selftrain-r1")
+    _train_unet_artifacts(project, "unet-gt", "gt")
+    params, paths = load_params(project / "params.yaml"), Paths(project)
+    rounds = [{"round": 0, "model": "unet-best", "val_iou": 0.51}, {"round": 1, "model": "unet-selftrain-r1", "val_iou": 0.53}]
+    _write(paths.self_training_report, {"selected_on": "val", "rounds": rounds,
+                                        "champion": {"round": 1, "model": "unet-selftrain-r1", "val_iou": 0.53}})
+    report.run(params, paths)
+    client = MlflowClient()
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").tags["wsss.model_dir"] == "unet-selftrain-r1"
+    rows = markdown_table(paths.report_md.read_text(), "## Model registry")
+    assert rows["`unet-selftrain-r1`"]["chosen by"] == "self-training round 1: val IoU 53.00 (round 0: 51.00)"
+    assert "`unet-best`" not in rows
+
+    # Round 0 wins on val: the alias moves back to unet-best.
+    _write(paths.self_training_report, {"selected_on": "val", "rounds": rounds,
+                                        "champion": {"round": 0, "model": "unet-best", "val_iou": 0.51}})
+    report.run(params, paths)
+    assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").tags["wsss.model_dir"] == "unet-best"
+
+
 def test_registry_skips_a_model_that_mlflow_never_saw(project: Path) -> None:
     from wsss.training.checkpoint import save_model
 

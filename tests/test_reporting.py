@@ -197,7 +197,13 @@ def test_sections_import_neither_torch_nor_mlflow() -> None:
 
 # --- registry ---------------------------------------------------------------------------------------------
 def test_registry_section() -> None:
-    assert registry.ALIASES == {"unet-best": registry.CHAMPION, "unet-gt": registry.SUPERVISED}
+    assert registry.aliases(None) == {"unet-best": registry.CHAMPION, "unet-gt": registry.SUPERVISED}
+    selftrain = {"champion": {"round": 2, "model": "unet-selftrain-r2", "val_iou": 0.53},
+                 "rounds": [{"round": 0, "model": "unet-best", "val_iou": 0.5}]}
+    assert registry.aliases(selftrain) == {"unet-selftrain-r2": registry.CHAMPION, "unet-gt": registry.SUPERVISED}
+    assert registry.champion(selftrain)[1] == "self-training round 2: val IoU 53.00 (round 0: 50.00)"
+    for bad in ({"champion": {"model": "../models/x"}}, {"champion": {"model": "unet-best"}}, {"champion": 3}, {}):
+        assert registry.champion(bad) == ("unet-best", None)  # round 0, chosen by its pseudo-masks
     regs = [registry.Registration("unet-best", registry.CHAMPION, "3", "abc", "models:/m-1", PERBREED),
             registry.Registration("unet-gt", registry.SUPERVISED, note="no finished run")]
     md = registry.registry_section(regs, {PERBREED: {"after": {"iou_mean": 0.6844}}})

@@ -126,6 +126,8 @@ def test_rounds_in_dvc_yaml_match_params(folder: str) -> None:
     assert [e["prev"] for e in entries.values()] == prev  # each round names the model it starts from
     assert stages["evaluate-selftrain"]["foreach"] == [f"selftrain-r{r}" for r in
                                                        range(1, params.self_train.rounds + 1)]
+    # The report registers the self-training champion: it depends on every round's model.
+    assert {f"models/unet-selftrain-r{r}" for r in range(1, params.self_train.rounds + 1)} <= set(stages["report"]["deps"])
     champion_deps = stages["self-train-champion"]["deps"]
     assert [f"reports/selftrain/r{r}.json" for r in range(1, params.self_train.rounds + 1)] == \
         [d for d in champion_deps if d.startswith("reports/selftrain/")]

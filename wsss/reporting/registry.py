@@ -1,8 +1,10 @@
-"""MLflow model registry: the U-Nets of ``unet-best`` and ``unet-gt`` as versions of ``wsss-unet``.
+"""MLflow model registry: the champion U-Net and ``unet-gt`` as versions of ``wsss-unet``.
 
-``unet-best`` gets the alias ``champion``, ``unet-gt`` the alias ``supervised``. ``unet-best`` was chosen
-by ``train-unet --masks best`` on non-test pseudo-mask IoU; test scores play no part in it. Each alias
-points at a version whose weights equal the DVC-tracked ``models/<name>/`` (``docs/artefacts.md#models``).
+The alias ``champion`` goes to the self-training champion of ``reports/self-training.json`` (the round
+with the best val IoU; round 0 is ``unet-best``, whose pseudo-masks ``train-unet --masks best`` chose on
+non-test pseudo-mask IoU), or to ``unet-best`` where no self-training report exists. ``unet-gt`` gets the
+alias ``supervised``. Test scores play no part in either choice. Each alias points at a version whose
+weights equal the DVC-tracked ``models/<name>/`` (``docs/artefacts.md#models``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from wsss.ui import console
 
 REGISTERED_MODEL = "wsss-unet"
 CHAMPION, SUPERVISED = "champion", "supervised"
-ALIASES = {"unet-best": CHAMPION, "unet-gt": SUPERVISED}  # models/<name> -> alias
+ROUND0, GT_UNET = "unet-best", "unet-gt"
+SELFTRAIN_PREFIX = "unet-selftrain-r"
 MAX_CANDIDATE_RUNS = 5  # newest finished train-unet runs searched for the model's weights
 
 
@@ -36,6 +39,7 @@ class Registration:
     uri: str | None = None
     masks: str | None = None
     note: str = ""
+    chosen_by: str | None = None  # how the champion was chosen, for the report
 
 
 def _logged_model_uri(run: Any) -> str | None:
@@ -128,22 +132,52 @@ def register_unet(paths: Paths, experiment_id: str, model_name: str, alias: str)
                 "input_size": str(meta.get("input_size", "")), "architecture": str(meta.get("architecture", "")),
                 "encoder": str(meta.get("encoder", "")), "state_sha256": str(meta.get("state_sha256", ""))}
         version = str(mlflow.register_model(reg.uri, REGISTERED_MODEL, tags=tags).version)
-        how = ("weakly supervised; pseudo-mask source chosen by non-test pseudo-mask IoU (train-unet --masks best)"
-               if alias == CHAMPION else "supervised baseline trained on GT masks")
+        if alias != CHAMPION:
+            how = "supervised baseline trained on GT masks"
+        elif model_name == ROUND0:
+            how = "weakly supervised; pseudo-mask source chosen by non-test pseudo-mask IoU (train-unet --masks best)"
+        else:
+            how = "weakly supervised; the self-training round with the best val IoU (wsss self-train-champion)"
         client.update_model_version(REGISTERED_MODEL, version, description=f"{model_name} on masks {reg.masks}: {how}")
     client.set_registered_model_alias(REGISTERED_MODEL, alias, version)
     reg.version = version
     return reg
 
 
-def register_all(paths: Paths, experiment_id: str) -> list[Registration]:
-    """Register ``unet-best`` (alias champion) and ``unet-gt`` (alias supervised) where possible."""
+def champion(self_training: Mapping[str, Any] | None) -> tuple[str, str | None]:
+    """The champion's ``models/`` name and how it was chosen: the self-training champion (chosen on val IoU,
+    :func:`wsss.self_training.choose_champion`) when ``self_training`` names a round model, else ``unet-best``."""
+    chosen = self_training.get("champion") if isinstance(self_training, Mapping) else None
+    model = chosen.get("model") if isinstance(chosen, Mapping) else None
+    if not (isinstance(model, str) and model.startswith(SELFTRAIN_PREFIX)
+            and model.removeprefix(SELFTRAIN_PREFIX).isdigit()):
+        return ROUND0, None  # round 0 (or no usable report): chosen by its pseudo-masks' IoU
+    listed = self_training.get("rounds") if isinstance(self_training, Mapping) else None
+    rounds = [r for r in listed if isinstance(r, Mapping)] if isinstance(listed, list) else []
+    round0 = next((r.get("val_iou") for r in rounds if r.get("round") == 0), None)
+    how = (f"self-training round {chosen.get('round')}: val IoU {pct(get(chosen, 'val_iou'))}"
+           f" (round 0: {pct(get({'v': round0}, 'v'))})")
+    return model, how
+
+
+def aliases(self_training: Mapping[str, Any] | None) -> dict[str, str]:
+    """``models/<name>`` -> alias: the champion (:func:`champion`) and ``unet-gt``."""
+    return {champion(self_training)[0]: CHAMPION, GT_UNET: SUPERVISED}
+
+
+def register_all(paths: Paths, experiment_id: str,
+                 self_training: Mapping[str, Any] | None = None) -> list[Registration]:
+    """Register the champion (alias champion) and ``unet-gt`` (alias supervised) where possible;
+    ``self_training`` is ``reports/self-training.json``, which says which round is the champion."""
     regs = []
-    for model_name, alias in ALIASES.items():
+    _, how = champion(self_training)
+    for model_name, alias in aliases(self_training).items():
         try:
             reg = register_unet(paths, experiment_id, model_name, alias)
         except Exception as exc:  # the report itself must still be written
             reg = Registration(model_name, alias, note=f"registration failed ({type(exc).__name__}: {exc})")
+        if alias == CHAMPION:
+            reg.chosen_by = how
         if reg.version:
             console.print(f"registered {model_name} as {REGISTERED_MODEL} v{reg.version} @{alias} ({reg.uri})")
         else:
@@ -159,7 +193,9 @@ def registry_section(regs: Sequence[Registration] | None, pseudo: Mapping[str, M
     rows = []
     for r in regs:
         chosen = DASH
-        if r.alias == CHAMPION and r.masks:
+        if r.alias == CHAMPION and r.chosen_by:
+            chosen = r.chosen_by
+        elif r.alias == CHAMPION and r.masks:
             chosen = f"`{r.masks}`: pseudo-mask IoU {pct(get(pseudo.get(r.masks), 'after', 'iou_mean'))} (non-test)"
         ref = f"`models:/{REGISTERED_MODEL}@{r.alias}` (v{r.version})" if r.version else DASH
         rows.append([f"`{r.model}`", f"`{r.alias}`", ref, f"`{r.run_id}`" if r.run_id else DASH, chosen,
@@ -167,8 +203,9 @@ def registry_section(regs: Sequence[Registration] | None, pseudo: Mapping[str, M
     return "\n".join([
         "## Model registry",
         "",
-        f"Registered model `{REGISTERED_MODEL}`. The champion is the U-Net trained on the pseudo-masks with "
-        "the highest non-test pseudo-mask IoU; test scores play no part in the choice. "
+        f"Registered model `{REGISTERED_MODEL}`. The champion is the self-training round with the best val "
+        "IoU, where round 0 is the U-Net trained on the pseudo-masks with the highest non-test pseudo-mask IoU "
+        "and a later round must beat it; test scores play no part in the choice. "
         f"Use it with `wsss predict IMAGES --model models:/{REGISTERED_MODEL}@{CHAMPION} --out DIR`.",
         "",
         md_table(["model", "alias", "URI", "train-unet run", "chosen by", "status"], rows),

@@ -53,7 +53,7 @@ def run(params: Params, paths: Paths, register: bool = True, device: str | None 
 
     rep = Reports.load(paths)
     with tracking.stage_run(STAGE, "all", params, paths) as run_:
-        regs = register_all(paths, run_.info.experiment_id) if register else None
+        regs = register_all(paths, run_.info.experiment_id, rep.self_training) if register else None
         figures = make_figures(params, paths, rep, device)
         md = render(params, rep, tracking.experiment_name(params), registry_section(regs, rep.pseudo),
                     figures_section(figures, paths), chance=chance_levels(paths))
