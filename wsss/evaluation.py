@@ -15,7 +15,7 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -133,8 +133,9 @@ def per_image_ious(pairs: Iterable[tuple[np.ndarray, np.ndarray]], thresholds: S
     """Per-image pet IoU at each threshold of ``(map or probability, GT {0, 1, 255})`` pairs (``map >= t``)."""
     meters = {t: SegMeter() for t in thresholds}
     for prob, gt in pairs:
+        prob = np.asarray(prob, dtype=np.float32)
         for t, meter in meters.items():
-            meter.add(np.asarray(prob, dtype=np.float32) >= np.float32(t), gt)
+            meter.add(prob >= np.float32(t), gt)
     return {t: np.asarray(m.ious, dtype=np.float64) for t, m in meters.items()}
 
 
@@ -157,7 +158,7 @@ class CrossValidatedThreshold:
     folds: int
 
 
-def cross_validated_threshold(ious: dict[float, np.ndarray], folds: int = THRESHOLD_CV_FOLDS,
+def cross_validated_threshold(ious: Mapping[float, np.ndarray], folds: int = THRESHOLD_CV_FOLDS,
                               prefer: float = 0.5) -> CrossValidatedThreshold:
     """K-fold estimate of "the IoU at a threshold chosen on val", free of the optimism of scoring the
     threshold on the images that chose it.

@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from wsss.io import read_json
 from wsss.paths import Paths
-from wsss.reporting.inputs import get
+from wsss.reporting.inputs import get, num
 from wsss.reporting.markdown import DASH, md_table, pct
 from wsss.ui import console
 
@@ -147,16 +147,16 @@ def register_unet(paths: Paths, experiment_id: str, model_name: str, alias: str)
 def champion(self_training: Mapping[str, Any] | None) -> tuple[str, str | None]:
     """The champion's ``models/`` name and how it was chosen: the self-training champion (chosen on val IoU,
     :func:`wsss.self_training.choose_champion`) when ``self_training`` names a round model, else ``unet-best``."""
-    chosen = self_training.get("champion") if isinstance(self_training, Mapping) else None
+    report = self_training if isinstance(self_training, Mapping) else {}
+    chosen = report.get("champion")
     model = chosen.get("model") if isinstance(chosen, Mapping) else None
-    if not (isinstance(model, str) and model.startswith(SELFTRAIN_PREFIX)
+    if not (isinstance(chosen, Mapping) and isinstance(model, str) and model.startswith(SELFTRAIN_PREFIX)
             and model.removeprefix(SELFTRAIN_PREFIX).isdigit()):
         return ROUND0, None  # round 0 (or no usable report): chosen by its pseudo-masks' IoU
-    listed = self_training.get("rounds") if isinstance(self_training, Mapping) else None
-    rounds = [r for r in listed if isinstance(r, Mapping)] if isinstance(listed, list) else []
-    round0 = next((r.get("val_iou") for r in rounds if r.get("round") == 0), None)
+    rounds = report.get("rounds") if isinstance(report.get("rounds"), list) else []
+    round0 = next((r.get("val_iou") for r in rounds if isinstance(r, Mapping) and r.get("round") == 0), None)
     how = (f"self-training round {chosen.get('round')}: val IoU {pct(get(chosen, 'val_iou'))}"
-           f" (round 0: {pct(get({'v': round0}, 'v'))})")
+           f" (round 0: {pct(num(round0))})")
     return model, how
 
 
