@@ -81,6 +81,48 @@ def test_speed_quick_writes_json_and_markdown(tmp_path: Path) -> None:
     assert result["verdicts"]["classifier_training"] == "report"
 
 
+def test_speed_repro_stage_seconds_run_to_the_next_stage() -> None:
+    starts = [("generate", 0.0), ("train@a", 2.5), ("train@b", 10.0)]
+    assert speed.stage_seconds(starts, 12.0) == {"generate": 2.5, "train@a": 7.5, "train@b": 2.0}
+    assert speed.stage_seconds([], 3.0) == {}
+    lines = speed.repro_stage_table({"generate": 2.5, "train@a": 7.5, "train@b": 2.0}, 12.0)
+    rows = [line for line in lines if line.startswith("| `")]
+    assert rows == ["| `train` | 2 | 10 | 79 % |", "| `generate` | 1 | 2 | 21 % |"]
+
+
+def _fake_dvc(bin_dir: Path, body: str) -> dict[str, str]:
+    bin_dir.mkdir()
+    exe = bin_dir / "dvc"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def test_speed_timed_repro_reads_stages_from_dvc_output(tmp_path: Path) -> None:
+    env = _fake_dvc(tmp_path / "bin", "echo \"Running stage 'a':\"; echo '> wsss a'; sleep 0.3; "
+                                      "echo \"Running stage 'b@x':\"; echo done\n")
+    total, stages = speed.timed_repro(tmp_path, env, timeout_s=30)
+    assert list(stages) == ["a", "b@x"] and stages["a"] >= 0.3 and total >= sum(stages.values()) - 0.2
+
+
+def test_speed_timed_repro_fails_on_a_failed_or_hung_repro(tmp_path: Path) -> None:
+    env = _fake_dvc(tmp_path / "bin", "echo \"Running stage 'a':\"; echo 'ERROR: broken'; exit 3\n")
+    with pytest.raises(RuntimeError, match=r"exit 3\)[\s\S]*ERROR: broken"):
+        speed.timed_repro(tmp_path, env, timeout_s=30)
+    env = _fake_dvc(tmp_path / "bin2", "exec sleep 30\n")
+    with pytest.raises(RuntimeError, match="ran past 1 s"):
+        speed.timed_repro(tmp_path, env, timeout_s=1)
+
+
+def test_speed_markdown_shows_the_repro_target_and_stages() -> None:
+    result = {"machine": speed.machine_info(), "quick": True, "rows": {},
+              "repro": {"cold_s": 700.0, "noop_s": 5.0, "stages": {"a": 400.0, "b": 300.0},
+                        "target_cold_s": speed.REPRO_TARGET_S, "verdict": "FAIL"}}
+    md = speed.to_markdown(result)
+    assert "| `dvc repro` (fresh clone) | cold / no-op | 700 s | 5.0 s | — | cold ≤ 600 s | FAIL |" in md
+    assert "| `a` | 1 | 400 | 57 % |" in md
+
+
 def test_speed_verdicts() -> None:
     assert speed.verdict("cam", 2.5) == "pass" and speed.verdict("cam", 2.49) == "FAIL"
     assert speed.verdict("crf_pool", 1.9) == "pass" and speed.verdict("crf_pool", 1.2) == "FAIL"
