@@ -27,6 +27,7 @@ without ``--repro``.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -294,10 +295,16 @@ def timed_repro(clone: Path, env: dict[str, str], timeout_s: float) -> tuple[flo
     """Run ``dvc repro`` in ``clone``: total seconds and seconds per stage (from its progress lines)."""
     start = time.perf_counter()
     starts: list[tuple[str, float]] = []
-    tail: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    stopped = threading.Event()
+
     with subprocess.Popen(["dvc", "repro"], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
-        timer = threading.Timer(timeout_s, proc.kill)
+        def stop() -> None:
+            stopped.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout_s, stop)
         timer.start()
         try:
             assert proc.stdout is not None
@@ -305,12 +312,12 @@ def timed_repro(clone: Path, env: dict[str, str], timeout_s: float) -> tuple[flo
                 match = STAGE_LINE.match(line.strip())
                 if match:
                     starts.append((match.group(1), time.perf_counter() - start))
-                tail = (tail + [line])[-40:]
+                tail.append(line)
             proc.wait()
         finally:
             timer.cancel()
     total = time.perf_counter() - start
-    if total >= timeout_s and proc.returncode != 0:
+    if stopped.is_set():
         raise RuntimeError(f"dvc repro ran past {timeout_s:.0f} s and was stopped")
     if proc.returncode != 0:
         raise RuntimeError(f"dvc repro failed (exit {proc.returncode}):\n{''.join(tail)}")
