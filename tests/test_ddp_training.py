@@ -44,6 +44,13 @@ TINY = {
 # normalisation amplifies rounding where gradients are near 0). A U-Net loss averaged per rank instead of over
 # the global batch's non-ignored pixels measured 0.184.
 TOLERANCE = 0.05
+# The per-breed fine-tune is compared over its first optimiser steps only (one per epoch: 16 images, 4 breeds
+# of 4, two breeds per rank). Its rank-weighted terms are piecewise constant in the similarity order, so fp32
+# rounding (one-process fp32 gradients are already up to 2.4e-3 off fp64 in some ResNet-18 layers) flips
+# near-tied ranks and the trajectories part: after 6 steps of 8 images, 0.11 on an AMD EPYC, under 0.05
+# elsewhere. The exact equivalence of the gathered objective is checked in fp64 by
+# tests/test_distributed.py::test_the_ccam_objective_on_two_ranks_has_the_one_process_gradient.
+PER_BREED_SHORT = {"batch_size": 16, "breeds_per_batch": 4}
 
 
 @pytest.fixture(autouse=True)
@@ -192,15 +199,18 @@ def test_ccam_and_per_breed_on_two_gloo_ranks(prepared: Path, monkeypatch: pytes
                                                "train-ccam", monkeypatch)
     assert gap < TOLERANCE and resumed < TOLERANCE, (gap, resumed)
     parent = _weights(prepared, "ccam-none")
-    _params(prepared, 2)
+    _params(prepared, 2, train_ccam=PER_BREED_SHORT)
     out = invoke("train-ccam", "--init", "none", "--per-breed")
-    assert "data-parallel on 2 cpu processes (4 images per process and step)" in " ".join(out.split())
+    assert "data-parallel on 2 cpu processes (8 images per process and step)" in " ".join(out.split())
     report = json.loads((prepared / "reports" / "training" / "ccam-none-perbreed.json").read_text())
     assert report["world_size"] == 2 and report["polarity_source"] == "inherited from ccam-none"
+    assert report["steps"] == 2  # two epochs of one global batch each
     two = _weights(prepared, "ccam-none-perbreed")
-    _params(prepared, 1)
+    _params(prepared, 1, train_ccam=PER_BREED_SHORT)
     invoke("train-ccam", "--init", "none", "--per-breed")
-    assert _relative_gap(_weights(prepared, "ccam-none-perbreed"), two, parent) < TOLERANCE
+    gap = _relative_gap(_weights(prepared, "ccam-none-perbreed"), two, parent)
+    print(f"ccam-none-perbreed: |2 ranks - 1 process| / |moved| = {gap:.4f}")
+    assert gap < TOLERANCE
 
 
 @pytest.mark.slow

@@ -99,3 +99,46 @@ def test_two_gloo_ranks_stay_in_lockstep_and_share_one_queue(tmp_path: Path) -> 
     torch.manual_seed(0)
     start = MoCoV2(*build_encoder("resnet18"), dim=16, queue_size=64).state_dict()
     assert not torch.equal(start["encoder.conv1.weight"], s0["encoder.conv1.weight"])
+
+
+def _ccam_objective_grads(ctx: DistContext, out_dir: str, per_breed: bool) -> None:
+    """One backward of train-ccam's objective in fp64: the whole batch on one process, or this rank's half
+    through DDP with BatchNorm over the global batch, as the stage runs it."""
+    from wsss.config import CcamConfig
+    from wsss.models.ccam import CCAM, ccam_param_groups
+    from wsss.stages.train_ccam import _Objective
+    from wsss.training.distributed import sync_batchnorm
+
+    torch.manual_seed(0)
+    model = CCAM("resnet18").double().train()
+    ccam_param_groups(model, 1e-3, 1e-2, 0.0)  # freezes the BatchNorm affine parameters, as the stage does
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    breeds = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # each rank's half holds two breeds
+    objective = _Objective(CcamConfig(), polarity=-1.0, ecs_target=None, per_breed=per_breed,
+                           ctx=ctx if ctx.distributed else None)
+    net: torch.nn.Module = model
+    if ctx.distributed:
+        half = slice(4 * ctx.rank, 4 * (ctx.rank + 1))
+        x, breeds = x[half], breeds[half]
+        net = DistributedDataParallel(sync_batchnorm(model, ctx))
+    fg, bg, p = net(x)
+    loss, _ = objective(x, breeds, fg, bg, p)
+    loss.backward()
+    grads = {k: q.grad for k, q in model.named_parameters() if q.grad is not None}
+    torch.save({"loss": float(loss.detach()), "grads": grads}, Path(out_dir) / f"ws{ctx.world_size}_rank{ctx.rank}.pt")
+
+
+@pytest.mark.parametrize("per_breed", [False, True], ids=["ccam", "per-breed"])
+def test_the_ccam_objective_on_two_ranks_has_the_one_process_gradient(tmp_path: Path, per_breed: bool) -> None:
+    """The gathered contrastive terms (and the per-breed term's breed labels) give DDP exactly the
+    one-process gradient; in fp64, so what is left is rounding, not a wrong reduction."""
+    launch(_ccam_objective_grads, 1, CPU, str(tmp_path), per_breed)
+    launch(_ccam_objective_grads, 2, CPU, str(tmp_path), per_breed)
+    one, r0, r1 = (torch.load(tmp_path / name, weights_only=True)
+                   for name in ("ws1_rank0.pt", "ws2_rank0.pt", "ws2_rank1.pt"))
+    assert one["loss"] == pytest.approx(r0["loss"], rel=1e-12) and r0["loss"] == r1["loss"]
+    assert one["grads"].keys() == r0["grads"].keys() and len(one["grads"]) > 10
+    for key, g in one["grads"].items():
+        assert torch.equal(r0["grads"][key], r1["grads"][key]), f"{key}: the ranks disagree"
+        gap = float((r0["grads"][key] - g).norm() / g.norm())
+        assert gap < 1e-9, f"{key}: relative gradient gap {gap:.2e} between 2 ranks and 1 process"

@@ -256,13 +256,15 @@ class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
         new.load_state_dict(bn.state_dict())
         new.train(bn.training)
+        for name, param in bn.named_parameters(recurse=False):  # a frozen affine stays frozen
+            getattr(new, name).requires_grad_(param.requires_grad)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        xf = x.float()
-        count = torch.tensor([float(xf.numel() // xf.shape[1])], device=x.device)
+        xf = x if x.dtype == torch.float64 else x.float()  # low precision is summed in fp32, fp64 kept
+        count = torch.tensor([float(xf.numel() // xf.shape[1])], device=x.device, dtype=xf.dtype)
         stats = torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count])
         stats = _SumWithGrad.apply(stats)
         c = self.num_features
