@@ -193,7 +193,8 @@ def _train(ctx: DistContext, params: Params, paths: Paths, init: str, ecs: bool,
                 "epochs": epochs}
         final = {"final_loss": result.history[-1]["loss"] if result.history else float("nan"),
                  "polarity": polarity, "polarity_source": polarity_source, "epochs": epochs,
-                 "steps": trainer.optimizer_steps, "train_seconds": trainer.seconds, "n_train": len(train_df), "world_size": ctx.world_size}
+                 "steps": trainer.optimizer_steps, "train_seconds": trainer.seconds, "n_train": len(train_df),
+                 "world_size": ctx.world_size}
         trainer.save(model, meta, final, logged=final)
     console.print(f"saved {paths.model_dir(name)} (polarity {polarity:+.0f})")
     return final
