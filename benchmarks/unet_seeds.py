@@ -34,6 +34,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import Runner, StepFailed, machine, read_json, shown, write_params  # noqa: E402
+from quality import Runner, StepFailed, deep_merge, machine, read_json, shown, write_params  # noqa: E402
 
 from wsss.io import write_json, write_text  # noqa: E402
 
@@ -72,17 +73,22 @@ def base_seed(project: Path) -> int:
     return int((params.get("base") or {}).get("seed", 0))
 
 
-def seed_project(source: Path, dest: Path, seed: int) -> Path:
-    """``dest``: the source project's params with ``base.seed = seed``, its inputs linked, not copied."""
+def sibling_project(source: Path, dest: Path, overrides: dict[str, Any]) -> Path:
+    """``dest``: the source project's params with ``overrides`` merged on, its inputs (:data:`LINKED`)
+    linked, not copied, so nothing of the source project is written."""
     params = yaml.safe_load((source / "params.yaml").read_text()) or {}
-    params.setdefault("base", {})["seed"] = seed
-    write_params(dest, params)
+    write_params(dest, deep_merge(params, overrides))
     for rel in LINKED:
         target, link = source / rel, dest / rel
         if target.exists() and not link.is_symlink():
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target.resolve(), target_is_directory=True)
     return dest
+
+
+def seed_project(source: Path, dest: Path, seed: int) -> Path:
+    """``dest``: the source project's params with ``base.seed = seed``, its inputs linked."""
+    return sibling_project(source, dest, {"base": {"seed": seed}})
 
 
 def scores(project: Path, masks: str) -> dict[str, Any] | None:
@@ -267,22 +273,32 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
               "masks": list(args.masks), "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test),
               "runs": {m: {str(s): r for s, r in by_seed.items()} for m, by_seed in runs.items()},
               "summary": summarise(runs), "steps": steps, "total_seconds": round(time.perf_counter() - start, 1)}
-    out = args.out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)  # atomic, as every wsss report: a killed run leaves the previous file whole
-    write_text(out.with_suffix(".md"), to_markdown(result))
+    write_result(args.out, result, to_markdown)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def write_result(out: Path, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """``out`` (JSON) and its ``.md`` twin, each atomic as every wsss report: a killed run leaves the previous whole."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    write_text(out.with_suffix(".md"), markdown(result))
+
+
+def cli(argv: list[str] | None, parse: Callable[[list[str] | None], argparse.Namespace],
+        run_with: Callable[[argparse.Namespace], dict[str, Any]], markdown: Callable[[dict[str, Any]], str]) -> int:
+    """A benchmark's ``main``: parse, run, print the markdown; a failed step is one line and exit 1."""
     try:
-        result = run(args)
+        result = run_with(parse(argv))
     except StepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(to_markdown(result))
+    print(markdown(result))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli(argv, parse_args, run, to_markdown)
 
 
 if __name__ == "__main__":

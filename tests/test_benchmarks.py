@@ -18,6 +18,7 @@ import hostinfo  # noqa: E402
 import pretraining  # noqa: E402
 import quality  # noqa: E402
 import speed  # noqa: E402
+import unet_curve  # noqa: E402
 import unet_seeds  # noqa: E402
 
 from wsss.config import params_from_dict  # noqa: E402
@@ -347,7 +348,8 @@ def _steps_fixture(root: Path, plan: quality.Plan, best: str) -> dict:
         {"baseline_whole_iou": 0.2, "baseline_ellipse_iou": 0.4}))
     (root / "reports" / "training").mkdir(parents=True)
     for source, val in (("best", 0.51), ("gt", 0.66), ("prior-grabcut", 0.6)):
-        (root / "reports" / "training" / f"unet-{source}.json").write_text(json.dumps({"last_val_iou_mean": val}))
+        (root / "reports" / "training" / f"unet-{source}.json").write_text(json.dumps({"last_val_iou_mean": val,
+                                                                                         "train_seconds": 100.04}))
     snap = {"val_map_iou": 0.3, "threshold": 0.25, "config": "tuned", "refiner": "crf", "val_best_iou": 0.43,
             "best_threshold": 0.15}
     ens = {"eval": {"before": {"iou_mean": 0.35}, "after": {"iou_mean": 0.45}}, "val_pseudo_iou": 0.44}
@@ -413,7 +415,8 @@ def test_steps_table_has_every_step_chosen_on_val(tmp_path: Path) -> None:
 def _unet_reports(project: Path, masks: str, val: float, test: float) -> None:
     (project / "reports" / "training").mkdir(parents=True, exist_ok=True)
     (project / "reports" / "eval").mkdir(parents=True, exist_ok=True)
-    (project / "reports" / "training" / f"unet-{masks}.json").write_text(json.dumps({"last_val_iou_mean": val}))
+    (project / "reports" / "training" / f"unet-{masks}.json").write_text(json.dumps({"last_val_iou_mean": val,
+                                                                                         "train_seconds": 100.04}))
     (project / "reports" / "eval" / f"{masks}.json").write_text(json.dumps(
         {"iou_mean": test, "dice_mean": test + 0.1, "n_images": 222, "training": {"steps": 400}}))
 
@@ -504,3 +507,79 @@ def test_unet_seeds_needs_a_finished_project(tmp_path: Path) -> None:
         unet_seeds.run(args)
     with pytest.raises(SystemExit):
         unet_seeds.parse_args(["--project", str(tmp_path / "nope")])
+
+
+# --- unet_curve.py ----------------------------------------------------------------------------------------
+
+
+def test_unet_curve_trains_each_point_in_a_sibling_and_chooses_on_val_only(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from wsss.paths import Paths
+
+    # (val, test) per point and source: 176x400 wins on test, 128x800 on mean val -> 128x800 is chosen
+    scores = {"128x400": {"gt": (0.60, 0.66), "prior-grabcut": (0.62, 0.67)},
+              "128x800": {"gt": (0.66, 0.64), "prior-grabcut": (0.63, 0.65)},
+              "176x400": {"gt": (0.61, 0.75), "prior-grabcut": (0.64, 0.76)}}
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def runner_for(root: Path) -> Any:
+        class Fake:
+            def __init__(self) -> None:
+                self.steps: list[dict[str, Any]] = []
+
+            def __call__(self, name: str, *args: str) -> None:
+                calls.append((root.name, args))
+                self.steps.append({"step": name, "seconds": 5.0})
+                paths = Paths(root)
+                if args[0] == "prepare":
+                    paths.manifest.parent.mkdir(parents=True, exist_ok=True)
+                    paths.manifest.write_text("fake")
+                elif args[0] == "make-pseudo":
+                    paths.pseudo_report(quality.LABEL_FREE).parent.mkdir(parents=True, exist_ok=True)
+                    paths.pseudo_report(quality.LABEL_FREE).write_text("{}")
+                elif args[0] == "evaluate":
+                    masks = args[-1].removeprefix("unet-")
+                    _unet_reports(root, masks, *scores[root.name][masks])
+        return Fake()
+
+    monkeypatch.setattr(unet_curve, "n_val", lambda project: 50)
+    argv = ["--train-root", str(tmp_path / "pets"), "--workdir", str(tmp_path / "curve"),
+            "--points", "128x400", "128x800", "176x400", "--out", str(tmp_path / "out" / "c.json")]
+    result = unet_curve.run(unet_curve.parse_args(argv), runner_for=runner_for)
+    assert result["chosen_point"] == "128x800" and result["default_point"] == "128x400"
+    assert [c for c in calls if c[0] == "base"] == [
+        ("base", ("prepare",)), ("base", ("make-cams", "--method", "prior-grabcut")),
+        ("base", ("make-pseudo", "--method", "prior-grabcut"))]
+    assert sum(c[1][0] == "train-unet" for c in calls) == 6
+    params = yaml.safe_load((tmp_path / "curve" / "176x400" / "params.yaml").read_text())
+    assert (params["train_unet"]["input_size"], params["train_unet"]["steps"]) == (176, 400)
+    assert params["train_unet"]["batch_size"] == quality.load_profile("cpu")["params"]["train_unet"]["batch_size"]
+    assert (tmp_path / "curve" / "176x400" / "data").is_symlink()
+    assert result["runs"]["gt"]["176x400"]["test_iou"] == 0.75 and result["runs"]["gt"]["128x800"]["train_seconds"] == 100.0
+    md = (tmp_path / "out" / "c.md").read_text()
+    assert "| `128x800` (chosen) | 66.0 | 64.0 | 63.0 | 65.0 | 64.5 | 100, 100 |" in md
+
+    # a rerun reuses every finished U-Net and the base
+    calls.clear()
+    again = unet_curve.run(unet_curve.parse_args(argv), runner_for=runner_for)
+    assert calls == [] and again["chosen_point"] == "128x800"
+
+
+def test_unet_curve_rejects_bad_points() -> None:
+    base = ["--train-root", "x", "--workdir", "w", "--points"]
+    for bad in (["128"], ["0x400"], ["128xabc"], ["128x400", "128X400"]):
+        with pytest.raises(SystemExit):
+            unet_curve.parse_args([*base, *bad])
+    assert unet_curve.point("176X800") == (176, 800)
+
+
+def test_benchmark_cli_reports_a_failed_step_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    def fails(args: Any) -> dict[str, Any]:
+        raise quality.StepFailed("train-unet gt failed (rc=1); see /w/unet-curve.log")
+
+    assert unet_seeds.cli([], lambda argv: None, fails, str) == 1
+    assert capsys.readouterr().err == "error: train-unet gt failed (rc=1); see /w/unet-curve.log\n"
+    assert unet_seeds.cli([], lambda argv: None, lambda args: {"ok": 1}, lambda r: f"done {r['ok']}") == 0
+    assert capsys.readouterr().out == "done 1\n"
