@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--masks", nargs="+", default=list(SOURCES), choices=SOURCES, help="mask sources")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/unet-curve.json"))
     args = ap.parse_args(argv)
+    if not (args.train_root / "annotations" / "trainval.txt").is_file():
+        ap.error(f"--train-root {args.train_root}: no annotations/trainval.txt (an Oxford-IIIT Pet layout root is needed)")
     if len(set(args.points)) != len(args.points):
         ap.error("--points: each point once")
     return args
@@ -152,12 +154,11 @@ def run(args: argparse.Namespace, runner_for: Any = None) -> dict[str, Any]:
                 raise StepFailed(f"{dest}: unet-{m} left no reports")
             runs[m][name] = {**got, "train_seconds": train_seconds(dest, m)}
         steps += runner.steps
-    counts = {k: {r.get(k) for by_point in runs.values() for r in by_point.values()} for k in ("n_test",)}
+    n_test = {r.get("n_test") for by_point in runs.values() for r in by_point.values()}
     result = {"workdir": shown(args.workdir), "profile": args.profile, "machine": machine(),
               "masks": list(args.masks), "points": names, "default_point": default,
               "chosen_point": choose(runs, names), "batch_size": unet["batch_size"], "lr": unet["lr"],
-              "n_val": n_val(base), "n_test": sorted(counts["n_test"]) if len(counts["n_test"]) > 1
-              else counts["n_test"].pop(), "runs": runs, "steps": steps,
+              "n_val": n_val(base), "n_test": n_test.pop() if len(n_test) == 1 else sorted(n_test), "runs": runs, "steps": steps,
               "total_seconds": round(time.perf_counter() - start, 1)}
     write_result(args.out, result, to_markdown)
     return result
@@ -181,6 +182,7 @@ def n_val(project: Path) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     return cli(argv, parse_args, run, to_markdown)
+
 
 if __name__ == "__main__":
     sys.exit(main())

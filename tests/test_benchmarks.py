@@ -545,6 +545,8 @@ def test_unet_curve_trains_each_point_in_a_sibling_and_chooses_on_val_only(tmp_p
         return Fake()
 
     monkeypatch.setattr(unet_curve, "n_val", lambda project: 50)
+    (tmp_path / "pets" / "annotations").mkdir(parents=True)
+    (tmp_path / "pets" / "annotations" / "trainval.txt").write_text("")
     argv = ["--train-root", str(tmp_path / "pets"), "--workdir", str(tmp_path / "curve"),
             "--points", "128x400", "128x800", "176x400", "--out", str(tmp_path / "out" / "c.json")]
     result = unet_curve.run(unet_curve.parse_args(argv), runner_for=runner_for)
@@ -567,11 +569,19 @@ def test_unet_curve_trains_each_point_in_a_sibling_and_chooses_on_val_only(tmp_p
     assert calls == [] and again["chosen_point"] == "128x800"
 
 
-def test_unet_curve_rejects_bad_points() -> None:
-    base = ["--train-root", "x", "--workdir", "w", "--points"]
+def test_unet_curve_rejects_bad_points_and_a_root_without_trainval(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "trainval.txt").write_text("")
+    base = ["--train-root", str(tmp_path), "--workdir", "w", "--points"]
     for bad in (["128"], ["0x400"], ["128xabc"], ["128x400", "128X400"]):
         with pytest.raises(SystemExit):
             unet_curve.parse_args([*base, *bad])
+    assert unet_curve.parse_args([*base, "128x400"]).points == [(128, 400)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        unet_curve.parse_args(["--train-root", str(tmp_path.parent), "--workdir", "w"])
+    assert f"--train-root {tmp_path.parent}: no annotations/trainval.txt" in capsys.readouterr().err
     assert unet_curve.point("176X800") == (176, 800)
 
 
