@@ -109,7 +109,7 @@ def test_pair_count_and_config_checks() -> None:
 def test_without_background_images_the_feature_is_off_and_says_why(tmp_path: Path) -> None:
     cfg = CopyPasteConfig(enabled=True)
     train = pd.DataFrame({"id": ["a"], "image_path": ["a.png"]})
-    result = cp.build(cfg, train, train.iloc[:0], tmp_path, tmp_path, lambda ids: {}, 0)
+    result = cp.build(cfg, train, train.iloc[:0], tmp_path, tmp_path, lambda ids: {}, 0, 0.3)
     assert result.pairs == [] and "base.background_root" in result.note and result.summary()["copy_paste_pairs"] == 0
 
 
@@ -125,6 +125,59 @@ def test_the_label_free_baseline_never_gets_pasted_pairs(tmp_path: Path) -> None
     result = train_unet._copy_paste(params, Paths(tmp_path), frame, frame, MaskSource.parse("prior-grabcut"),
                                     tmp_path)
     assert result.pairs == [] and "label-free" in result.note
+
+
+def test_map_threshold_is_a_number_or_val() -> None:
+    assert params_from_dict({}).train_unet.copy_paste.map_threshold == 0.3
+    assert params_from_dict({"train_unet": {"copy_paste": {"map_threshold": "val"}}}).train_unet.copy_paste \
+        .map_threshold == "val"
+    with pytest.raises(ConfigError, match="'train_unet.copy_paste.map_threshold' must be"):
+        params_from_dict({"train_unet": {"copy_paste": {"map_threshold": "auto"}}}, "params.yaml")
+    with pytest.raises(ConfigError, match="outside its range"):
+        params_from_dict({"train_unet": {"copy_paste": {"map_threshold": 1.5}}}, "params.yaml")
+
+
+def test_val_map_threshold_reads_the_maps_val_best_threshold(tmp_path: Path) -> None:
+    from wsss.errors import DataError
+    from wsss.stages.train_unet import copy_paste_map_threshold
+    from wsss.variants import MapVariant
+
+    paths, variant = Paths(tmp_path), MapVariant.parse(VARIANT)
+    assert copy_paste_map_threshold(0.45, paths, variant) == 0.45  # a number is itself; no report is read
+    with pytest.raises(DataError, match=rf"reports/cams/{VARIANT}.json: missing.*wsss make-cams --variant {VARIANT}"):
+        copy_paste_map_threshold("val", paths, variant)
+    report = paths.cams_report(variant)
+    report.parent.mkdir(parents=True)
+    for bad in ({"best_iou_mean": 0.4}, {"best_threshold": "0.8"}, {"best_threshold": 1.5}, [0.8]):
+        report.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match="'best_threshold' must be a number in \\[0, 1\\]"):
+            copy_paste_map_threshold("val", paths, variant)
+    report.write_text(json.dumps({"best_threshold": 0.8, "threshold": 0.3}))
+    assert copy_paste_map_threshold("val", paths, variant) == 0.8
+
+
+def test_the_map_threshold_decides_which_cut_outs_are_confident(tmp_path: Path) -> None:
+    """A map with a high floor (0.5 outside the pet, as a from-scratch CAM keeps after max-normalisation)
+    supports its pet only when it is cut above that floor."""
+    rgb, mask, pmap = _source()
+    floored = np.where(mask == 1, 0.9, 0.5).astype(np.float32)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    train = pd.DataFrame({"id": ["a"], "image_path": ["a.png"]})
+    backgrounds = pd.DataFrame({"image_path": ["a.png"]})
+    cfg = CopyPasteConfig(enabled=True, fraction=1.0, min_confidence=0.5, min_area=0.01)
+
+    def build(threshold: float) -> cp.CopyPasteResult:
+        return cp.build(cfg, train, backgrounds, tmp_path, tmp_path / "masks", lambda ids: {"a": floored}, 0,
+                        threshold)
+
+    low, high = build(0.3), build(0.8)
+    assert low.n_candidates == high.n_candidates == 1
+    assert low.n_confident == 0 and not low.pairs and "cut at 0.3" in low.note
+    assert high.n_confident == 1 and len(high.pairs) == 1 and high.note == ""
+    assert high.summary()["copy_paste_map_threshold"] == 0.8 and low.summary()["copy_paste_map_threshold"] == 0.3
 
 
 # --- a tiny project -----------------------------------------------------------------------------------------

@@ -293,7 +293,9 @@ class CopyPasteConfig:
     enabled: bool = False
     fraction: float = _f(0.5, 0.0, 10.0)  # pairs made = fraction x the U-Net's training images
     min_confidence: float = _f(0.45, 0.0, 1.0)  # IoU of a cut-out with its map at map_threshold, at least
-    map_threshold: float = _f(0.3, 0.0, 1.0)
+    # A number, or "val": the threshold that is best on val for the map variant the masks were refined from
+    # (`best_threshold` of reports/cams/<variant>.json), so a map is judged at its own scale.
+    map_threshold: float | Literal["val"] = _f(0.3, 0.0, 1.0)
     min_area: float = _f(0.02, 0.0, 1.0)  # a cut-out's area as a fraction of its image, at least
     scale_min: float = _f(0.6, 0.05, 4.0)  # size factor relative to the source image, drawn uniformly
     scale_max: float = _f(1.0, 0.05, 4.0)

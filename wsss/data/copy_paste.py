@@ -3,7 +3,10 @@
 A *cut-out* is the largest connected pet component (value 1; ignore pixels 255 are never part of it) of a
 train image's pseudo-mask. It is *confident* when the map the pseudo-mask was refined from agrees with
 it: the IoU between the component and the map thresholded at ``map_threshold`` is at least
-``min_confidence``. Where the refiner and the map disagree (GrabCut following a colour edge into the
+``min_confidence``. ``map_threshold: val`` takes the threshold that is best on val for that map variant
+(``best_threshold`` of its ``make-cams`` report): from-scratch maps differ in scale (a CAM that keeps a high
+floor after max-normalisation covers nearly the whole image at 0.3), and one fixed number judges that scale
+rather than the map. Where the refiner and the map disagree (GrabCut following a colour edge into the
 background, or cutting a weak map down to a fragment), one of them is wrong, and pasting the cut-out would
 teach the U-Net that error on a clean background. Tiny components (under ``min_area`` of the image) are
 dropped too.
@@ -141,6 +144,7 @@ class CopyPasteResult:
     n_confident: int  # of which confident
     n_backgrounds: int
     note: str  # why the feature is off, or empty
+    map_threshold: float | None = None  # the confidence rule's map threshold, where cut-outs were judged
 
     def digest(self) -> str:
         h = hashlib.sha1()
@@ -150,14 +154,17 @@ class CopyPasteResult:
         return h.hexdigest()
 
     def summary(self) -> dict[str, float]:
-        return {"copy_paste_pairs": float(len(self.pairs)), "copy_paste_cutouts": float(self.n_confident),
-                "copy_paste_candidates": float(self.n_candidates),
-                "copy_paste_backgrounds": float(self.n_backgrounds)}
+        out = {"copy_paste_pairs": float(len(self.pairs)), "copy_paste_cutouts": float(self.n_confident),
+               "copy_paste_candidates": float(self.n_candidates),
+               "copy_paste_backgrounds": float(self.n_backgrounds)}
+        if self.map_threshold is not None:
+            out["copy_paste_map_threshold"] = float(self.map_threshold)
+        return out
 
 
 def build(cfg: CopyPasteConfig, train_df: pd.DataFrame, background_df: pd.DataFrame, prepared: Path,
           masks_dir: Path, maps: Callable[[set[str]], dict[str, np.ndarray]], seed: int,
-          max_side: int | None = None) -> CopyPasteResult:
+          map_threshold: float, max_side: int | None = None) -> CopyPasteResult:
     """Cut the confident pets out of ``train_df``'s pseudo-masks and paste them onto ``background_df``.
 
     Args:
@@ -168,6 +175,7 @@ def build(cfg: CopyPasteConfig, train_df: pd.DataFrame, background_df: pd.DataFr
         masks_dir: the pseudo-mask folder.
         maps: loads the maps of the given ids (``wsss.cams.load_maps`` over the variant's folder).
         seed: ``base.seed``.
+        map_threshold: the map threshold of the confidence rule (``cfg.map_threshold`` resolved to a number).
         max_side: backgrounds larger than this on their long side are shrunk to it first (the pairs are
             held in memory, and the U-Net sees them at ``train_unet.input_size`` anyway).
     """
@@ -185,7 +193,7 @@ def build(cfg: CopyPasteConfig, train_df: pd.DataFrame, background_df: pd.DataFr
         if image_id not in pmaps:
             continue
         rgb = read_rgb(prepared / by_id.at[image_id, "image_path"])
-        cut = cut_out(image_id, rgb, read_mask(masks_dir / f"{image_id}.png"), pmaps[image_id], cfg.map_threshold)
+        cut = cut_out(image_id, rgb, read_mask(masks_dir / f"{image_id}.png"), pmaps[image_id], map_threshold)
         if cut is None:
             continue
         n_candidates += 1
@@ -195,10 +203,11 @@ def build(cfg: CopyPasteConfig, train_df: pd.DataFrame, background_df: pd.DataFr
     backgrounds = [_fit(read_rgb(prepared / p), max_side) for p in sorted(background_df["image_path"])]
     if not cuts:
         return CopyPasteResult([], n_candidates, 0, len(backgrounds),
-                               f"no confident cut-out (of {n_candidates}, none agrees with its map at IoU >= {cfg.min_confidence} "
-                               f"and area >= {cfg.min_area})")
+                               f"no confident cut-out (of {n_candidates}, none agrees with its map cut at "
+                               f"{map_threshold:g} at IoU >= {cfg.min_confidence} and area >= {cfg.min_area})",
+                               map_threshold)
     pairs = make_pairs(cuts, shapes, backgrounds, count, (cfg.scale_min, cfg.scale_max), seed)
-    return CopyPasteResult(pairs, n_candidates, len(cuts), len(backgrounds), "")
+    return CopyPasteResult(pairs, n_candidates, len(cuts), len(backgrounds), "", map_threshold)
 
 
 def _fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:

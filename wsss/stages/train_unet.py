@@ -115,16 +115,39 @@ def _copy_paste(params: Params, paths: Paths, df: pd.DataFrame, train_df: pd.Dat
         return copy_paste.CopyPasteResult([], 0, 0, 0, "label-free masks (background images are an image label)")
     backgrounds = df[df["is_background"].astype(bool) & (df["split"] == "train")]
     cams_dir = paths.cams_dir(source.variant)
+    threshold = copy_paste_map_threshold(cfg.map_threshold, paths, source.variant) if cfg.enabled else 0.0
     result = copy_paste.build(cfg, train_df, backgrounds, paths.prepared, masks_dir,
-                              lambda ids: load_maps(cams_dir, ids), params.base.seed,
+                              lambda ids: load_maps(cams_dir, ids), params.base.seed, threshold,
                               max_side=2 * params.train_unet.input_size)
     if cfg.enabled and result.note:
         console.print(f"note: train_unet.copy_paste is off for this run: {result.note}", highlight=False,
                       markup=False, soft_wrap=True)
     elif result.pairs:
         console.print(f"copy-paste: {len(result.pairs)} pairs from {result.n_confident} confident cut-outs "
-                      f"(of {result.n_candidates}) on {result.n_backgrounds} background images")
+                      f"(of {result.n_candidates}, map cut at {threshold:g}) on {result.n_backgrounds} "
+                      "background images")
     return result
+
+
+def copy_paste_map_threshold(setting: float | str, paths: Paths, variant: MapVariant) -> float:
+    """``train_unet.copy_paste.map_threshold`` as a number: itself, or for ``val`` the ``best_threshold``
+    of ``variant``'s make-cams report (chosen on the val split, never on test).
+
+    Raises:
+        DataError: ``val`` and the report is missing, unreadable or has no threshold in [0, 1].
+    """
+    if not isinstance(setting, str):
+        return float(setting)
+    report = paths.cams_report(variant)
+    if not report.is_file():
+        raise DataError(f"{paths.shown(report)}: missing; train_unet.copy_paste.map_threshold is 'val', which "
+                        f"reads this map's val-best threshold (run `wsss make-cams --variant {variant}` first)")
+    data = read_json(report)
+    value = data.get("best_threshold") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DataError(f"{paths.shown(report)}: 'best_threshold' must be a number in [0, 1], got {value!r}; "
+                        f"rerun `wsss make-cams --variant {variant}`")
+    return float(value)
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, ctx: DistContext | None = None) -> torch.Tensor:
