@@ -136,17 +136,19 @@ def copy_paste_map_threshold(setting: float | str, paths: Paths, variant: MapVar
     Raises:
         DataError: ``val`` and the report is missing, unreadable or has no threshold in [0, 1].
     """
+    from wsss.cams import remake_hint
+
     if not isinstance(setting, str):
         return float(setting)
-    report = paths.cams_report(variant)
+    report, rerun = paths.cams_report(variant), remake_hint(paths.cams_dir(variant))
     if not report.is_file():
         raise DataError(f"{paths.shown(report)}: missing; train_unet.copy_paste.map_threshold is 'val', which "
-                        f"reads this map's val-best threshold (run `wsss make-cams --variant {variant}` first)")
+                        f"reads this map's val-best threshold (run {rerun} first)")
     data = read_json(report)
     value = data.get("best_threshold") if isinstance(data, dict) else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise DataError(f"{paths.shown(report)}: 'best_threshold' must be a number in [0, 1], got {value!r}; "
-                        f"rerun `wsss make-cams --variant {variant}`")
+                        f"rerun {rerun}")
     return float(value)
 
 
